@@ -1,0 +1,311 @@
+//! Kafka RecordBatch (magic v2) framing: the unit Weir stores.
+//!
+//! Sans-I/O. This module reads and checks the fixed 61-byte batch header and its
+//! CRC-32C without decoding the records, and stamps the broker-assigned base offset
+//! and leader epoch, which the CRC does not cover. Decoding records (decompression,
+//! varints) is left to `kafka-protocol` where a feature needs it.
+//!
+//! Layout (big-endian), from the Kafka protocol guide:
+//! ```text
+//! 0  baseOffset i64          | 27 baseTimestamp i64
+//! 8  batchLength i32         | 35 maxTimestamp i64
+//! 12 partitionLeaderEpoch i32| 43 producerId i64
+//! 16 magic i8 (= 2)          | 51 producerEpoch i16
+//! 17 crc u32 (CRC-32C of 21..end) | 53 baseSequence i32
+//! 21 attributes i16          | 57 recordCount i32
+//! 23 lastOffsetDelta i32     | 61 records...
+//! ```
+
+use bytes::{Bytes, BytesMut};
+
+/// Size of the v2 batch header, up to and including the record count.
+pub const HEADER_LEN: usize = 61;
+/// Bytes before the `batchLength` field's coverage starts (baseOffset + batchLength).
+const LOG_OVERHEAD: usize = 12;
+const MAGIC_V2: i8 = 2;
+const CRC_START: usize = 21;
+
+/// Why a batch was refused. Every variant stores nothing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BatchError {
+    #[error("record batch is truncated: {available} bytes, at least {needed} needed")]
+    Truncated { available: usize, needed: usize },
+    #[error("record batch length field says {declared} bytes but {available} follow it")]
+    LengthMismatch { declared: i64, available: usize },
+    #[error("record batch magic {0} is not supported (only v2)")]
+    UnsupportedMagic(i8),
+    #[error("record batch CRC-32C mismatch: header {stored:#010x}, computed {computed:#010x}")]
+    CorruptCrc { stored: u32, computed: u32 },
+    #[error("record batch declares {count} records and last offset delta {last_offset_delta}")]
+    InvalidRecordCount { count: i32, last_offset_delta: i32 },
+    #[error("empty record set")]
+    Empty,
+}
+
+/// One validated v2 record batch, sharing the caller's buffer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordBatch {
+    bytes: Bytes,
+}
+
+impl RecordBatch {
+    /// Checks length, magic, CRC-32C and record count of exactly one batch.
+    pub fn parse(bytes: Bytes) -> Result<Self, BatchError> {
+        if bytes.len() < HEADER_LEN {
+            return Err(BatchError::Truncated { available: bytes.len(), needed: HEADER_LEN });
+        }
+        let declared = i64::from(read_i32(&bytes, 8));
+        let available = bytes.len() - LOG_OVERHEAD;
+        if declared != available as i64 {
+            return Err(BatchError::LengthMismatch { declared, available });
+        }
+        let magic = bytes[16] as i8;
+        if magic != MAGIC_V2 {
+            return Err(BatchError::UnsupportedMagic(magic));
+        }
+        let stored = read_u32(&bytes, 17);
+        let computed = crc32c::crc32c(&bytes[CRC_START..]);
+        if stored != computed {
+            return Err(BatchError::CorruptCrc { stored, computed });
+        }
+        let batch = Self { bytes };
+        let (count, last_offset_delta) = (batch.record_count(), batch.last_offset_delta());
+        if count <= 0 || last_offset_delta != count - 1 {
+            return Err(BatchError::InvalidRecordCount { count, last_offset_delta });
+        }
+        Ok(batch)
+    }
+
+    /// Splits a produce request's record set, which may hold several batches back to
+    /// back, and validates each. All or nothing.
+    pub fn parse_all(mut records: Bytes) -> Result<Vec<Self>, BatchError> {
+        let mut batches = Vec::new();
+        while !records.is_empty() {
+            if records.len() < LOG_OVERHEAD {
+                return Err(BatchError::Truncated { available: records.len(), needed: HEADER_LEN });
+            }
+            let declared = read_i32(&records, 8);
+            let total = usize::try_from(declared)
+                .ok()
+                .and_then(|len| len.checked_add(LOG_OVERHEAD))
+                .filter(|total| *total <= records.len())
+                .ok_or(BatchError::LengthMismatch {
+                    declared: i64::from(declared),
+                    available: records.len() - LOG_OVERHEAD,
+                })?;
+            batches.push(Self::parse(records.split_to(total))?);
+        }
+        if batches.is_empty() {
+            return Err(BatchError::Empty);
+        }
+        Ok(batches)
+    }
+
+    /// Wraps bytes that were validated when they were stored (read path).
+    pub(crate) fn from_stored(bytes: Bytes) -> Self {
+        Self { bytes }
+    }
+
+    pub fn as_bytes(&self) -> &Bytes {
+        &self.bytes
+    }
+
+    pub fn into_bytes(self) -> Bytes {
+        self.bytes
+    }
+
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    pub fn base_offset(&self) -> i64 {
+        read_i64(&self.bytes, 0)
+    }
+
+    pub fn last_offset_delta(&self) -> i32 {
+        read_i32(&self.bytes, 23)
+    }
+
+    /// Number of offsets the batch occupies.
+    pub fn offset_count(&self) -> u64 {
+        self.last_offset_delta() as u64 + 1
+    }
+
+    pub fn attributes(&self) -> i16 {
+        i16::from_be_bytes([self.bytes[21], self.bytes[22]])
+    }
+
+    pub fn base_timestamp(&self) -> i64 {
+        read_i64(&self.bytes, 27)
+    }
+
+    pub fn max_timestamp(&self) -> i64 {
+        read_i64(&self.bytes, 35)
+    }
+
+    pub fn producer_id(&self) -> i64 {
+        read_i64(&self.bytes, 43)
+    }
+
+    pub fn producer_epoch(&self) -> i16 {
+        i16::from_be_bytes([self.bytes[51], self.bytes[52]])
+    }
+
+    pub fn base_sequence(&self) -> i32 {
+        read_i32(&self.bytes, 53)
+    }
+
+    pub fn record_count(&self) -> i32 {
+        read_i32(&self.bytes, 57)
+    }
+
+    pub fn crc(&self) -> u32 {
+        read_u32(&self.bytes, 17)
+    }
+
+    /// The same batch with the broker's base offset and leader epoch written in.
+    /// Neither field is covered by the CRC, so the checksum stays valid.
+    pub fn with_base_offset(&self, base_offset: i64, leader_epoch: i32) -> Self {
+        let mut bytes = BytesMut::from(&self.bytes[..]);
+        bytes[0..8].copy_from_slice(&base_offset.to_be_bytes());
+        bytes[12..16].copy_from_slice(&leader_epoch.to_be_bytes());
+        Self { bytes: bytes.freeze() }
+    }
+}
+
+fn read_i64(b: &[u8], at: usize) -> i64 {
+    i64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+fn read_i32(b: &[u8], at: usize) -> i32 {
+    i32::from_be_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+fn read_u32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+/// Builds batches the way a Kafka client does, with `kafka-protocol`'s encoder.
+/// Used by the benchmark, the tests and (later) the broker's own producers.
+pub mod build {
+    use bytes::{Bytes, BytesMut};
+    use kafka_protocol::records::{
+        Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
+    };
+
+    /// One record to encode: key, value and timestamp in ms.
+    #[derive(Clone, Debug)]
+    pub struct NewRecord {
+        pub key: Option<Bytes>,
+        pub value: Option<Bytes>,
+        pub timestamp_ms: i64,
+    }
+
+    /// Encodes `records` as one v2 batch with base offset 0.
+    pub fn batch(records: &[NewRecord], compression: Compression) -> anyhow::Result<Bytes> {
+        let records: Vec<Record> = records
+            .iter()
+            .enumerate()
+            .map(|(i, r)| Record {
+                transactional: false,
+                control: false,
+                delete_horizon: false,
+                partition_leader_epoch: -1,
+                producer_id: -1,
+                producer_epoch: -1,
+                timestamp_type: TimestampType::Creation,
+                offset: i as i64,
+                // The encoder keeps records in one batch while offset - sequence is
+                // constant; this makes the batch's base sequence -1, as a
+                // non-idempotent client sends it.
+                sequence: i as i32 - 1,
+                timestamp: r.timestamp_ms,
+                key: r.key.clone(),
+                value: r.value.clone(),
+                headers: Default::default(),
+            })
+            .collect();
+        let mut buf = BytesMut::new();
+        RecordBatchEncoder::encode(
+            &mut buf,
+            &records,
+            &RecordEncodeOptions { version: 2, compression },
+        )?;
+        Ok(buf.freeze())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::build::{NewRecord, batch};
+    use super::*;
+    use kafka_protocol::records::Compression;
+
+    fn sample() -> Bytes {
+        let records: Vec<NewRecord> = (0..3)
+            .map(|i| NewRecord {
+                key: Some(Bytes::from(format!("k{i}"))),
+                value: Some(Bytes::from(vec![i as u8; 40])),
+                timestamp_ms: 1_700_000_000_000 + i,
+            })
+            .collect();
+        batch(&records, Compression::None).unwrap()
+    }
+
+    #[test]
+    fn parses_client_batch() {
+        let b = RecordBatch::parse(sample()).unwrap();
+        assert_eq!(b.record_count(), 3);
+        assert_eq!(b.offset_count(), 3);
+        assert_eq!(b.max_timestamp(), 1_700_000_000_002);
+    }
+
+    #[test]
+    fn base_offset_keeps_crc_valid() {
+        let b = RecordBatch::parse(sample()).unwrap().with_base_offset(42, 0);
+        assert_eq!(b.base_offset(), 42);
+        RecordBatch::parse(b.into_bytes()).unwrap();
+    }
+
+    #[test]
+    fn refuses_bad_crc_length_magic() {
+        let good = sample();
+        let mut crc = BytesMut::from(&good[..]);
+        let last = crc.len() - 1;
+        crc[last] ^= 0xff;
+        assert!(matches!(
+            RecordBatch::parse(crc.freeze()),
+            Err(BatchError::CorruptCrc { .. })
+        ));
+        let short = good.slice(..good.len() - 1);
+        assert!(matches!(
+            RecordBatch::parse(short),
+            Err(BatchError::LengthMismatch { .. })
+        ));
+        let mut magic = BytesMut::from(&good[..]);
+        magic[16] = 1;
+        assert_eq!(
+            RecordBatch::parse(magic.freeze()),
+            Err(BatchError::UnsupportedMagic(1))
+        );
+        assert!(matches!(
+            RecordBatch::parse(good.slice(..10)),
+            Err(BatchError::Truncated { .. })
+        ));
+    }
+
+    #[test]
+    fn splits_concatenated_batches() {
+        let mut two = BytesMut::from(&sample()[..]);
+        two.extend_from_slice(&sample());
+        assert_eq!(RecordBatch::parse_all(two.freeze()).unwrap().len(), 2);
+        let mut trailing = BytesMut::from(&sample()[..]);
+        trailing.extend_from_slice(&[0, 0, 0]);
+        assert!(RecordBatch::parse_all(trailing.freeze()).is_err());
+        assert_eq!(RecordBatch::parse_all(Bytes::new()), Err(BatchError::Empty));
+    }
+}

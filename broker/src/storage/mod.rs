@@ -1,0 +1,732 @@
+//! The durable, partitioned, offset-addressed log, in one redb file.
+//!
+//! Every write (appends, topic changes, committed offsets, state, retention) goes
+//! through one writer thread that gathers whatever is queued into a single write
+//! transaction (group commit) and answers each caller only after that transaction
+//! committed. Reads open their own read transactions and never wait for the writer.
+//! This is the only module that opens redb transactions.
+
+mod tables;
+pub mod topic;
+mod writer;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use parking_lot::RwLock;
+use redb::{ReadableDatabase, ReadableTable};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::metrics::StorageMetrics;
+use crate::record_batch::{BatchError, RecordBatch};
+use tables::{BATCH_INDEX, BATCHES, BatchMeta, GROUP_OFFSETS, PARTITIONS, STATE, TopicId};
+pub use topic::{
+    CleanupPolicy, InvalidTopicConfig, InvalidTopicName, MAX_PARTITIONS, TopicConfig, TopicName,
+};
+use writer::{Command, DbSlot};
+
+/// The database file inside the data directory.
+pub const DB_FILE: &str = "weir.redb";
+
+/// How the log is opened.
+#[derive(Clone, Debug)]
+pub struct LogOptions {
+    pub data_dir: PathBuf,
+    /// fsync every commit (redb `Durability::Immediate`). When false, commits are not
+    /// made durable individually; a durable commit runs every `flush_interval`, and a
+    /// crash may lose what was acknowledged since the last one.
+    pub fsync: bool,
+    pub flush_interval: Duration,
+    /// A group commit stops gathering once it holds this many bytes of batches.
+    pub max_group_bytes: usize,
+    /// redb page cache size.
+    pub cache_bytes: usize,
+    /// Test-only: answer appends before their transaction commits. Exists so the crash
+    /// test can show that it catches a broker that does this. Never set it otherwise.
+    #[doc(hidden)]
+    pub unsafe_ack_before_commit: bool,
+}
+
+impl LogOptions {
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            fsync: true,
+            flush_interval: Duration::from_secs(1),
+            max_group_bytes: 8 << 20,
+            cache_bytes: 64 << 20,
+            unsafe_ack_before_commit: false,
+        }
+    }
+}
+
+/// A partition's bounds as of the latest commit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionOffsets {
+    /// First offset still stored (Kafka's log start offset).
+    pub log_start: u64,
+    /// Offset the next appended record gets (Kafka's high watermark / log end offset;
+    /// with one replica they are the same).
+    pub high_watermark: u64,
+}
+
+/// What an append got.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AppendOutcome {
+    /// Offset of the first record appended.
+    pub base_offset: u64,
+    /// Offset of the last record appended.
+    pub last_offset: u64,
+    pub log_start: u64,
+    pub append_time_ms: i64,
+}
+
+/// Whole stored batches, starting with the one that holds the requested offset.
+#[derive(Clone, Debug)]
+pub struct ReadResult {
+    pub batches: Vec<RecordBatch>,
+    pub offsets: PartitionOffsets,
+}
+
+impl ReadResult {
+    pub fn bytes(&self) -> usize {
+        self.batches.iter().map(RecordBatch::len).sum()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicInfo {
+    pub name: String,
+    pub partitions: u32,
+    pub config: TopicConfig,
+    pub created_ms: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionInfo {
+    pub partition: u32,
+    pub log_start: u64,
+    pub high_watermark: u64,
+    pub bytes: u64,
+    pub batches: u64,
+}
+
+/// A consumer group's committed position in one partition.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommittedOffset {
+    pub offset: i64,
+    pub leader_epoch: i32,
+    pub metadata: String,
+    pub commit_time_ms: i64,
+}
+
+/// Batches removed from one partition by one retention run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RetentionDeletion {
+    pub topic: String,
+    pub partition: u32,
+    /// Offsets `from..to` are gone; `to` is the new log start offset.
+    pub from: u64,
+    pub to: u64,
+    pub bytes: u64,
+}
+
+/// One change in an atomic write. All ops of one `Log::write` commit together or not at all.
+#[derive(Clone, Debug)]
+pub enum WriteOp {
+    Append {
+        topic: String,
+        partition: u32,
+        batches: Vec<RecordBatch>,
+    },
+    CommitOffset {
+        group: String,
+        topic: String,
+        partition: u32,
+        offset: CommittedOffset,
+    },
+    DeleteGroupOffsets {
+        group: String,
+    },
+    /// `None` deletes the key.
+    PutState {
+        namespace: String,
+        key: String,
+        value: Option<Vec<u8>>,
+    },
+}
+
+impl WriteOp {
+    fn payload_bytes(&self) -> usize {
+        match self {
+            WriteOp::Append { batches, .. } => batches.iter().map(RecordBatch::len).sum(),
+            WriteOp::PutState { value, .. } => value.as_ref().map_or(0, Vec::len),
+            _ => 0,
+        }
+    }
+}
+
+/// The result of each op, in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WriteOutcome {
+    Appended(AppendOutcome),
+    Done,
+}
+
+/// Failures of the database itself. Cloneable because one failed group commit
+/// answers every request in the group.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("database: {0}")]
+    Database(Arc<redb::Error>),
+    #[error("data directory {path}: {message}")]
+    DataDir { path: PathBuf, message: String },
+    #[error("database format version {found} is not supported by this build (it reads {expected})")]
+    FormatVersion { found: u64, expected: u64 },
+    #[error("corrupt {table} entry: {detail}")]
+    Corrupt { table: &'static str, detail: String },
+    #[error("the log is closed")]
+    Closed,
+}
+
+impl StorageError {
+    /// True when the write failed because the disk (or its quota) is full.
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            StorageError::Database(e) => match e.as_ref() {
+                redb::Error::Io(io) => io.kind() == std::io::ErrorKind::StorageFull,
+                redb::Error::Backend(b) => b.to_string().contains("No space left"),
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+
+    /// True when the database must be reopened before the next write.
+    fn is_io(&self) -> bool {
+        matches!(self, StorageError::Database(e)
+            if matches!(e.as_ref(), redb::Error::Io(_) | redb::Error::PreviousIo | redb::Error::Backend(_)))
+    }
+}
+
+impl<E: Into<redb::Error>> From<E> for StorageError {
+    fn from(e: E) -> Self {
+        StorageError::Database(Arc::new(e.into()))
+    }
+}
+
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error("unknown topic {0:?}")]
+    UnknownTopic(String),
+    #[error("topic {topic:?} has {partitions} partitions; partition {partition} does not exist")]
+    UnknownPartition {
+        topic: String,
+        partition: u32,
+        partitions: u32,
+    },
+    #[error("invalid record batch: {0}")]
+    InvalidBatch(#[from] BatchError),
+    #[error("record batch of {size} bytes exceeds max.message.bytes={max}")]
+    MessageTooLarge { size: usize, max: u32 },
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("unknown topic {0:?}")]
+    UnknownTopic(String),
+    #[error("topic {topic:?} has {partitions} partitions; partition {partition} does not exist")]
+    UnknownPartition {
+        topic: String,
+        partition: u32,
+        partitions: u32,
+    },
+    #[error("offset {offset} is outside {}..={}", offsets.log_start, offsets.high_watermark)]
+    OffsetOutOfRange { offset: u64, offsets: PartitionOffsets },
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum TopicError {
+    #[error(transparent)]
+    InvalidName(#[from] InvalidTopicName),
+    #[error(transparent)]
+    InvalidConfig(#[from] InvalidTopicConfig),
+    #[error("partition count {0} is invalid: it must be between 1 and {MAX_PARTITIONS}")]
+    InvalidPartitions(u32),
+    #[error("topic {0:?} already exists")]
+    AlreadyExists(String),
+    #[error("topic {name:?} collides with existing topic {existing:?} ('.' and '_' are treated alike)")]
+    Collides { name: String, existing: String },
+    #[error("unknown topic {0:?}")]
+    NotFound(String),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+/// Handle to the log. Cheap to clone; every clone talks to the same writer thread.
+#[derive(Clone)]
+pub struct Log {
+    shared: Arc<Shared>,
+    commands: mpsc::Sender<Command>,
+}
+
+/// What readers and the writer share.
+struct Shared {
+    db: DbSlot,
+    catalog: RwLock<Catalog>,
+    metrics: StorageMetrics,
+    /// Signalled by the writer thread after the database is closed.
+    closed: parking_lot::Mutex<Option<oneshot::Receiver<()>>>,
+}
+
+/// Published view of the topics, updated by the writer only after a commit.
+#[derive(Default)]
+struct Catalog {
+    topics: HashMap<String, Arc<TopicHandle>>,
+}
+
+struct TopicHandle {
+    id: TopicId,
+    info: TopicInfo,
+    /// One per partition; carries the committed offsets and wakes waiting readers.
+    offsets: Vec<watch::Sender<PartitionOffsets>>,
+}
+
+impl Log {
+    /// Opens (or creates) the database under `options.data_dir` and starts the writer.
+    /// Blocking: an unclean previous shutdown makes redb repair the file first.
+    pub fn open(options: LogOptions) -> Result<Log, StorageError> {
+        Self::open_with_metrics(options, StorageMetrics::default())
+    }
+
+    pub fn open_with_metrics(
+        options: LogOptions,
+        metrics: StorageMetrics,
+    ) -> Result<Log, StorageError> {
+        std::fs::create_dir_all(&options.data_dir).map_err(|e| StorageError::DataDir {
+            path: options.data_dir.clone(),
+            message: e.to_string(),
+        })?;
+        let (commands, rx) = mpsc::channel(4096);
+        let (closed_tx, closed_rx) = oneshot::channel();
+        let (db, state) = writer::open_database(&options)?;
+        let shared = Arc::new(Shared {
+            db: DbSlot::new(db),
+            catalog: RwLock::new(Catalog::default()),
+            metrics,
+            closed: parking_lot::Mutex::new(Some(closed_rx)),
+        });
+        writer::Writer::start(shared.clone(), options, state, rx, closed_tx)?;
+        Ok(Log { shared, commands })
+    }
+
+    pub fn metrics(&self) -> &StorageMetrics {
+        &self.shared.metrics
+    }
+
+    /// Path of the database file for a data directory.
+    pub fn db_path(data_dir: &Path) -> PathBuf {
+        data_dir.join(DB_FILE)
+    }
+
+    async fn send<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, StorageError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(make(tx))
+            .await
+            .map_err(|_| StorageError::Closed)?;
+        rx.await.map_err(|_| StorageError::Closed)
+    }
+
+    /// Appends a produce request's record set (one or more v2 batches) to a partition.
+    /// Returns once the batches are durable (with `fsync`), with the offsets assigned.
+    pub async fn append(
+        &self,
+        topic: &str,
+        partition: u32,
+        records: Bytes,
+    ) -> Result<AppendOutcome, WriteError> {
+        let batches = RecordBatch::parse_all(records).inspect_err(|_| {
+            self.shared.metrics.invalid_batches.inc();
+        })?;
+        let op = WriteOp::Append { topic: topic.to_string(), partition, batches };
+        match self.write(vec![op]).await?.pop() {
+            Some(WriteOutcome::Appended(outcome)) => Ok(outcome),
+            _ => unreachable!("an append op yields an Appended outcome"),
+        }
+    }
+
+    /// Commits `ops` atomically in the next group commit.
+    pub async fn write(&self, ops: Vec<WriteOp>) -> Result<Vec<WriteOutcome>, WriteError> {
+        let bytes = ops.iter().map(WriteOp::payload_bytes).sum();
+        self.send(|reply| Command::Write { ops, bytes, reply }).await?
+    }
+
+    pub async fn create_topic(
+        &self,
+        name: &str,
+        partitions: u32,
+        config: TopicConfig,
+    ) -> Result<TopicInfo, TopicError> {
+        let name = TopicName::new(name)?;
+        if partitions == 0 || partitions > MAX_PARTITIONS {
+            return Err(TopicError::InvalidPartitions(partitions));
+        }
+        self.send(|reply| Command::CreateTopic { name, partitions, config, reply })
+            .await?
+    }
+
+    /// Replaces a topic's config; retention applies it at its next run.
+    pub async fn set_topic_config(&self, name: &str, config: TopicConfig) -> Result<TopicInfo, TopicError> {
+        let name = name.to_string();
+        self.send(|reply| Command::SetTopicConfig { name, config, reply }).await?
+    }
+
+    /// Deletes a topic, its batches and the offsets groups committed for it.
+    pub async fn delete_topic(&self, name: &str) -> Result<(), TopicError> {
+        let name = name.to_string();
+        self.send(|reply| Command::DeleteTopic { name, reply }).await?
+    }
+
+    /// Runs retention for every topic as of `now_ms`.
+    pub async fn enforce_retention(
+        &self,
+        now_ms: i64,
+    ) -> Result<Vec<RetentionDeletion>, StorageError> {
+        self.send(|reply| Command::Retention { now_ms, reply }).await?
+    }
+
+    /// Makes everything committed so far durable (only matters with `fsync = false`).
+    pub async fn flush(&self) -> Result<(), StorageError> {
+        self.send(|reply| Command::Flush { reply }).await?
+    }
+
+    /// Lets queued writes finish, then closes the database cleanly. Later calls on any
+    /// clone fail with `StorageError::Closed`.
+    pub async fn close(&self) -> Result<(), StorageError> {
+        let _ = self.commands.send(Command::Shutdown).await;
+        let closed = self.shared.closed.lock().take();
+        if let Some(closed) = closed {
+            let _ = closed.await;
+        }
+        Ok(())
+    }
+
+    pub fn topics(&self) -> Vec<TopicInfo> {
+        let mut topics: Vec<TopicInfo> = self
+            .shared
+            .catalog
+            .read()
+            .topics
+            .values()
+            .map(|t| t.info.clone())
+            .collect();
+        topics.sort_by(|a, b| a.name.cmp(&b.name));
+        topics
+    }
+
+    pub fn topic(&self, name: &str) -> Option<TopicInfo> {
+        self.shared.catalog.read().topics.get(name).map(|t| t.info.clone())
+    }
+
+    fn handle(&self, topic: &str, partition: u32) -> Result<Arc<TopicHandle>, ReadError> {
+        let handle = self
+            .shared
+            .catalog
+            .read()
+            .topics
+            .get(topic)
+            .cloned()
+            .ok_or_else(|| ReadError::UnknownTopic(topic.to_string()))?;
+        if partition as usize >= handle.offsets.len() {
+            return Err(ReadError::UnknownPartition {
+                topic: topic.to_string(),
+                partition,
+                partitions: handle.info.partitions,
+            });
+        }
+        Ok(handle)
+    }
+
+    /// Committed offsets of a partition.
+    pub fn offsets(&self, topic: &str, partition: u32) -> Result<PartitionOffsets, ReadError> {
+        Ok(*self.handle(topic, partition)?.offsets[partition as usize].borrow())
+    }
+
+    /// A receiver that changes after every commit that moves the partition's offsets
+    /// (long-poll fetch, MQTT delivery). It closes when the topic is deleted.
+    pub fn watch(
+        &self,
+        topic: &str,
+        partition: u32,
+    ) -> Result<watch::Receiver<PartitionOffsets>, ReadError> {
+        Ok(self.handle(topic, partition)?.offsets[partition as usize].subscribe())
+    }
+
+    /// Kafka fetch semantics: whole batches from the one holding `offset`, while their
+    /// total stays within `max_bytes`, but always at least one batch so that a consumer
+    /// makes progress past a batch larger than its limit.
+    /// Blocking, but short: one read transaction over cached pages.
+    pub fn read(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        max_bytes: usize,
+    ) -> Result<ReadResult, ReadError> {
+        let id = self.handle(topic, partition)?.id;
+        let db = self.shared.db.get()?;
+        let txn = db.begin_read().map_err(StorageError::from)?;
+        let offsets = read_partition_offsets(&txn, id, partition)?;
+        if offset < offsets.log_start || offset > offsets.high_watermark {
+            return Err(ReadError::OffsetOutOfRange { offset, offsets });
+        }
+        let mut batches = Vec::new();
+        if offset == offsets.high_watermark {
+            return Ok(ReadResult { batches, offsets });
+        }
+        let index = txn.open_table(BATCH_INDEX).map_err(StorageError::from)?;
+        let start = index
+            .range((id, partition, 0)..=(id, partition, offset))
+            .map_err(StorageError::from)?
+            .next_back()
+            .transpose()
+            .map_err(StorageError::from)?
+            .map(|(k, _)| k.value().2)
+            .ok_or(ReadError::OffsetOutOfRange { offset, offsets })?;
+        let table = txn.open_table(BATCHES).map_err(StorageError::from)?;
+        let mut total = 0usize;
+        for entry in table
+            .range((id, partition, start)..=(id, partition, u64::MAX))
+            .map_err(StorageError::from)?
+        {
+            let (_, value) = entry.map_err(StorageError::from)?;
+            let bytes = value.value();
+            if !batches.is_empty() && total + bytes.len() > max_bytes {
+                break;
+            }
+            total += bytes.len();
+            batches.push(RecordBatch::from_stored(Bytes::copy_from_slice(bytes)));
+            if total >= max_bytes {
+                break;
+            }
+        }
+        Ok(ReadResult { batches, offsets })
+    }
+
+    /// Kafka ListOffsets by timestamp: the first offset whose record timestamp is at
+    /// or after `timestamp_ms`, with that record's timestamp; `None` when no record is.
+    pub fn offset_for_timestamp(
+        &self,
+        topic: &str,
+        partition: u32,
+        timestamp_ms: i64,
+    ) -> Result<Option<(u64, i64)>, ReadError> {
+        let id = self.handle(topic, partition)?.id;
+        let db = self.shared.db.get()?;
+        let txn = db.begin_read().map_err(StorageError::from)?;
+        let index = txn.open_table(BATCH_INDEX).map_err(StorageError::from)?;
+        let mut found = None;
+        for entry in index
+            .range((id, partition, 0)..=(id, partition, u64::MAX))
+            .map_err(StorageError::from)?
+        {
+            let (key, meta) = entry.map_err(StorageError::from)?;
+            if BatchMeta::from_row(meta.value()).max_timestamp >= timestamp_ms {
+                found = Some(key.value().2);
+                break;
+            }
+        }
+        let Some(base) = found else { return Ok(None) };
+        let table = txn.open_table(BATCHES).map_err(StorageError::from)?;
+        let stored = table
+            .get((id, partition, base))
+            .map_err(StorageError::from)?
+            .ok_or_else(|| StorageError::Corrupt {
+                table: "batches",
+                detail: format!("index names batch {topic}/{partition}@{base} that is missing"),
+            })?;
+        let mut buf = Bytes::copy_from_slice(stored.value());
+        let set = kafka_protocol::records::RecordBatchDecoder::decode(&mut buf).map_err(|e| {
+            StorageError::Corrupt { table: "batches", detail: format!("{topic}/{partition}@{base}: {e}") }
+        })?;
+        Ok(set
+            .records
+            .iter()
+            .find(|r| r.timestamp >= timestamp_ms)
+            .map(|r| (r.offset as u64, r.timestamp)))
+    }
+
+    /// Per-partition sizes for `describe`.
+    pub fn describe(&self, topic: &str) -> Result<(TopicInfo, Vec<PartitionInfo>), ReadError> {
+        let handle = self.handle(topic, 0)?;
+        let db = self.shared.db.get()?;
+        let txn = db.begin_read().map_err(StorageError::from)?;
+        let parts = txn.open_table(PARTITIONS).map_err(StorageError::from)?;
+        let index = txn.open_table(BATCH_INDEX).map_err(StorageError::from)?;
+        let mut out = Vec::new();
+        for partition in 0..handle.info.partitions {
+            let (log_start, high_watermark, bytes) = parts
+                .get((handle.id, partition))
+                .map_err(StorageError::from)?
+                .map(|v| v.value())
+                .unwrap_or_default();
+            let batches = index
+                .range((handle.id, partition, 0)..=(handle.id, partition, u64::MAX))
+                .map_err(StorageError::from)?
+                .count() as u64;
+            out.push(PartitionInfo { partition, log_start, high_watermark, bytes, batches });
+        }
+        Ok((handle.info.clone(), out))
+    }
+
+    pub async fn commit_offsets(
+        &self,
+        group: &str,
+        offsets: Vec<(String, u32, CommittedOffset)>,
+    ) -> Result<(), WriteError> {
+        let ops = offsets
+            .into_iter()
+            .map(|(topic, partition, offset)| WriteOp::CommitOffset {
+                group: group.to_string(),
+                topic,
+                partition,
+                offset,
+            })
+            .collect();
+        self.write(ops).await.map(drop)
+    }
+
+    /// Every offset `group` committed, by topic and partition.
+    pub fn committed_offsets(
+        &self,
+        group: &str,
+    ) -> Result<Vec<(String, u32, CommittedOffset)>, StorageError> {
+        let db = self.shared.db.get()?;
+        let txn = db.begin_read()?;
+        let table = txn.open_table(GROUP_OFFSETS)?;
+        let mut out = Vec::new();
+        for entry in table.range((group, "", 0)..)? {
+            let (key, value) = entry?;
+            let (g, topic, partition) = key.value();
+            if g != group {
+                break;
+            }
+            out.push((topic.to_string(), partition, decode(GROUP_OFFSETS_NAME, value.value())?));
+        }
+        Ok(out)
+    }
+
+    /// Groups that have committed offsets.
+    pub fn groups_with_offsets(&self) -> Result<Vec<String>, StorageError> {
+        let db = self.shared.db.get()?;
+        let txn = db.begin_read()?;
+        let table = txn.open_table(GROUP_OFFSETS)?;
+        let mut groups: Vec<String> = Vec::new();
+        for entry in table.iter()? {
+            let (key, _) = entry?;
+            let group = key.value().0;
+            if groups.last().map(String::as_str) != Some(group) {
+                groups.push(group.to_string());
+            }
+        }
+        Ok(groups)
+    }
+
+    /// Stores `value` under (namespace, key), encoded with postcard.
+    pub async fn put_state<T: Serialize>(
+        &self,
+        namespace: &str,
+        key: &str,
+        value: &T,
+    ) -> Result<(), WriteError> {
+        let value = postcard::to_stdvec(value).map_err(|e| StorageError::Corrupt {
+            table: "state",
+            detail: format!("cannot encode {namespace}/{key}: {e}"),
+        })?;
+        self.write(vec![state_op(namespace, key, Some(value))]).await.map(drop)
+    }
+
+    pub async fn delete_state(&self, namespace: &str, key: &str) -> Result<(), WriteError> {
+        self.write(vec![state_op(namespace, key, None)]).await.map(drop)
+    }
+
+    pub fn get_state<T: DeserializeOwned>(
+        &self,
+        namespace: &str,
+        key: &str,
+    ) -> Result<Option<T>, StorageError> {
+        let db = self.shared.db.get()?;
+        let txn = db.begin_read()?;
+        let table = txn.open_table(STATE)?;
+        let value = table.get((namespace, key))?;
+        value.map(|v| decode("state", v.value())).transpose()
+    }
+
+    /// All (key, value) pairs of a namespace, in key order.
+    pub fn list_state<T: DeserializeOwned>(
+        &self,
+        namespace: &str,
+    ) -> Result<Vec<(String, T)>, StorageError> {
+        let db = self.shared.db.get()?;
+        let txn = db.begin_read()?;
+        let table = txn.open_table(STATE)?;
+        let mut out = Vec::new();
+        for entry in table.range((namespace, "")..)? {
+            let (key, value) = entry?;
+            let (ns, k) = key.value();
+            if ns != namespace {
+                break;
+            }
+            out.push((k.to_string(), decode("state", value.value())?));
+        }
+        Ok(out)
+    }
+}
+
+/// Builds the op that `put_state`/`delete_state` send, for callers that combine it
+/// with appends in one atomic write (pipeline and replication cursors).
+pub fn state_op(namespace: &str, key: &str, value: Option<Vec<u8>>) -> WriteOp {
+    WriteOp::PutState { namespace: namespace.to_string(), key: key.to_string(), value }
+}
+
+const GROUP_OFFSETS_NAME: &str = "group_offsets";
+
+fn decode<T: DeserializeOwned>(table: &'static str, bytes: &[u8]) -> Result<T, StorageError> {
+    postcard::from_bytes(bytes)
+        .map_err(|e| StorageError::Corrupt { table, detail: e.to_string() })
+}
+
+fn read_partition_offsets(
+    txn: &redb::ReadTransaction,
+    id: TopicId,
+    partition: u32,
+) -> Result<PartitionOffsets, StorageError> {
+    let parts = txn.open_table(PARTITIONS)?;
+    let (log_start, high_watermark, _) = parts
+        .get((id, partition))?
+        .map(|v| v.value())
+        .ok_or_else(|| StorageError::Corrupt {
+            table: "partitions",
+            detail: format!("topic id {id} partition {partition} has no row"),
+        })?;
+    Ok(PartitionOffsets { log_start, high_watermark })
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}

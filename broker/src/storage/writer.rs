@@ -1,0 +1,810 @@
+//! The writer thread: group commit, offset assignment, retention, topic changes.
+//!
+//! Invariants:
+//! - It is the only code that opens write transactions, so offsets are assigned
+//!   by one owner and never race.
+//! - A caller is answered only after the transaction holding its change committed
+//!   (except under the test-only `unsafe_ack_before_commit`).
+//! - `State` mirrors the committed database; after any failed transaction it is
+//!   reloaded from the database rather than patched.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::RwLock;
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, Table, WriteTransaction};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{error, info, warn};
+
+use super::tables::*;
+use super::{
+    AppendOutcome, Catalog, LogOptions, PartitionOffsets, RetentionDeletion, Shared,
+    StorageError, TopicConfig, TopicError, TopicHandle, TopicInfo, TopicName, WriteError,
+    WriteOp, WriteOutcome, now_ms,
+};
+
+/// Most commands one group commit takes, whatever their size.
+const MAX_GROUP_COMMANDS: usize = 4096;
+/// Most batches one retention run deletes, so that its transaction stays small.
+const MAX_RETENTION_BATCHES: usize = 20_000;
+
+type Reply<T> = oneshot::Sender<T>;
+
+pub(super) enum Command {
+    Write {
+        ops: Vec<WriteOp>,
+        bytes: usize,
+        reply: Reply<Result<Vec<WriteOutcome>, WriteError>>,
+    },
+    CreateTopic {
+        name: TopicName,
+        partitions: u32,
+        config: TopicConfig,
+        reply: Reply<Result<TopicInfo, TopicError>>,
+    },
+    SetTopicConfig {
+        name: String,
+        config: TopicConfig,
+        reply: Reply<Result<TopicInfo, TopicError>>,
+    },
+    DeleteTopic {
+        name: String,
+        reply: Reply<Result<(), TopicError>>,
+    },
+    Retention {
+        now_ms: i64,
+        reply: Reply<Result<Vec<RetentionDeletion>, StorageError>>,
+    },
+    Flush {
+        reply: Reply<Result<(), StorageError>>,
+    },
+    Shutdown,
+}
+
+/// The open database, shared by readers and the writer. The writer swaps it when it
+/// must reopen after an I/O error (redb refuses writes after one until reopened).
+pub(super) struct DbSlot {
+    slot: RwLock<Option<Arc<Database>>>,
+}
+
+impl DbSlot {
+    pub(super) fn new(db: Database) -> Self {
+        Self { slot: RwLock::new(Some(Arc::new(db))) }
+    }
+
+    pub(super) fn get(&self) -> Result<Arc<Database>, StorageError> {
+        self.slot.read().clone().ok_or(StorageError::Closed)
+    }
+
+    /// Takes the database out, waiting for in-flight reads to drop their handles.
+    fn take(&self) -> Option<Database> {
+        let mut slot = self.slot.write();
+        let mut db = slot.take()?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match Arc::try_unwrap(db) {
+                Ok(db) => return Some(db),
+                Err(shared) if Instant::now() < deadline => {
+                    db = shared;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(shared) => {
+                    error!("database still in use by readers after 30 s; leaking the handle");
+                    drop(shared);
+                    return None;
+                }
+            }
+        }
+    }
+
+    fn put(&self, db: Database) {
+        *self.slot.write() = Some(Arc::new(db));
+    }
+}
+
+/// The writer's view of every topic, equal to the committed database.
+#[derive(Default)]
+pub(super) struct State {
+    topics: HashMap<String, TopicState>,
+    next_topic_id: TopicId,
+}
+
+struct TopicState {
+    record: TopicRecord,
+    partitions: Vec<PartitionState>,
+}
+
+#[derive(Clone, Copy)]
+struct PartitionState {
+    log_start: u64,
+    next_offset: u64,
+    bytes: u64,
+}
+
+impl PartitionState {
+    fn offsets(self) -> PartitionOffsets {
+        PartitionOffsets { log_start: self.log_start, high_watermark: self.next_offset }
+    }
+}
+
+/// Opens or creates the database and loads the writer state.
+pub(super) fn open_database(options: &LogOptions) -> Result<(Database, State), StorageError> {
+    let path = options.data_dir.join(super::DB_FILE);
+    let db = open_file(&path, options.cache_bytes)?;
+    let txn = db.begin_write()?;
+    {
+        let mut meta = txn.open_table(META)?;
+        let found = meta.get("format_version")?.map(|v| v.value());
+        match found {
+            None => {
+                meta.insert("format_version", FORMAT_VERSION)?;
+            }
+            Some(FORMAT_VERSION) => {}
+            Some(found) => {
+                return Err(StorageError::FormatVersion { found, expected: FORMAT_VERSION });
+            }
+        }
+        // Create every table so that readers never meet a missing one.
+        txn.open_table(TOPICS)?;
+        txn.open_table(PARTITIONS)?;
+        txn.open_table(BATCHES)?;
+        txn.open_table(BATCH_INDEX)?;
+        txn.open_table(GROUP_OFFSETS)?;
+        txn.open_table(STATE)?;
+    }
+    txn.commit()?;
+    let state = State::load(&db)?;
+    Ok((db, state))
+}
+
+fn open_file(path: &std::path::Path, cache_bytes: usize) -> Result<Database, StorageError> {
+    Ok(redb::Builder::new().set_cache_size(cache_bytes).create(path)?)
+}
+
+impl State {
+    fn load(db: &Database) -> Result<Self, StorageError> {
+        let txn = db.begin_read()?;
+        let meta = txn.open_table(META)?;
+        let next_topic_id = meta.get("next_topic_id")?.map_or(0, |v| v.value()) as TopicId;
+        let topics_table = txn.open_table(TOPICS)?;
+        let parts_table = txn.open_table(PARTITIONS)?;
+        let mut topics = HashMap::new();
+        for entry in topics_table.iter()? {
+            let (name, value) = entry?;
+            let record: TopicRecord = super::decode("topics", value.value())?;
+            let mut partitions = Vec::with_capacity(record.partitions as usize);
+            for p in 0..record.partitions {
+                let (log_start, next_offset, bytes) = parts_table
+                    .get((record.id, p))?
+                    .map(|v| v.value())
+                    .ok_or_else(|| StorageError::Corrupt {
+                        table: "partitions",
+                        detail: format!("topic {} partition {p} has no row", name.value()),
+                    })?;
+                partitions.push(PartitionState { log_start, next_offset, bytes });
+            }
+            topics.insert(name.value().to_string(), TopicState { record, partitions });
+        }
+        Ok(State { topics, next_topic_id })
+    }
+
+    fn info(&self, name: &str) -> TopicInfo {
+        let record = &self.topics[name].record;
+        TopicInfo {
+            name: name.to_string(),
+            partitions: record.partitions,
+            config: record.config.clone(),
+            created_ms: record.created_ms,
+        }
+    }
+
+    fn handle(&self, name: &str) -> Arc<TopicHandle> {
+        let topic = &self.topics[name];
+        Arc::new(TopicHandle {
+            id: topic.record.id,
+            info: self.info(name),
+            offsets: topic
+                .partitions
+                .iter()
+                .map(|p| watch::Sender::new(p.offsets()))
+                .collect(),
+        })
+    }
+
+    fn catalog(&self) -> Catalog {
+        Catalog {
+            topics: self.topics.keys().map(|name| (name.clone(), self.handle(name))).collect(),
+        }
+    }
+}
+
+/// The tables a group commit writes, opened once per transaction.
+struct Tables<'t> {
+    meta: Table<'t, &'static str, u64>,
+    topics: Table<'t, &'static str, &'static [u8]>,
+    partitions: Table<'t, (TopicId, u32), (u64, u64, u64)>,
+    batches: Table<'t, (TopicId, u32, u64), &'static [u8]>,
+    index: Table<'t, (TopicId, u32, u64), (u32, u32, i64, i64)>,
+    group_offsets: Table<'t, (&'static str, &'static str, u32), &'static [u8]>,
+    state: Table<'t, (&'static str, &'static str), &'static [u8]>,
+}
+
+impl<'t> Tables<'t> {
+    fn open(txn: &'t WriteTransaction) -> Result<Self, StorageError> {
+        Ok(Self {
+            meta: txn.open_table(META)?,
+            topics: txn.open_table(TOPICS)?,
+            partitions: txn.open_table(PARTITIONS)?,
+            batches: txn.open_table(BATCHES)?,
+            index: txn.open_table(BATCH_INDEX)?,
+            group_offsets: txn.open_table(GROUP_OFFSETS)?,
+            state: txn.open_table(STATE)?,
+        })
+    }
+}
+
+/// A command's answer, held until its transaction commits.
+enum Pending {
+    Write(Reply<Result<Vec<WriteOutcome>, WriteError>>, Result<Vec<WriteOutcome>, WriteError>),
+    Topic(Reply<Result<TopicInfo, TopicError>>, Result<TopicInfo, TopicError>),
+    Deleted(Reply<Result<(), TopicError>>, Result<(), TopicError>),
+    Retention(Reply<Result<Vec<RetentionDeletion>, StorageError>>, Vec<RetentionDeletion>),
+    Flush(Reply<Result<(), StorageError>>),
+}
+
+impl Pending {
+    fn succeed(self) {
+        // A caller that gave up waiting is not an error.
+        let _ = match self {
+            Pending::Write(tx, r) => tx.send(r).map_err(drop),
+            Pending::Topic(tx, r) => tx.send(r).map_err(drop),
+            Pending::Deleted(tx, r) => tx.send(r).map_err(drop),
+            Pending::Retention(tx, r) => tx.send(Ok(r)).map_err(drop),
+            Pending::Flush(tx) => tx.send(Ok(())).map_err(drop),
+        };
+    }
+
+    fn fail(self, e: &StorageError) {
+        let _ = match self {
+            Pending::Write(tx, _) => tx.send(Err(e.clone().into())).map_err(drop),
+            Pending::Topic(tx, _) => tx.send(Err(e.clone().into())).map_err(drop),
+            Pending::Deleted(tx, _) => tx.send(Err(e.clone().into())).map_err(drop),
+            Pending::Retention(tx, _) => tx.send(Err(e.clone())).map_err(drop),
+            Pending::Flush(tx) => tx.send(Err(e.clone())).map_err(drop),
+        };
+    }
+}
+
+/// Catalog changes to publish once the transaction commits.
+#[derive(Default)]
+struct Changes {
+    advanced: BTreeSet<(String, u32)>,
+    created: Vec<String>,
+    reconfigured: Vec<String>,
+    deleted: Vec<String>,
+    appended_bytes: u64,
+    appended_batches: u64,
+}
+
+pub(super) struct Writer {
+    shared: Arc<Shared>,
+    options: LogOptions,
+    path: PathBuf,
+    state: State,
+    rx: mpsc::Receiver<Command>,
+    /// Set after an I/O error: the database must be reopened before the next write.
+    needs_reopen: bool,
+    /// With `fsync = false`: commits since the last durable one.
+    unflushed: bool,
+}
+
+impl Writer {
+    pub(super) fn start(
+        shared: Arc<Shared>,
+        options: LogOptions,
+        state: State,
+        rx: mpsc::Receiver<Command>,
+        closed: oneshot::Sender<()>,
+    ) -> Result<(), StorageError> {
+        *shared.catalog.write() = state.catalog();
+        let path = options.data_dir.join(super::DB_FILE);
+        let writer = Writer {
+            shared,
+            options,
+            path,
+            state,
+            rx,
+            needs_reopen: false,
+            unflushed: false,
+        };
+        std::thread::Builder::new()
+            .name("weir-log-writer".into())
+            .spawn(move || writer.run(closed))
+            .map_err(|e| StorageError::DataDir {
+                path: PathBuf::new(),
+                message: format!("cannot start the writer thread: {e}"),
+            })?;
+        Ok(())
+    }
+
+    fn run(mut self, closed: oneshot::Sender<()>) {
+        let timer = tokio::runtime::Builder::new_current_thread().enable_time().build();
+        let mut shutting_down = false;
+        loop {
+            let first = if self.options.fsync || shutting_down {
+                self.rx.blocking_recv()
+            } else {
+                let interval = self.options.flush_interval;
+                let rx = &mut self.rx;
+                match timer.as_ref().map(|rt| rt.block_on(async { tokio::time::timeout(interval, rx.recv()).await })) {
+                    Ok(Ok(command)) => command,
+                    Ok(Err(_elapsed)) => {
+                        self.flush_if_needed();
+                        continue;
+                    }
+                    Err(_) => self.rx.blocking_recv(),
+                }
+            };
+            let Some(first) = first else { break };
+            let mut group = vec![first];
+            let mut bytes = group[0].bytes();
+            while bytes < self.options.max_group_bytes && group.len() < MAX_GROUP_COMMANDS {
+                match self.rx.try_recv() {
+                    Ok(command) => {
+                        bytes += command.bytes();
+                        group.push(command);
+                    }
+                    Err(_) => break,
+                }
+            }
+            if group.iter().any(|c| matches!(c, Command::Shutdown)) && !shutting_down {
+                // Refuse new commands, but finish everything already queued.
+                shutting_down = true;
+                self.rx.close();
+            }
+            self.commit_group(group);
+        }
+        self.flush_if_needed();
+        if let Some(db) = self.shared.db.take() {
+            match db.close() {
+                Ok(()) => info!(path = %self.path.display(), "database closed cleanly"),
+                Err(e) => error!(path = %self.path.display(), error = %e, "closing the database failed"),
+            }
+        }
+        let _ = closed.send(());
+    }
+
+    fn flush_if_needed(&mut self) {
+        if !self.unflushed || self.needs_reopen {
+            return;
+        }
+        let result = self.shared.db.get().and_then(|db| {
+            let mut txn = db.begin_write()?;
+            txn.set_durability(Durability::Immediate)?;
+            txn.commit()?;
+            Ok(())
+        });
+        match result {
+            Ok(()) => self.unflushed = false,
+            Err(e) => warn!(error = %e, "periodic flush failed"),
+        }
+    }
+
+    fn reopen(&mut self) -> Result<(), StorageError> {
+        warn!(path = %self.path.display(), "reopening the database after an I/O error");
+        drop(self.shared.db.take());
+        let db = open_file(&self.path, self.options.cache_bytes)?;
+        self.state = State::load(&db)?;
+        self.shared.db.put(db);
+        self.needs_reopen = false;
+        *self.shared.catalog.write() = self.state.catalog();
+        info!("database reopened");
+        Ok(())
+    }
+
+    fn commit_group(&mut self, group: Vec<Command>) {
+        let started = Instant::now();
+        let mut pending = Vec::with_capacity(group.len());
+        let mut changes = Changes::default();
+        let result = self.apply_group(group, &mut pending, &mut changes);
+        let metrics = &self.shared.metrics;
+        match result {
+            Ok(()) => {
+                self.publish(&changes);
+                metrics.commits.inc();
+                metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
+                metrics.appended_bytes.inc_by(changes.appended_bytes);
+                metrics.appended_batches.inc_by(changes.appended_batches);
+                if !self.options.unsafe_ack_before_commit {
+                    pending.into_iter().for_each(Pending::succeed);
+                }
+            }
+            Err(e) => {
+                metrics.commit_errors.inc();
+                if e.is_disk_full() {
+                    metrics.disk_full_errors.inc();
+                }
+                error!(error = %e, requests = pending.len(), "group commit failed");
+                pending.into_iter().for_each(|p| p.fail(&e));
+                if e.is_io() {
+                    self.needs_reopen = true;
+                }
+                // The transaction was not committed: return to what the database holds.
+                let reloaded = if self.needs_reopen {
+                    self.reopen()
+                } else {
+                    self.shared.db.get().and_then(|db| State::load(&db)).map(|s| self.state = s)
+                };
+                if let Err(e) = reloaded {
+                    error!(error = %e, "reloading the log state failed; will retry on the next write");
+                    self.needs_reopen = true;
+                }
+            }
+        }
+    }
+
+    fn apply_group(
+        &mut self,
+        group: Vec<Command>,
+        pending: &mut Vec<Pending>,
+        changes: &mut Changes,
+    ) -> Result<(), StorageError> {
+        if self.needs_reopen {
+            self.reopen()?;
+        }
+        let db = self.shared.db.get()?;
+        let mut txn = db.begin_write()?;
+        txn.set_durability(if self.options.fsync { Durability::Immediate } else { Durability::None })?;
+        let now = now_ms();
+        {
+            let mut tables = Tables::open(&txn)?;
+            for command in group {
+                match command {
+                    Command::Write { ops, reply, .. } => {
+                        let result = self.apply_write(&mut tables, ops, now, changes)?;
+                        pending.push(Pending::Write(reply, result));
+                    }
+                    Command::CreateTopic { name, partitions, config, reply } => {
+                        let result =
+                            self.create_topic(&mut tables, name, partitions, config, now, changes)?;
+                        pending.push(Pending::Topic(reply, result));
+                    }
+                    Command::SetTopicConfig { name, config, reply } => {
+                        let result = self.set_topic_config(&mut tables, &name, config, changes)?;
+                        pending.push(Pending::Topic(reply, result));
+                    }
+                    Command::DeleteTopic { name, reply } => {
+                        let result = self.delete_topic(&mut tables, &name, changes)?;
+                        pending.push(Pending::Deleted(reply, result));
+                    }
+                    Command::Retention { now_ms, reply } => {
+                        let deleted = self.retention(&mut tables, now_ms, changes)?;
+                        pending.push(Pending::Retention(reply, deleted));
+                    }
+                    Command::Flush { reply } => {
+                        pending.push(Pending::Flush(reply));
+                    }
+                    Command::Shutdown => {}
+                }
+            }
+        }
+        if pending.iter().any(|p| matches!(p, Pending::Flush(_))) {
+            txn.set_durability(Durability::Immediate)?;
+        }
+        if self.options.unsafe_ack_before_commit {
+            pending.drain(..).for_each(Pending::succeed);
+        }
+        txn.commit()?;
+        self.unflushed = !self.options.fsync;
+        Ok(())
+    }
+
+    /// Validates every op of one request against the state, then applies them all.
+    /// Validation failures answer this request only; storage errors fail the group.
+    fn apply_write(
+        &mut self,
+        tables: &mut Tables<'_>,
+        ops: Vec<WriteOp>,
+        now: i64,
+        changes: &mut Changes,
+    ) -> Result<Result<Vec<WriteOutcome>, WriteError>, StorageError> {
+        for op in &ops {
+            if let Err(e) = self.validate(op) {
+                self.shared.metrics.refused_writes.inc();
+                return Ok(Err(e));
+            }
+        }
+        let mut outcomes = Vec::with_capacity(ops.len());
+        for op in ops {
+            outcomes.push(match op {
+                WriteOp::Append { topic, partition, batches } => {
+                    WriteOutcome::Appended(self.append(tables, &topic, partition, &batches, now, changes)?)
+                }
+                WriteOp::CommitOffset { group, topic, partition, offset } => {
+                    let value = postcard::to_stdvec(&offset).map_err(|e| StorageError::Corrupt {
+                        table: "group_offsets",
+                        detail: e.to_string(),
+                    })?;
+                    tables
+                        .group_offsets
+                        .insert((group.as_str(), topic.as_str(), partition), value.as_slice())?;
+                    WriteOutcome::Done
+                }
+                WriteOp::DeleteGroupOffsets { group } => {
+                    tables.group_offsets.retain_in(
+                        (group.as_str(), "", 0)..,
+                        |(g, _, _), _| g != group.as_str(),
+                    )?;
+                    WriteOutcome::Done
+                }
+                WriteOp::PutState { namespace, key, value } => {
+                    let key = (namespace.as_str(), key.as_str());
+                    match value {
+                        Some(value) => drop(tables.state.insert(key, value.as_slice())?),
+                        None => drop(tables.state.remove(key)?),
+                    }
+                    WriteOutcome::Done
+                }
+            });
+        }
+        Ok(Ok(outcomes))
+    }
+
+    fn validate(&self, op: &WriteOp) -> Result<(), WriteError> {
+        let (topic, partition) = match op {
+            WriteOp::Append { topic, partition, .. } => (topic, *partition),
+            WriteOp::CommitOffset { topic, partition, .. } => (topic, *partition),
+            WriteOp::DeleteGroupOffsets { .. } | WriteOp::PutState { .. } => return Ok(()),
+        };
+        let state = self
+            .state
+            .topics
+            .get(topic)
+            .ok_or_else(|| WriteError::UnknownTopic(topic.clone()))?;
+        if partition >= state.record.partitions {
+            return Err(WriteError::UnknownPartition {
+                topic: topic.clone(),
+                partition,
+                partitions: state.record.partitions,
+            });
+        }
+        if let WriteOp::Append { batches, .. } = op {
+            let max = state.record.config.max_message_bytes;
+            if let Some(b) = batches.iter().find(|b| b.len() > max as usize) {
+                return Err(WriteError::MessageTooLarge { size: b.len(), max });
+            }
+        }
+        Ok(())
+    }
+
+    fn append(
+        &mut self,
+        tables: &mut Tables<'_>,
+        topic: &str,
+        partition: u32,
+        batches: &[crate::record_batch::RecordBatch],
+        now: i64,
+        changes: &mut Changes,
+    ) -> Result<AppendOutcome, StorageError> {
+        let state = self.state.topics.get_mut(topic).expect("validated");
+        let id = state.record.id;
+        let part = &mut state.partitions[partition as usize];
+        let base_offset = part.next_offset;
+        for batch in batches {
+            let key = (id, partition, part.next_offset);
+            let bytes = batch.as_bytes();
+            {
+                // Copy once, straight into the page, and stamp the broker's fields.
+                let mut slot = tables.batches.insert_reserve(key, bytes.len())?;
+                let out = slot.as_mut();
+                out.copy_from_slice(bytes);
+                out[0..8].copy_from_slice(&(part.next_offset as i64).to_be_bytes());
+                out[12..16].copy_from_slice(&0i32.to_be_bytes());
+            }
+            let meta = BatchMeta {
+                last_offset_delta: batch.last_offset_delta() as u32,
+                size: bytes.len() as u32,
+                max_timestamp: batch.max_timestamp(),
+                append_time_ms: now,
+            };
+            tables.index.insert(key, meta.to_row())?;
+            part.next_offset += meta.offset_count();
+            part.bytes += u64::from(meta.size);
+            changes.appended_bytes += u64::from(meta.size);
+            changes.appended_batches += 1;
+        }
+        tables
+            .partitions
+            .insert((id, partition), (part.log_start, part.next_offset, part.bytes))?;
+        changes.advanced.insert((topic.to_string(), partition));
+        Ok(AppendOutcome {
+            base_offset,
+            last_offset: part.next_offset - 1,
+            log_start: part.log_start,
+            append_time_ms: now,
+        })
+    }
+
+    fn create_topic(
+        &mut self,
+        tables: &mut Tables<'_>,
+        name: TopicName,
+        partitions: u32,
+        config: TopicConfig,
+        now: i64,
+        changes: &mut Changes,
+    ) -> Result<Result<TopicInfo, TopicError>, StorageError> {
+        if self.state.topics.contains_key(name.as_str()) {
+            return Ok(Err(TopicError::AlreadyExists(name.to_string())));
+        }
+        let collision = name.collision_form();
+        if let Some(existing) = self
+            .state
+            .topics
+            .keys()
+            .find(|t| TopicName::new(t.as_str()).is_ok_and(|t| t.collision_form() == collision))
+        {
+            return Ok(Err(TopicError::Collides { name: name.to_string(), existing: existing.clone() }));
+        }
+        let id = self.state.next_topic_id;
+        self.state.next_topic_id += 1;
+        let record = TopicRecord { id, partitions, config: config.clone(), created_ms: now };
+        let encoded = postcard::to_stdvec(&record)
+            .map_err(|e| StorageError::Corrupt { table: "topics", detail: e.to_string() })?;
+        tables.meta.insert("next_topic_id", u64::from(self.state.next_topic_id))?;
+        tables.topics.insert(name.as_str(), encoded.as_slice())?;
+        for p in 0..partitions {
+            tables.partitions.insert((id, p), (0, 0, 0))?;
+        }
+        let empty = PartitionState { log_start: 0, next_offset: 0, bytes: 0 };
+        self.state.topics.insert(
+            name.to_string(),
+            TopicState { record, partitions: vec![empty; partitions as usize] },
+        );
+        changes.created.push(name.to_string());
+        Ok(Ok(TopicInfo { name: name.to_string(), partitions, config, created_ms: now }))
+    }
+
+    fn set_topic_config(
+        &mut self,
+        tables: &mut Tables<'_>,
+        name: &str,
+        config: TopicConfig,
+        changes: &mut Changes,
+    ) -> Result<Result<TopicInfo, TopicError>, StorageError> {
+        let Some(topic) = self.state.topics.get_mut(name) else {
+            return Ok(Err(TopicError::NotFound(name.to_string())));
+        };
+        topic.record.config = config;
+        let encoded = postcard::to_stdvec(&topic.record)
+            .map_err(|e| StorageError::Corrupt { table: "topics", detail: e.to_string() })?;
+        tables.topics.insert(name, encoded.as_slice())?;
+        changes.reconfigured.push(name.to_string());
+        Ok(Ok(self.state.info(name)))
+    }
+
+    fn delete_topic(
+        &mut self,
+        tables: &mut Tables<'_>,
+        name: &str,
+        changes: &mut Changes,
+    ) -> Result<Result<(), TopicError>, StorageError> {
+        let Some(topic) = self.state.topics.remove(name) else {
+            return Ok(Err(TopicError::NotFound(name.to_string())));
+        };
+        let id = topic.record.id;
+        tables.batches.retain_in((id, 0, 0)..=(id, u32::MAX, u64::MAX), |_, _| false)?;
+        tables.index.retain_in((id, 0, 0)..=(id, u32::MAX, u64::MAX), |_, _| false)?;
+        tables.partitions.retain_in((id, 0)..=(id, u32::MAX), |_, _| false)?;
+        tables.group_offsets.retain(|(_, t, _), _| t != name)?;
+        tables.topics.remove(name)?;
+        changes.deleted.push(name.to_string());
+        Ok(Ok(()))
+    }
+
+    /// Deletes, per partition and from the oldest, whole batches appended more than
+    /// `retention.ms` ago or beyond `retention.bytes`, and moves the log start offset.
+    fn retention(
+        &mut self,
+        tables: &mut Tables<'_>,
+        now: i64,
+        changes: &mut Changes,
+    ) -> Result<Vec<RetentionDeletion>, StorageError> {
+        let mut deletions = Vec::new();
+        let mut budget = MAX_RETENTION_BATCHES;
+        for (name, topic) in &mut self.state.topics {
+            let config = &topic.record.config;
+            if config.retention_ms.is_none() && config.retention_bytes.is_none() {
+                continue;
+            }
+            let cutoff = config.retention_ms.map(|ms| now.saturating_sub(ms as i64));
+            let id = topic.record.id;
+            for (p, part) in topic.partitions.iter_mut().enumerate() {
+                let p = p as u32;
+                let from = part.log_start;
+                let mut freed = 0u64;
+                let mut doomed = Vec::new();
+                for entry in tables.index.range((id, p, 0)..=(id, p, u64::MAX))? {
+                    if budget == 0 {
+                        break;
+                    }
+                    let (key, meta) = entry?;
+                    let meta = BatchMeta::from_row(meta.value());
+                    let expired = cutoff.is_some_and(|c| meta.append_time_ms < c);
+                    let oversize = config.retention_bytes.is_some_and(|max| part.bytes - freed > max);
+                    if !(expired || oversize) {
+                        break;
+                    }
+                    let base = key.value().2;
+                    doomed.push(base);
+                    freed += u64::from(meta.size);
+                    part.log_start = base + meta.offset_count();
+                    budget -= 1;
+                }
+                if doomed.is_empty() {
+                    continue;
+                }
+                for base in &doomed {
+                    tables.batches.remove((id, p, *base))?;
+                    tables.index.remove((id, p, *base))?;
+                }
+                part.bytes -= freed;
+                tables
+                    .partitions
+                    .insert((id, p), (part.log_start, part.next_offset, part.bytes))?;
+                changes.advanced.insert((name.clone(), p));
+                deletions.push(RetentionDeletion {
+                    topic: name.clone(),
+                    partition: p,
+                    from,
+                    to: part.log_start,
+                    bytes: freed,
+                });
+            }
+        }
+        Ok(deletions)
+    }
+
+    /// Makes committed changes visible to readers and wakes the waiting ones.
+    fn publish(&self, changes: &Changes) {
+        if changes.created.is_empty()
+            && changes.reconfigured.is_empty()
+            && changes.deleted.is_empty()
+            && changes.advanced.is_empty()
+        {
+            return;
+        }
+        let mut catalog = self.shared.catalog.write();
+        for name in &changes.deleted {
+            catalog.topics.remove(name);
+        }
+        for name in &changes.created {
+            if self.state.topics.contains_key(name) {
+                catalog.topics.insert(name.clone(), self.state.handle(name));
+            }
+        }
+        for name in &changes.reconfigured {
+            // Keep the watch senders: readers waiting on them must not be cut off.
+            if let Some(old) = catalog.topics.get(name) {
+                let handle = TopicHandle { id: old.id, info: self.state.info(name), offsets: old.offsets.clone() };
+                catalog.topics.insert(name.clone(), Arc::new(handle));
+            }
+        }
+        for (name, p) in &changes.advanced {
+            if let (Some(handle), Some(state)) = (catalog.topics.get(name), self.state.topics.get(name)) {
+                handle.offsets[*p as usize].send_replace(state.partitions[*p as usize].offsets());
+            }
+        }
+    }
+}
+
+impl Command {
+    fn bytes(&self) -> usize {
+        match self {
+            Command::Write { bytes, .. } => *bytes,
+            _ => 0,
+        }
+    }
+}

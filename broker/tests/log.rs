@@ -1,0 +1,366 @@
+//! The log's contract, tested through its public API on a real redb file.
+
+use bytes::{Bytes, BytesMut};
+use kafka_protocol::records::Compression;
+use proptest::prelude::*;
+use weir::record_batch::build::{NewRecord, batch};
+use weir::record_batch::{BatchError, RecordBatch};
+use weir::storage::*;
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+/// A client-style batch of `count` records of `size` bytes, tagged by `tag`.
+fn client_batch(tag: u64, count: usize, size: usize, timestamp_ms: i64) -> Bytes {
+    let records: Vec<NewRecord> = (0..count)
+        .map(|i| NewRecord {
+            key: Some(Bytes::from(format!("{tag}-{i}"))),
+            value: Some(Bytes::from(vec![(tag as u8).wrapping_add(i as u8); size])),
+            timestamp_ms: timestamp_ms + i as i64,
+        })
+        .collect();
+    batch(&records, Compression::None).unwrap()
+}
+
+/// The stored form of a client batch: the same bytes with the broker's base offset.
+fn stored_form(sent: &Bytes, base: u64) -> Bytes {
+    RecordBatch::parse(sent.clone()).unwrap().with_base_offset(base as i64, 0).into_bytes()
+}
+
+fn read_all(log: &Log, topic: &str, partition: u32) -> Vec<RecordBatch> {
+    let offsets = log.offsets(topic, partition).unwrap();
+    let mut out = Vec::new();
+    let mut next = offsets.log_start;
+    while next < offsets.high_watermark {
+        let result = log.read(topic, partition, next, 64 << 10).unwrap();
+        assert!(!result.batches.is_empty());
+        for b in result.batches {
+            next = b.base_offset() as u64 + b.offset_count();
+            out.push(b);
+        }
+    }
+    out
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Append { partition: u32, count: usize, size: usize, age_ms: i64 },
+    Read { partition: u32, offset_pick: u64, max_bytes: usize },
+    RetentionBytes { limit: u64 },
+    RetentionAge { age_ms: u64 },
+    Reopen,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => (0u32..3, 1usize..20, 0usize..300, 0i64..100_000)
+            .prop_map(|(partition, count, size, age_ms)| Op::Append { partition, count, size, age_ms }),
+        3 => (0u32..3, any::<u64>(), 1usize..20_000)
+            .prop_map(|(partition, offset_pick, max_bytes)| Op::Read { partition, offset_pick, max_bytes }),
+        1 => (0u64..20_000).prop_map(|limit| Op::RetentionBytes { limit }),
+        1 => (0u64..100_000).prop_map(|age_ms| Op::RetentionAge { age_ms }),
+        1 => Just(Op::Reopen),
+    ]
+}
+
+/// What the model expects a partition to hold: (base offset, stored bytes, append time).
+#[derive(Default, Clone)]
+struct ModelPartition {
+    batches: Vec<(u64, Bytes, i64)>,
+    next: u64,
+    log_start: u64,
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    /// Any sequence of appends, reads, retention runs and reopenings returns exactly
+    /// the appended batches, in order, with contiguous offsets.
+    #[test]
+    fn log_matches_model(ops in proptest::collection::vec(op(), 1..60)) {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = rt();
+        rt.block_on(async {
+            let mut options = LogOptions::new(dir.path());
+            options.fsync = false; // durability is the crash test's job; this one is about contents
+            let mut log = Log::open(options.clone()).unwrap();
+            log.create_topic("t", 3, TopicConfig { retention_ms: None, ..TopicConfig::default() }).await.unwrap();
+            let mut model = vec![ModelPartition::default(); 3];
+            let mut tag = 0u64;
+            for op in ops {
+                match op {
+                    Op::Append { partition, count, size, age_ms } => {
+                        tag += 1;
+                        let sent = client_batch(tag, count, size, 1_600_000_000_000 - age_ms);
+                        let before = storage_now();
+                        let out = log.append("t", partition, sent.clone()).await.unwrap();
+                        let m = &mut model[partition as usize];
+                        prop_assert_eq!(out.base_offset, m.next);
+                        prop_assert_eq!(out.last_offset, m.next + count as u64 - 1);
+                        prop_assert!(out.append_time_ms >= before);
+                        m.batches.push((m.next, stored_form(&sent, m.next), out.append_time_ms));
+                        m.next += count as u64;
+                    }
+                    Op::Read { partition, offset_pick, max_bytes } => {
+                        let m = &model[partition as usize];
+                        let span = m.next - m.log_start + 2;
+                        let offset = m.log_start + offset_pick % span; // may be past the end
+                        let result = log.read("t", partition, offset, max_bytes);
+                        if offset > m.next {
+                            prop_assert!(matches!(result, Err(ReadError::OffsetOutOfRange { .. })), "{:?}", result);
+                            continue;
+                        }
+                        let result = result.unwrap();
+                        prop_assert_eq!(result.offsets, PartitionOffsets { log_start: m.log_start, high_watermark: m.next });
+                        let first = m.batches.iter().position(|(base, b, _)| {
+                            let count = RecordBatch::parse(b.clone()).unwrap().offset_count();
+                            offset < base + count
+                        });
+                        let mut expected = Vec::new();
+                        let mut total = 0;
+                        if let Some(first) = first {
+                            for (_, b, _) in &m.batches[first..] {
+                                if !expected.is_empty() && total + b.len() > max_bytes { break; }
+                                total += b.len();
+                                expected.push(b.clone());
+                                if total >= max_bytes { break; }
+                            }
+                        }
+                        let got: Vec<Bytes> = result.batches.into_iter().map(RecordBatch::into_bytes).collect();
+                        prop_assert_eq!(got, expected);
+                    }
+                    Op::RetentionBytes { limit } => {
+                        set_retention(&mut log, None, Some(limit)).await;
+                        log.enforce_retention(storage_now()).await.unwrap();
+                        for m in &mut model {
+                            let mut size: u64 = m.batches.iter().map(|(_, b, _)| b.len() as u64).sum();
+                            while size > limit {
+                                let (base, b, _) = m.batches.remove(0);
+                                size -= b.len() as u64;
+                                m.log_start = base + RecordBatch::parse(b).unwrap().offset_count();
+                            }
+                        }
+                    }
+                    Op::RetentionAge { age_ms } => {
+                        set_retention(&mut log, Some(age_ms), None).await;
+                        let now = storage_now();
+                        log.enforce_retention(now).await.unwrap();
+                        for m in &mut model {
+                            while let Some((base, b, at)) = m.batches.first().cloned() {
+                                if at >= now - age_ms as i64 { break; }
+                                m.batches.remove(0);
+                                m.log_start = base + RecordBatch::parse(b).unwrap().offset_count();
+                            }
+                        }
+                    }
+                    Op::Reopen => {
+                        log.close().await.unwrap();
+                        log = Log::open(options.clone()).unwrap();
+                    }
+                }
+            }
+            for (p, m) in model.iter().enumerate() {
+                let got: Vec<Bytes> = read_all(&log, "t", p as u32).into_iter().map(RecordBatch::into_bytes).collect();
+                let expected: Vec<Bytes> = m.batches.iter().map(|(_, b, _)| b.clone()).collect();
+                prop_assert_eq!(got, expected);
+                prop_assert_eq!(log.offsets("t", p as u32).unwrap(), PartitionOffsets { log_start: m.log_start, high_watermark: m.next });
+            }
+            log.close().await.unwrap();
+            Ok(())
+        })?;
+    }
+}
+
+fn storage_now() -> i64 {
+    weir::storage::now_ms()
+}
+
+async fn set_retention(log: &mut Log, ms: Option<u64>, bytes: Option<u64>) {
+    let config = TopicConfig { retention_ms: ms, retention_bytes: bytes, ..TopicConfig::default() };
+    log.set_topic_config("t", config).await.unwrap();
+}
+
+#[test]
+fn refuses_bad_batches_and_stores_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let log = Log::open(LogOptions::new(dir.path())).unwrap();
+        log.create_topic("t", 1, TopicConfig::default()).await.unwrap();
+        let good = client_batch(1, 3, 10, 0);
+
+        let mut bad_crc = BytesMut::from(&good[..]);
+        let last = bad_crc.len() - 1;
+        bad_crc[last] ^= 1;
+        let e = log.append("t", 0, bad_crc.freeze()).await.unwrap_err();
+        assert!(matches!(e, WriteError::InvalidBatch(BatchError::CorruptCrc { .. })), "{e}");
+
+        let e = log.append("t", 0, good.slice(..good.len() - 5)).await.unwrap_err();
+        assert!(matches!(e, WriteError::InvalidBatch(BatchError::LengthMismatch { .. })), "{e}");
+
+        let mut bad_magic = BytesMut::from(&good[..]);
+        bad_magic[16] = 0;
+        let e = log.append("t", 0, bad_magic.freeze()).await.unwrap_err();
+        assert!(matches!(e, WriteError::InvalidBatch(BatchError::UnsupportedMagic(0))), "{e}");
+
+        // One bad batch among good ones refuses the whole record set.
+        let mut mixed = BytesMut::from(&good[..]);
+        mixed.extend_from_slice(&good[..20]);
+        assert!(log.append("t", 0, mixed.freeze()).await.is_err());
+
+        let e = log.append("nope", 0, good.clone()).await.unwrap_err();
+        assert!(matches!(e, WriteError::UnknownTopic(_)), "{e}");
+        let e = log.append("t", 1, good.clone()).await.unwrap_err();
+        assert!(matches!(e, WriteError::UnknownPartition { partition: 1, .. }), "{e}");
+
+        assert_eq!(log.offsets("t", 0).unwrap(), PartitionOffsets::default());
+        let out = log.append("t", 0, good).await.unwrap();
+        assert_eq!(out.base_offset, 0);
+        log.close().await.unwrap();
+    });
+}
+
+#[test]
+fn topic_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let log = Log::open(LogOptions::new(dir.path())).unwrap();
+        for bad in ["", ".", "..", "a/b", "has space", &"x".repeat(250)] {
+            let e = log.create_topic(bad, 1, TopicConfig::default()).await.unwrap_err();
+            assert!(matches!(e, TopicError::InvalidName(_)), "{bad:?}: {e}");
+        }
+        assert!(matches!(
+            log.create_topic("t", 0, TopicConfig::default()).await,
+            Err(TopicError::InvalidPartitions(0))
+        ));
+        log.create_topic("a.b", 2, TopicConfig::default()).await.unwrap();
+        assert!(matches!(
+            log.create_topic("a.b", 2, TopicConfig::default()).await,
+            Err(TopicError::AlreadyExists(_))
+        ));
+        assert!(matches!(
+            log.create_topic("a_b", 2, TopicConfig::default()).await,
+            Err(TopicError::Collides { .. })
+        ));
+        log.append("a.b", 1, client_batch(1, 2, 5, 0)).await.unwrap();
+        log.commit_offsets("g", vec![("a.b".into(), 1, committed(2))]).await.unwrap();
+        log.delete_topic("a.b").await.unwrap();
+        assert!(log.topic("a.b").is_none());
+        assert!(log.committed_offsets("g").unwrap().is_empty());
+        assert!(matches!(log.delete_topic("a.b").await, Err(TopicError::NotFound(_))));
+        // A new topic of the same name starts empty.
+        log.create_topic("a.b", 1, TopicConfig::default()).await.unwrap();
+        assert_eq!(log.offsets("a.b", 0).unwrap(), PartitionOffsets::default());
+        log.close().await.unwrap();
+    });
+}
+
+fn committed(offset: i64) -> CommittedOffset {
+    CommittedOffset { offset, leader_epoch: -1, metadata: "m".into(), commit_time_ms: 1 }
+}
+
+#[test]
+fn offsets_state_and_timestamps_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let options = LogOptions::new(dir.path());
+        let log = Log::open(options.clone()).unwrap();
+        log.create_topic("t", 2, TopicConfig::default()).await.unwrap();
+        for i in 0..5 {
+            log.append("t", 0, client_batch(i, 4, 10, 1000 * i as i64)).await.unwrap();
+        }
+        log.commit_offsets("g1", vec![("t".into(), 0, committed(7)), ("t".into(), 1, committed(0))])
+            .await
+            .unwrap();
+        log.commit_offsets("g2", vec![("t".into(), 0, committed(3))]).await.unwrap();
+        log.put_state("cursor", "up/t/0", &(42u64, "x".to_string())).await.unwrap();
+        log.close().await.unwrap();
+
+        let log = Log::open(options).unwrap();
+        assert_eq!(log.offsets("t", 0).unwrap().high_watermark, 20);
+        assert_eq!(log.committed_offsets("g1").unwrap().len(), 2);
+        assert_eq!(log.committed_offsets("g2").unwrap()[0].2.offset, 3);
+        assert_eq!(log.groups_with_offsets().unwrap(), vec!["g1", "g2"]);
+        let state: Option<(u64, String)> = log.get_state("cursor", "up/t/0").unwrap();
+        assert_eq!(state, Some((42, "x".into())));
+        // Batch i holds timestamps 1000*i .. 1000*i+3 at offsets 4*i .. 4*i+3.
+        assert_eq!(log.offset_for_timestamp("t", 0, 0).unwrap(), Some((0, 0)));
+        assert_eq!(log.offset_for_timestamp("t", 0, 2002).unwrap(), Some((10, 2002)));
+        assert_eq!(log.offset_for_timestamp("t", 0, 2500).unwrap(), Some((12, 3000)));
+        assert_eq!(log.offset_for_timestamp("t", 0, 9999).unwrap(), None);
+        // Reading from the middle of a batch starts at that batch.
+        let r = log.read("t", 0, 6, 1).unwrap();
+        assert_eq!(r.batches.len(), 1);
+        assert_eq!(r.batches[0].base_offset(), 4);
+        log.delete_state("cursor", "up/t/0").await.unwrap();
+        assert_eq!(log.get_state::<(u64, String)>("cursor", "up/t/0").unwrap(), None);
+        log.close().await.unwrap();
+    });
+}
+
+#[test]
+fn appends_wake_watchers() {
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let log = Log::open(LogOptions::new(dir.path())).unwrap();
+        log.create_topic("t", 1, TopicConfig::default()).await.unwrap();
+        let mut rx = log.watch("t", 0).unwrap();
+        let waiter = tokio::spawn(async move {
+            rx.changed().await.unwrap();
+            rx.borrow().high_watermark
+        });
+        log.append("t", 0, client_batch(1, 3, 1, 0)).await.unwrap();
+        let hw = tokio::time::timeout(std::time::Duration::from_secs(5), waiter).await.unwrap().unwrap();
+        assert_eq!(hw, 3);
+        log.close().await.unwrap();
+    });
+}
+
+#[test]
+fn concurrent_appends_share_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let log = Log::open(LogOptions::new(dir.path())).unwrap();
+        log.create_topic("t", 4, TopicConfig::default()).await.unwrap();
+        let before = log.metrics().commits.get();
+        let tasks: Vec<_> = (0..32u64)
+            .map(|i| {
+                let log = log.clone();
+                tokio::spawn(async move {
+                    for j in 0..10 {
+                        log.append("t", (i % 4) as u32, client_batch(i * 100 + j, 2, 50, 0)).await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let commits = log.metrics().commits.get() - before;
+        let total: u64 = (0..4).map(|p| log.offsets("t", p).unwrap().high_watermark).sum();
+        assert_eq!(total, 32 * 10 * 2);
+        assert!(commits < 320, "320 appends took {commits} commits: no grouping");
+        for p in 0..4 {
+            let batches = read_all(&log, "t", p);
+            let mut next = 0;
+            for b in batches {
+                assert_eq!(b.base_offset() as u64, next);
+                next += b.offset_count();
+            }
+        }
+        log.close().await.unwrap();
+    });
+}
+
+#[test]
+fn closed_log_refuses_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let log = Log::open(LogOptions::new(dir.path())).unwrap();
+        log.create_topic("t", 1, TopicConfig::default()).await.unwrap();
+        let other = log.clone();
+        log.close().await.unwrap();
+        let e = other.append("t", 0, client_batch(1, 1, 1, 0)).await.unwrap_err();
+        assert!(matches!(e, WriteError::Storage(StorageError::Closed)), "{e}");
+    });
+}
