@@ -1,6 +1,10 @@
 //! Weir: a WebAssembly-extensible message broker for edge and IoT gateways.
 //! See ARCHITECTURE.md at the repository root for the map of this crate.
 
+pub mod admin;
+pub mod bench;
+pub mod config;
 pub mod metrics;
 pub mod record_batch;
+pub mod server;
 pub mod storage;

@@ -1,1 +1,210 @@
-fn main(){}
+//! The `weir` command line.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use weir::admin::{AdminClient, CreateTopic};
+use weir::config::{Config, LogFormat};
+
+#[derive(Parser)]
+#[command(name = "weir", version, about = "A WebAssembly-extensible message broker for edge and IoT gateways")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the broker. With no options: data in ./weir-data, admin API on 127.0.0.1:9644.
+    Serve(ServeArgs),
+    /// Create, list, describe and delete topics on a running broker.
+    Topic {
+        /// Admin API of the broker (URL or host:port).
+        #[arg(long, env = "WEIR_ADMIN", default_value = "127.0.0.1:9644", global = true)]
+        admin: String,
+        #[command(subcommand)]
+        command: TopicCommand,
+    },
+    /// Measure the broker's parts on this machine.
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
+    /// Print the configuration `serve` would run with (defaults, file, flags), as TOML.
+    Config(ServeArgs),
+}
+
+#[derive(Args, Clone)]
+struct ServeArgs {
+    /// A weir.toml; see weir.example.toml for every key.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    #[arg(long)]
+    kafka_listen: Option<SocketAddr>,
+    #[arg(long)]
+    mqtt_listen: Option<SocketAddr>,
+    #[arg(long)]
+    admin_listen: Option<SocketAddr>,
+    /// Log format: text (default) or json.
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
+    /// Log filter, e.g. info or weir=debug. RUST_LOG overrides it.
+    #[arg(long)]
+    log_level: Option<String>,
+}
+
+impl ServeArgs {
+    fn config(&self) -> anyhow::Result<Config> {
+        let mut config = match &self.config {
+            Some(path) => Config::load(path)?,
+            None => Config::default(),
+        };
+        if let Some(v) = &self.data_dir {
+            config.data_dir = v.clone();
+        }
+        if let Some(v) = self.kafka_listen {
+            config.kafka.listen = v;
+        }
+        if let Some(v) = self.mqtt_listen {
+            config.mqtt.listen = v;
+        }
+        if let Some(v) = self.admin_listen {
+            config.admin.listen = v;
+        }
+        if let Some(v) = self.log_format {
+            config.log.format = v;
+        }
+        if let Some(v) = &self.log_level {
+            config.log.level = v.clone();
+        }
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+#[derive(Subcommand)]
+enum TopicCommand {
+    /// Create a topic.
+    Create {
+        name: String,
+        /// Default: [topic_defaults] partitions of the broker.
+        #[arg(long, short)]
+        partitions: Option<u32>,
+        /// Topic config as Kafka names it, e.g. --config retention.ms=3600000. Repeatable.
+        #[arg(long = "config", value_parser = parse_key_value)]
+        configs: Vec<(String, String)>,
+    },
+    /// List topics.
+    List,
+    /// Show a topic's config and each partition's offsets and size.
+    Describe { name: String },
+    /// Delete a topic and everything stored in it.
+    Delete { name: String },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Append and read throughput of the log against a plain fsync'd file.
+    Log {
+        /// Scratch directory, on the disk to measure. Removed afterwards.
+        #[arg(long, default_value = "weir-bench")]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
+        producers: Vec<usize>,
+        #[arg(long, value_delimiter = ',', default_value = "100,1024")]
+        record_sizes: Vec<usize>,
+        #[arg(long, default_value_t = 16384)]
+        batch_bytes: usize,
+        /// Measure without fsync (the raw-file baseline still fsyncs).
+        #[arg(long)]
+        no_fsync: bool,
+    },
+}
+
+fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .ok_or_else(|| format!("expected key=value, got {s:?}"))
+}
+
+fn init_tracing(format: LogFormat, level: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("weir: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => {
+            let config = args.config()?;
+            init_tracing(config.log.format, &config.log.level);
+            weir::server::serve(config).await
+        }
+        Command::Config(args) => {
+            print!("{}", toml::to_string(&args.config()?)?);
+            Ok(())
+        }
+        Command::Topic { admin, command } => topic(&AdminClient::new(&admin), command).await,
+        Command::Bench { command: BenchCommand::Log { dir, seconds, producers, record_sizes, batch_bytes, no_fsync } } => {
+            let bench = weir::bench::LogBench { dir, seconds, producers, record_sizes, batch_bytes, fsync: !no_fsync };
+            let results = weir::bench::run(&bench).await?;
+            print!("{}", weir::bench::table(&results));
+            Ok(())
+        }
+    }
+}
+
+async fn topic(client: &AdminClient, command: TopicCommand) -> anyhow::Result<()> {
+    match command {
+        TopicCommand::Create { name, partitions, configs } => {
+            let config: BTreeMap<String, String> = configs.into_iter().collect();
+            let topic = client.create_topic(&CreateTopic { name, partitions, config }).await?;
+            println!("created topic {} with {} partitions", topic.name, topic.partitions);
+        }
+        TopicCommand::List => {
+            for t in client.list_topics().await? {
+                println!("{}\t{} partitions", t.name, t.partitions);
+            }
+        }
+        TopicCommand::Describe { name } => {
+            let d = client.describe_topic(&name).await?;
+            println!("topic: {}\npartitions: {}", d.topic.name, d.topic.partitions);
+            for (k, v) in &d.topic.config {
+                println!("config: {k}={v}");
+            }
+            println!("partition\tlog_start\thigh_watermark\tbatches\tbytes");
+            for p in d.partitions {
+                println!("{}\t{}\t{}\t{}\t{}", p.partition, p.log_start, p.high_watermark, p.batches, p.bytes);
+            }
+        }
+        TopicCommand::Delete { name } => {
+            client.delete_topic(&name).await?;
+            println!("deleted topic {name}");
+        }
+    }
+    Ok(())
+}

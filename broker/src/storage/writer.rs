@@ -286,6 +286,8 @@ struct Changes {
     deleted: Vec<String>,
     appended_bytes: u64,
     appended_batches: u64,
+    retention_batches: u64,
+    retention_bytes: u64,
 }
 
 pub(super) struct Writer {
@@ -417,6 +419,8 @@ impl Writer {
                 metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
                 metrics.appended_bytes.inc_by(changes.appended_bytes);
                 metrics.appended_batches.inc_by(changes.appended_batches);
+                metrics.retention_deleted_batches.inc_by(changes.retention_batches);
+                metrics.retention_deleted_bytes.inc_by(changes.retention_bytes);
                 if !self.options.unsafe_ack_before_commit {
                     pending.into_iter().for_each(Pending::succeed);
                 }
@@ -751,6 +755,8 @@ impl Writer {
                     tables.index.remove((id, p, *base))?;
                 }
                 part.bytes -= freed;
+                changes.retention_batches += doomed.len() as u64;
+                changes.retention_bytes += freed;
                 tables
                     .partitions
                     .insert((id, p), (part.log_start, part.next_offset, part.bytes))?;

@@ -1,0 +1,272 @@
+//! The one configuration struct: defaults, `weir.toml` (serde + toml), and command-line
+//! overrides, in that order. `weir.example.toml` at the repository root documents
+//! every key; a test keeps the two in step.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::storage::{InvalidTopicConfig, LogOptions, TopicConfig};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Directory holding the database file (`weir.redb`).
+    pub data_dir: PathBuf,
+    pub kafka: KafkaConfig,
+    pub mqtt: MqttConfig,
+    pub admin: AdminConfig,
+    pub storage: StorageConfig,
+    pub topic_defaults: TopicDefaults,
+    pub log: LogConfig,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaConfig {
+    pub listen: SocketAddr,
+    /// host:port that clients are told to connect to, when it differs from `listen`.
+    pub advertised: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MqttConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Health, metrics and the topic API. Loopback by default: it can delete topics.
+    pub listen: SocketAddr,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// fsync every group commit before acknowledging. Off trades the last
+    /// `flush_interval_ms` of acknowledged writes on power loss for speed.
+    pub fsync: bool,
+    pub flush_interval_ms: u64,
+    /// redb page cache, in MiB.
+    pub cache_mb: usize,
+    /// Bytes of batches one group commit gathers at most, in KiB.
+    pub max_group_kb: usize,
+    /// How often retention runs.
+    pub retention_check_interval_ms: u64,
+}
+
+/// Settings for topics created without explicit ones (Kafka's broker-level defaults).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TopicDefaults {
+    pub partitions: u32,
+    pub retention_ms: i64,
+    pub retention_bytes: i64,
+    pub max_message_bytes: u32,
+    pub cleanup_policy: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A tracing filter, e.g. `info` or `weir=debug,info`. `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("weir-data"),
+            kafka: KafkaConfig::default(),
+            mqtt: MqttConfig::default(),
+            admin: AdminConfig::default(),
+            storage: StorageConfig::default(),
+            topic_defaults: TopicDefaults::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self { listen: ([0, 0, 0, 0], 9092).into(), advertised: None }
+    }
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        Self { listen: ([0, 0, 0, 0], 1883).into() }
+    }
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self { listen: ([127, 0, 0, 1], 9644).into() }
+    }
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            fsync: true,
+            flush_interval_ms: 1000,
+            cache_mb: 64,
+            max_group_kb: 8192,
+            retention_check_interval_ms: 30_000,
+        }
+    }
+}
+
+impl Default for TopicDefaults {
+    fn default() -> Self {
+        let kafka = TopicConfig::default();
+        Self {
+            partitions: 1,
+            retention_ms: kafka.retention_ms.map_or(-1, |v| v as i64),
+            retention_bytes: kafka.retention_bytes.map_or(-1, |v| v as i64),
+            max_message_bytes: kafka.max_message_bytes,
+            cleanup_policy: "delete".into(),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { format: LogFormat::Text, level: "info".into() }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("[topic_defaults]: {0}")]
+    TopicDefaults(#[from] InvalidTopicConfig),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Reads `path`; keys it leaves out keep their defaults.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { source, .. } => ConfigError::Parse { path: path.to_owned(), source },
+            other => other,
+        })
+    }
+
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: PathBuf::new(), source: Box::new(e) })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot: ranges and topic defaults.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.topic_config()?;
+        let d = &self.topic_defaults;
+        if d.partitions == 0 || d.partitions > crate::storage::MAX_PARTITIONS {
+            return Err(ConfigError::Invalid(format!(
+                "[topic_defaults] partitions = {} is out of range",
+                d.partitions
+            )));
+        }
+        if self.storage.retention_check_interval_ms == 0 || self.storage.flush_interval_ms == 0 {
+            return Err(ConfigError::Invalid(
+                "[storage] intervals must be greater than zero".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The config a topic gets when its creator sets nothing.
+    pub fn topic_config(&self) -> Result<TopicConfig, InvalidTopicConfig> {
+        let d = &self.topic_defaults;
+        TopicConfig::default().with_overrides([
+            ("retention.ms", d.retention_ms.to_string().as_str()),
+            ("retention.bytes", d.retention_bytes.to_string().as_str()),
+            ("max.message.bytes", d.max_message_bytes.to_string().as_str()),
+            ("cleanup.policy", d.cleanup_policy.as_str()),
+        ])
+    }
+
+    pub fn log_options(&self) -> LogOptions {
+        let mut options = LogOptions::new(&self.data_dir);
+        options.fsync = self.storage.fsync;
+        options.flush_interval = Duration::from_millis(self.storage.flush_interval_ms);
+        options.cache_bytes = self.storage.cache_mb << 20;
+        options.max_group_bytes = self.storage.max_group_kb << 10;
+        options
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The example file sets every key, to its default value.
+    #[test]
+    fn example_file_documents_every_default() {
+        let text = include_str!("../../weir.example.toml");
+        let parsed = Config::parse(text).unwrap();
+        assert_eq!(parsed, Config::default());
+        let full = toml::to_string(&Config::default()).unwrap();
+        let keys = |t: &str| -> Vec<String> {
+            let v: toml::Table = toml::from_str(t).unwrap();
+            let mut keys = Vec::new();
+            for (k, v) in v {
+                match v {
+                    toml::Value::Table(inner) => keys.extend(inner.keys().map(|i| format!("{k}.{i}"))),
+                    _ => keys.push(k),
+                }
+            }
+            keys.sort();
+            keys
+        };
+        let mut documented = keys(text);
+        // `advertised` has no default value, so the example shows it commented out.
+        documented.push("kafka.advertised".into());
+        documented.sort();
+        let mut all = keys(&full);
+        all.push("kafka.advertised".into());
+        all.sort();
+        all.dedup();
+        assert_eq!(documented, all);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_errors() {
+        assert!(matches!(Config::parse("datadir = 'x'"), Err(ConfigError::Parse { .. })));
+        assert!(matches!(
+            Config::parse("[topic_defaults]\ncleanup_policy = 'shred'"),
+            Err(ConfigError::TopicDefaults(_))
+        ));
+        assert!(Config::parse("[kafka]\nlisten = 'not an address'").is_err());
+        let c = Config::parse("data_dir = '/var/lib/weir'\n[storage]\nfsync = false").unwrap();
+        assert!(!c.storage.fsync);
+        assert_eq!(c.data_dir, PathBuf::from("/var/lib/weir"));
+    }
+}
