@@ -65,22 +65,38 @@ pub struct AdminState {
 
 pub fn router(state: Arc<AdminState>) -> Router {
     Router::new()
-        .route("/health", get(|| async { Json(serde_json::json!({ "status": "ok" })) }))
+        .route(
+            "/health",
+            get(|| async { Json(serde_json::json!({ "status": "ok" })) }),
+        )
         .route("/metrics", get(metrics))
         .route("/v1/topics", get(list_topics).post(create_topic))
-        .route("/v1/topics/{name}", get(describe_topic).delete(delete_topic))
+        .route(
+            "/v1/topics/{name}",
+            get(describe_topic).delete(delete_topic),
+        )
         .with_state(state)
 }
 
 async fn metrics(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
     (
-        [("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            "content-type",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         crate::metrics::render(&state.registry),
     )
 }
 
 async fn list_topics(State(state): State<Arc<AdminState>>) -> Json<Vec<TopicView>> {
-    Json(state.log.topics().into_iter().map(TopicView::from).collect())
+    Json(
+        state
+            .log
+            .topics()
+            .into_iter()
+            .map(TopicView::from)
+            .collect(),
+    )
 }
 
 async fn create_topic(
@@ -93,7 +109,10 @@ async fn create_topic(
         .with_overrides(req.config.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .map_err(TopicError::from)?;
     let partitions = req.partitions.unwrap_or(state.default_partitions);
-    let info = state.log.create_topic(&req.name, partitions, config).await?;
+    let info = state
+        .log
+        .create_topic(&req.name, partitions, config)
+        .await?;
     tracing::info!(topic = %info.name, partitions, "topic created");
     Ok((StatusCode::CREATED, Json(info.into())))
 }
@@ -106,7 +125,10 @@ async fn describe_topic(
     let (info, partitions) = tokio::task::spawn_blocking(move || log.describe(&name))
         .await
         .map_err(|e| ApiFailure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
-    Ok(Json(TopicDescription { topic: info.into(), partitions }))
+    Ok(Json(TopicDescription {
+        topic: info.into(),
+        partitions,
+    }))
 }
 
 async fn delete_topic(
@@ -146,7 +168,9 @@ impl From<TopicError> for ApiFailure {
 impl From<ReadError> for ApiFailure {
     fn from(e: ReadError) -> Self {
         let status = match &e {
-            ReadError::UnknownTopic(_) | ReadError::UnknownPartition { .. } => StatusCode::NOT_FOUND,
+            ReadError::UnknownTopic(_) | ReadError::UnknownPartition { .. } => {
+                StatusCode::NOT_FOUND
+            }
             ReadError::OffsetOutOfRange { .. } => StatusCode::BAD_REQUEST,
             ReadError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
@@ -168,7 +192,10 @@ impl AdminClient {
         } else {
             format!("http://{address}")
         };
-        Self { base, http: reqwest::Client::new() }
+        Self {
+            base,
+            http: reqwest::Client::new(),
+        }
     }
 
     async fn call<T: for<'de> Deserialize<'de>>(
@@ -192,7 +219,9 @@ impl AdminClient {
 
     pub async fn create_topic(&self, req: &CreateTopic) -> anyhow::Result<TopicView> {
         let url = format!("{}/v1/topics", self.base);
-        self.call(self.http.post(url).json(req)).await?.ok_or_else(|| anyhow::anyhow!("empty response"))
+        self.call(self.http.post(url).json(req))
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("empty response"))
     }
 
     pub async fn list_topics(&self) -> anyhow::Result<Vec<TopicView>> {
@@ -202,11 +231,15 @@ impl AdminClient {
 
     pub async fn describe_topic(&self, name: &str) -> anyhow::Result<TopicDescription> {
         let url = format!("{}/v1/topics/{name}", self.base);
-        self.call(self.http.get(url)).await?.ok_or_else(|| anyhow::anyhow!("empty response"))
+        self.call(self.http.get(url))
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("empty response"))
     }
 
     pub async fn delete_topic(&self, name: &str) -> anyhow::Result<()> {
         let url = format!("{}/v1/topics/{name}", self.base);
-        self.call::<serde_json::Value>(self.http.delete(url)).await.map(drop)
+        self.call::<serde_json::Value>(self.http.delete(url))
+            .await
+            .map(drop)
     }
 }

@@ -55,7 +55,10 @@ fn bench_batch(record_size: usize, batch_bytes: usize) -> (Bytes, usize) {
             timestamp_ms: crate::storage::now_ms(),
         })
         .collect();
-    (batch(&records, Compression::None).expect("encoding a batch in memory"), count)
+    (
+        batch(&records, Compression::None).expect("encoding a batch in memory"),
+        count,
+    )
 }
 
 pub async fn run(bench: &LogBench) -> anyhow::Result<Vec<AppendResult>> {
@@ -65,9 +68,13 @@ pub async fn run(bench: &LogBench) -> anyhow::Result<Vec<AppendResult>> {
         for &producers in &bench.producers {
             let dir = bench.dir.join(format!("log-{record_size}-{producers}"));
             let _ = std::fs::remove_dir_all(&dir);
-            eprintln!("append: {record_size} B records, {producers} producers, {:.0} s", bench.seconds);
+            eprintln!(
+                "append: {record_size} B records, {producers} producers, {:.0} s",
+                bench.seconds
+            );
             let mut result = append_run(bench, &dir, record_size, producers).await?;
-            result.raw_mb_per_s = raw_file_run(&dir, result.bytes_per_commit as usize, bench.seconds)?;
+            result.raw_mb_per_s =
+                raw_file_run(&dir, result.bytes_per_commit as usize, bench.seconds)?;
             std::fs::remove_dir_all(&dir)?;
             results.push(result);
         }
@@ -84,7 +91,10 @@ async fn append_run(
     let mut options = LogOptions::new(dir);
     options.fsync = bench.fsync;
     let log = Log::open(options)?;
-    let config = TopicConfig { retention_ms: None, ..TopicConfig::default() };
+    let config = TopicConfig {
+        retention_ms: None,
+        ..TopicConfig::default()
+    };
     log.create_topic("bench", producers as u32, config).await?;
     let (batch, per_batch) = bench_batch(record_size, bench.batch_bytes);
     let commits_before = log.metrics().commits.get();
@@ -124,10 +134,16 @@ async fn append_run(
         let mut next = log.offsets("bench", p)?.log_start;
         loop {
             let result = log.read("bench", p, next, 1 << 20)?;
-            let Some(last) = result.batches.last() else { break };
+            let Some(last) = result.batches.last() else {
+                break;
+            };
             next = last.base_offset() as u64 + last.offset_count();
             read_bytes += result.bytes();
-            read_records += result.batches.iter().map(|b| b.record_count() as u64).sum::<u64>();
+            read_records += result
+                .batches
+                .iter()
+                .map(|b| b.record_count() as u64)
+                .sum::<u64>();
         }
     }
     let read_elapsed = read_started.elapsed().as_secs_f64();
@@ -150,7 +166,11 @@ async fn append_run(
 /// Appends `write_size`-byte writes to a plain file with `fdatasync` after each one.
 fn raw_file_run(dir: &Path, write_size: usize, seconds: f64) -> anyhow::Result<f64> {
     let path = dir.join("raw-append.bin");
-    let mut file = std::fs::OpenOptions::new().create(true).truncate(true).write(true).open(&path)?;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(&path)?;
     let chunk = vec![b'r'; write_size.max(1)];
     let started = Instant::now();
     let deadline = started + Duration::from_secs_f64(seconds);

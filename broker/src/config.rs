@@ -48,7 +48,7 @@ pub struct AdminConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct StorageConfig {
     /// fsync every group commit before acknowledging. Off trades the last
-    /// `flush_interval_ms` of acknowledged writes on power loss for speed.
+    /// `flush_interval_ms` of acknowledged writes, on any crash, for speed.
     pub fsync: bool,
     pub flush_interval_ms: u64,
     /// redb page cache, in MiB.
@@ -101,19 +101,26 @@ impl Default for Config {
 
 impl Default for KafkaConfig {
     fn default() -> Self {
-        Self { listen: ([0, 0, 0, 0], 9092).into(), advertised: None }
+        Self {
+            listen: ([0, 0, 0, 0], 9092).into(),
+            advertised: None,
+        }
     }
 }
 
 impl Default for MqttConfig {
     fn default() -> Self {
-        Self { listen: ([0, 0, 0, 0], 1883).into() }
+        Self {
+            listen: ([0, 0, 0, 0], 1883).into(),
+        }
     }
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        Self { listen: ([127, 0, 0, 1], 9644).into() }
+        Self {
+            listen: ([127, 0, 0, 1], 9644).into(),
+        }
     }
 }
 
@@ -144,7 +151,10 @@ impl Default for TopicDefaults {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self { format: LogFormat::Text, level: "info".into() }
+        Self {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
     }
 }
 
@@ -169,17 +179,24 @@ pub enum ConfigError {
 impl Config {
     /// Reads `path`; keys it leaves out keep their defaults.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         Self::parse(&text).map_err(|e| match e {
-            ConfigError::Parse { source, .. } => ConfigError::Parse { path: path.to_owned(), source },
+            ConfigError::Parse { source, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                source,
+            },
             other => other,
         })
     }
 
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let config: Config = toml::from_str(text)
-            .map_err(|e| ConfigError::Parse { path: PathBuf::new(), source: Box::new(e) })?;
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::new(),
+            source: Box::new(e),
+        })?;
         config.validate()?;
         Ok(config)
     }
@@ -208,7 +225,10 @@ impl Config {
         TopicConfig::default().with_overrides([
             ("retention.ms", d.retention_ms.to_string().as_str()),
             ("retention.bytes", d.retention_bytes.to_string().as_str()),
-            ("max.message.bytes", d.max_message_bytes.to_string().as_str()),
+            (
+                "max.message.bytes",
+                d.max_message_bytes.to_string().as_str(),
+            ),
             ("cleanup.policy", d.cleanup_policy.as_str()),
         ])
     }
@@ -239,7 +259,9 @@ mod tests {
             let mut keys = Vec::new();
             for (k, v) in v {
                 match v {
-                    toml::Value::Table(inner) => keys.extend(inner.keys().map(|i| format!("{k}.{i}"))),
+                    toml::Value::Table(inner) => {
+                        keys.extend(inner.keys().map(|i| format!("{k}.{i}")))
+                    }
                     _ => keys.push(k),
                 }
             }
@@ -259,7 +281,10 @@ mod tests {
 
     #[test]
     fn unknown_keys_and_bad_values_are_errors() {
-        assert!(matches!(Config::parse("datadir = 'x'"), Err(ConfigError::Parse { .. })));
+        assert!(matches!(
+            Config::parse("datadir = 'x'"),
+            Err(ConfigError::Parse { .. })
+        ));
         assert!(matches!(
             Config::parse("[topic_defaults]\ncleanup_policy = 'shred'"),
             Err(ConfigError::TopicDefaults(_))

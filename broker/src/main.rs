@@ -9,7 +9,11 @@ use weir::admin::{AdminClient, CreateTopic};
 use weir::config::{Config, LogFormat};
 
 #[derive(Parser)]
-#[command(name = "weir", version, about = "A WebAssembly-extensible message broker for edge and IoT gateways")]
+#[command(
+    name = "weir",
+    version,
+    about = "A WebAssembly-extensible message broker for edge and IoT gateways"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -22,7 +26,12 @@ enum Command {
     /// Create, list, describe and delete topics on a running broker.
     Topic {
         /// Admin API of the broker (URL or host:port).
-        #[arg(long, env = "WEIR_ADMIN", default_value = "127.0.0.1:9644", global = true)]
+        #[arg(
+            long,
+            env = "WEIR_ADMIN",
+            default_value = "127.0.0.1:9644",
+            global = true
+        )]
         admin: String,
         #[command(subcommand)]
         command: TopicCommand,
@@ -138,7 +147,9 @@ fn init_tracing(format: LogFormat, level: &str) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -169,8 +180,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Topic { admin, command } => topic(&AdminClient::new(&admin), command).await,
-        Command::Bench { command: BenchCommand::Log { dir, seconds, producers, record_sizes, batch_bytes, no_fsync } } => {
-            let bench = weir::bench::LogBench { dir, seconds, producers, record_sizes, batch_bytes, fsync: !no_fsync };
+        Command::Bench {
+            command:
+                BenchCommand::Log {
+                    dir,
+                    seconds,
+                    producers,
+                    record_sizes,
+                    batch_bytes,
+                    no_fsync,
+                },
+        } => {
+            let bench = weir::bench::LogBench {
+                dir,
+                seconds,
+                producers,
+                record_sizes,
+                batch_bytes,
+                fsync: !no_fsync,
+            };
             let results = weir::bench::run(&bench).await?;
             print!("{}", weir::bench::table(&results));
             Ok(())
@@ -180,10 +208,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 async fn topic(client: &AdminClient, command: TopicCommand) -> anyhow::Result<()> {
     match command {
-        TopicCommand::Create { name, partitions, configs } => {
+        TopicCommand::Create {
+            name,
+            partitions,
+            configs,
+        } => {
             let config: BTreeMap<String, String> = configs.into_iter().collect();
-            let topic = client.create_topic(&CreateTopic { name, partitions, config }).await?;
-            println!("created topic {} with {} partitions", topic.name, topic.partitions);
+            let topic = client
+                .create_topic(&CreateTopic {
+                    name,
+                    partitions,
+                    config,
+                })
+                .await?;
+            println!(
+                "created topic {} with {} partitions",
+                topic.name, topic.partitions
+            );
         }
         TopicCommand::List => {
             for t in client.list_topics().await? {
@@ -192,13 +233,19 @@ async fn topic(client: &AdminClient, command: TopicCommand) -> anyhow::Result<()
         }
         TopicCommand::Describe { name } => {
             let d = client.describe_topic(&name).await?;
-            println!("topic: {}\npartitions: {}", d.topic.name, d.topic.partitions);
+            println!(
+                "topic: {}\npartitions: {}",
+                d.topic.name, d.topic.partitions
+            );
             for (k, v) in &d.topic.config {
                 println!("config: {k}={v}");
             }
             println!("partition\tlog_start\thigh_watermark\tbatches\tbytes");
             for p in d.partitions {
-                println!("{}\t{}\t{}\t{}\t{}", p.partition, p.log_start, p.high_watermark, p.batches, p.bytes);
+                println!(
+                    "{}\t{}\t{}\t{}\t{}",
+                    p.partition, p.log_start, p.high_watermark, p.batches, p.bytes
+                );
             }
         }
         TopicCommand::Delete { name } => {

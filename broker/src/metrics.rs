@@ -43,16 +43,56 @@ impl Default for StorageMetrics {
 impl StorageMetrics {
     pub fn register(&self, registry: &mut Registry) {
         let r = registry.sub_registry_with_prefix("storage");
-        r.register("commits", "Write transactions committed", self.commits.clone());
-        r.register("commit_errors", "Write transactions that failed", self.commit_errors.clone());
-        r.register("disk_full_errors", "Commits that failed because the disk was full", self.disk_full_errors.clone());
-        r.register("commit_seconds", "Group commit duration, including fsync", self.commit_seconds.clone());
-        r.register("appended_bytes", "Record batch bytes appended", self.appended_bytes.clone());
-        r.register("appended_batches", "Record batches appended", self.appended_batches.clone());
-        r.register("invalid_batches", "Record batches refused by validation (CRC, length, magic)", self.invalid_batches.clone());
-        r.register("refused_writes", "Writes refused (unknown topic or partition, too large)", self.refused_writes.clone());
-        r.register("retention_deleted_batches", "Batches deleted by retention", self.retention_deleted_batches.clone());
-        r.register("retention_deleted_bytes", "Bytes deleted by retention", self.retention_deleted_bytes.clone());
+        r.register(
+            "commits",
+            "Write transactions committed",
+            self.commits.clone(),
+        );
+        r.register(
+            "commit_errors",
+            "Write transactions that failed",
+            self.commit_errors.clone(),
+        );
+        r.register(
+            "disk_full_errors",
+            "Commits that failed because the disk was full",
+            self.disk_full_errors.clone(),
+        );
+        r.register(
+            "commit_seconds",
+            "Group commit duration, including fsync",
+            self.commit_seconds.clone(),
+        );
+        r.register(
+            "appended_bytes",
+            "Record batch bytes appended",
+            self.appended_bytes.clone(),
+        );
+        r.register(
+            "appended_batches",
+            "Record batches appended",
+            self.appended_batches.clone(),
+        );
+        r.register(
+            "invalid_batches",
+            "Record batches refused by validation (CRC, length, magic)",
+            self.invalid_batches.clone(),
+        );
+        r.register(
+            "refused_writes",
+            "Writes refused (unknown topic or partition, too large)",
+            self.refused_writes.clone(),
+        );
+        r.register(
+            "retention_deleted_batches",
+            "Batches deleted by retention",
+            self.retention_deleted_batches.clone(),
+        );
+        r.register(
+            "retention_deleted_bytes",
+            "Bytes deleted by retention",
+            self.retention_deleted_bytes.clone(),
+        );
     }
 }
 

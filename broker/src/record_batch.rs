@@ -52,12 +52,18 @@ impl RecordBatch {
     /// Checks length, magic, CRC-32C and record count of exactly one batch.
     pub fn parse(bytes: Bytes) -> Result<Self, BatchError> {
         if bytes.len() < HEADER_LEN {
-            return Err(BatchError::Truncated { available: bytes.len(), needed: HEADER_LEN });
+            return Err(BatchError::Truncated {
+                available: bytes.len(),
+                needed: HEADER_LEN,
+            });
         }
         let declared = i64::from(read_i32(&bytes, 8));
         let available = bytes.len() - LOG_OVERHEAD;
         if declared != available as i64 {
-            return Err(BatchError::LengthMismatch { declared, available });
+            return Err(BatchError::LengthMismatch {
+                declared,
+                available,
+            });
         }
         let magic = bytes[16] as i8;
         if magic != MAGIC_V2 {
@@ -71,7 +77,10 @@ impl RecordBatch {
         let batch = Self { bytes };
         let (count, last_offset_delta) = (batch.record_count(), batch.last_offset_delta());
         if count <= 0 || last_offset_delta != count - 1 {
-            return Err(BatchError::InvalidRecordCount { count, last_offset_delta });
+            return Err(BatchError::InvalidRecordCount {
+                count,
+                last_offset_delta,
+            });
         }
         Ok(batch)
     }
@@ -82,7 +91,10 @@ impl RecordBatch {
         let mut batches = Vec::new();
         while !records.is_empty() {
             if records.len() < LOG_OVERHEAD {
-                return Err(BatchError::Truncated { available: records.len(), needed: HEADER_LEN });
+                return Err(BatchError::Truncated {
+                    available: records.len(),
+                    needed: HEADER_LEN,
+                });
             }
             let declared = read_i32(&records, 8);
             let total = usize::try_from(declared)
@@ -173,7 +185,9 @@ impl RecordBatch {
         let mut bytes = BytesMut::from(&self.bytes[..]);
         bytes[0..8].copy_from_slice(&base_offset.to_be_bytes());
         bytes[12..16].copy_from_slice(&leader_epoch.to_be_bytes());
-        Self { bytes: bytes.freeze() }
+        Self {
+            bytes: bytes.freeze(),
+        }
     }
 }
 
@@ -233,7 +247,10 @@ pub mod build {
         RecordBatchEncoder::encode(
             &mut buf,
             &records,
-            &RecordEncodeOptions { version: 2, compression },
+            &RecordEncodeOptions {
+                version: 2,
+                compression,
+            },
         )?;
         Ok(buf.freeze())
     }
@@ -266,7 +283,9 @@ mod tests {
 
     #[test]
     fn base_offset_keeps_crc_valid() {
-        let b = RecordBatch::parse(sample()).unwrap().with_base_offset(42, 0);
+        let b = RecordBatch::parse(sample())
+            .unwrap()
+            .with_base_offset(42, 0);
         assert_eq!(b.base_offset(), 42);
         RecordBatch::parse(b.into_bytes()).unwrap();
     }

@@ -8,7 +8,11 @@ use weir::record_batch::{BatchError, RecordBatch};
 use weir::storage::*;
 
 fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 /// A client-style batch of `count` records of `size` bytes, tagged by `tag`.
@@ -25,7 +29,10 @@ fn client_batch(tag: u64, count: usize, size: usize, timestamp_ms: i64) -> Bytes
 
 /// The stored form of a client batch: the same bytes with the broker's base offset.
 fn stored_form(sent: &Bytes, base: u64) -> Bytes {
-    RecordBatch::parse(sent.clone()).unwrap().with_base_offset(base as i64, 0).into_bytes()
+    RecordBatch::parse(sent.clone())
+        .unwrap()
+        .with_base_offset(base as i64, 0)
+        .into_bytes()
 }
 
 fn read_all(log: &Log, topic: &str, partition: u32) -> Vec<RecordBatch> {
@@ -45,10 +52,23 @@ fn read_all(log: &Log, topic: &str, partition: u32) -> Vec<RecordBatch> {
 
 #[derive(Clone, Debug)]
 enum Op {
-    Append { partition: u32, count: usize, size: usize, age_ms: i64 },
-    Read { partition: u32, offset_pick: u64, max_bytes: usize },
-    RetentionBytes { limit: u64 },
-    RetentionAge { age_ms: u64 },
+    Append {
+        partition: u32,
+        count: usize,
+        size: usize,
+        age_ms: i64,
+    },
+    Read {
+        partition: u32,
+        offset_pick: u64,
+        max_bytes: usize,
+    },
+    RetentionBytes {
+        limit: u64,
+    },
+    RetentionAge {
+        age_ms: u64,
+    },
     Reopen,
 }
 
@@ -177,7 +197,11 @@ fn storage_now() -> i64 {
 }
 
 async fn set_retention(log: &mut Log, ms: Option<u64>, bytes: Option<u64>) {
-    let config = TopicConfig { retention_ms: ms, retention_bytes: bytes, ..TopicConfig::default() };
+    let config = TopicConfig {
+        retention_ms: ms,
+        retention_bytes: bytes,
+        ..TopicConfig::default()
+    };
     log.set_topic_config("t", config).await.unwrap();
 }
 
@@ -186,22 +210,39 @@ fn refuses_bad_batches_and_stores_nothing() {
     let dir = tempfile::tempdir().unwrap();
     rt().block_on(async {
         let log = Log::open(LogOptions::new(dir.path())).unwrap();
-        log.create_topic("t", 1, TopicConfig::default()).await.unwrap();
+        log.create_topic("t", 1, TopicConfig::default())
+            .await
+            .unwrap();
         let good = client_batch(1, 3, 10, 0);
 
         let mut bad_crc = BytesMut::from(&good[..]);
         let last = bad_crc.len() - 1;
         bad_crc[last] ^= 1;
         let e = log.append("t", 0, bad_crc.freeze()).await.unwrap_err();
-        assert!(matches!(e, WriteError::InvalidBatch(BatchError::CorruptCrc { .. })), "{e}");
+        assert!(
+            matches!(e, WriteError::InvalidBatch(BatchError::CorruptCrc { .. })),
+            "{e}"
+        );
 
-        let e = log.append("t", 0, good.slice(..good.len() - 5)).await.unwrap_err();
-        assert!(matches!(e, WriteError::InvalidBatch(BatchError::LengthMismatch { .. })), "{e}");
+        let e = log
+            .append("t", 0, good.slice(..good.len() - 5))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                WriteError::InvalidBatch(BatchError::LengthMismatch { .. })
+            ),
+            "{e}"
+        );
 
         let mut bad_magic = BytesMut::from(&good[..]);
         bad_magic[16] = 0;
         let e = log.append("t", 0, bad_magic.freeze()).await.unwrap_err();
-        assert!(matches!(e, WriteError::InvalidBatch(BatchError::UnsupportedMagic(0))), "{e}");
+        assert!(
+            matches!(e, WriteError::InvalidBatch(BatchError::UnsupportedMagic(0))),
+            "{e}"
+        );
 
         // One bad batch among good ones refuses the whole record set.
         let mut mixed = BytesMut::from(&good[..]);
@@ -211,7 +252,10 @@ fn refuses_bad_batches_and_stores_nothing() {
         let e = log.append("nope", 0, good.clone()).await.unwrap_err();
         assert!(matches!(e, WriteError::UnknownTopic(_)), "{e}");
         let e = log.append("t", 1, good.clone()).await.unwrap_err();
-        assert!(matches!(e, WriteError::UnknownPartition { partition: 1, .. }), "{e}");
+        assert!(
+            matches!(e, WriteError::UnknownPartition { partition: 1, .. }),
+            "{e}"
+        );
 
         assert_eq!(log.offsets("t", 0).unwrap(), PartitionOffsets::default());
         let out = log.append("t", 0, good).await.unwrap();
@@ -226,14 +270,19 @@ fn topic_rules() {
     rt().block_on(async {
         let log = Log::open(LogOptions::new(dir.path())).unwrap();
         for bad in ["", ".", "..", "a/b", "has space", &"x".repeat(250)] {
-            let e = log.create_topic(bad, 1, TopicConfig::default()).await.unwrap_err();
+            let e = log
+                .create_topic(bad, 1, TopicConfig::default())
+                .await
+                .unwrap_err();
             assert!(matches!(e, TopicError::InvalidName(_)), "{bad:?}: {e}");
         }
         assert!(matches!(
             log.create_topic("t", 0, TopicConfig::default()).await,
             Err(TopicError::InvalidPartitions(0))
         ));
-        log.create_topic("a.b", 2, TopicConfig::default()).await.unwrap();
+        log.create_topic("a.b", 2, TopicConfig::default())
+            .await
+            .unwrap();
         assert!(matches!(
             log.create_topic("a.b", 2, TopicConfig::default()).await,
             Err(TopicError::AlreadyExists(_))
@@ -242,21 +291,35 @@ fn topic_rules() {
             log.create_topic("a_b", 2, TopicConfig::default()).await,
             Err(TopicError::Collides { .. })
         ));
-        log.append("a.b", 1, client_batch(1, 2, 5, 0)).await.unwrap();
-        log.commit_offsets("g", vec![("a.b".into(), 1, committed(2))]).await.unwrap();
+        log.append("a.b", 1, client_batch(1, 2, 5, 0))
+            .await
+            .unwrap();
+        log.commit_offsets("g", vec![("a.b".into(), 1, committed(2))])
+            .await
+            .unwrap();
         log.delete_topic("a.b").await.unwrap();
         assert!(log.topic("a.b").is_none());
         assert!(log.committed_offsets("g").unwrap().is_empty());
-        assert!(matches!(log.delete_topic("a.b").await, Err(TopicError::NotFound(_))));
+        assert!(matches!(
+            log.delete_topic("a.b").await,
+            Err(TopicError::NotFound(_))
+        ));
         // A new topic of the same name starts empty.
-        log.create_topic("a.b", 1, TopicConfig::default()).await.unwrap();
+        log.create_topic("a.b", 1, TopicConfig::default())
+            .await
+            .unwrap();
         assert_eq!(log.offsets("a.b", 0).unwrap(), PartitionOffsets::default());
         log.close().await.unwrap();
     });
 }
 
 fn committed(offset: i64) -> CommittedOffset {
-    CommittedOffset { offset, leader_epoch: -1, metadata: "m".into(), commit_time_ms: 1 }
+    CommittedOffset {
+        offset,
+        leader_epoch: -1,
+        metadata: "m".into(),
+        commit_time_ms: 1,
+    }
 }
 
 #[test]
@@ -265,15 +328,26 @@ fn offsets_state_and_timestamps_survive_reopen() {
     rt().block_on(async {
         let options = LogOptions::new(dir.path());
         let log = Log::open(options.clone()).unwrap();
-        log.create_topic("t", 2, TopicConfig::default()).await.unwrap();
-        for i in 0..5 {
-            log.append("t", 0, client_batch(i, 4, 10, 1000 * i as i64)).await.unwrap();
-        }
-        log.commit_offsets("g1", vec![("t".into(), 0, committed(7)), ("t".into(), 1, committed(0))])
+        log.create_topic("t", 2, TopicConfig::default())
             .await
             .unwrap();
-        log.commit_offsets("g2", vec![("t".into(), 0, committed(3))]).await.unwrap();
-        log.put_state("cursor", "up/t/0", &(42u64, "x".to_string())).await.unwrap();
+        for i in 0..5 {
+            log.append("t", 0, client_batch(i, 4, 10, 1000 * i as i64))
+                .await
+                .unwrap();
+        }
+        log.commit_offsets(
+            "g1",
+            vec![("t".into(), 0, committed(7)), ("t".into(), 1, committed(0))],
+        )
+        .await
+        .unwrap();
+        log.commit_offsets("g2", vec![("t".into(), 0, committed(3))])
+            .await
+            .unwrap();
+        log.put_state("cursor", "up/t/0", &(42u64, "x".to_string()))
+            .await
+            .unwrap();
         log.close().await.unwrap();
 
         let log = Log::open(options).unwrap();
@@ -285,15 +359,24 @@ fn offsets_state_and_timestamps_survive_reopen() {
         assert_eq!(state, Some((42, "x".into())));
         // Batch i holds timestamps 1000*i .. 1000*i+3 at offsets 4*i .. 4*i+3.
         assert_eq!(log.offset_for_timestamp("t", 0, 0).unwrap(), Some((0, 0)));
-        assert_eq!(log.offset_for_timestamp("t", 0, 2002).unwrap(), Some((10, 2002)));
-        assert_eq!(log.offset_for_timestamp("t", 0, 2500).unwrap(), Some((12, 3000)));
+        assert_eq!(
+            log.offset_for_timestamp("t", 0, 2002).unwrap(),
+            Some((10, 2002))
+        );
+        assert_eq!(
+            log.offset_for_timestamp("t", 0, 2500).unwrap(),
+            Some((12, 3000))
+        );
         assert_eq!(log.offset_for_timestamp("t", 0, 9999).unwrap(), None);
         // Reading from the middle of a batch starts at that batch.
         let r = log.read("t", 0, 6, 1).unwrap();
         assert_eq!(r.batches.len(), 1);
         assert_eq!(r.batches[0].base_offset(), 4);
         log.delete_state("cursor", "up/t/0").await.unwrap();
-        assert_eq!(log.get_state::<(u64, String)>("cursor", "up/t/0").unwrap(), None);
+        assert_eq!(
+            log.get_state::<(u64, String)>("cursor", "up/t/0").unwrap(),
+            None
+        );
         log.close().await.unwrap();
     });
 }
@@ -303,14 +386,19 @@ fn appends_wake_watchers() {
     let dir = tempfile::tempdir().unwrap();
     rt().block_on(async {
         let log = Log::open(LogOptions::new(dir.path())).unwrap();
-        log.create_topic("t", 1, TopicConfig::default()).await.unwrap();
+        log.create_topic("t", 1, TopicConfig::default())
+            .await
+            .unwrap();
         let mut rx = log.watch("t", 0).unwrap();
         let waiter = tokio::spawn(async move {
             rx.changed().await.unwrap();
             rx.borrow().high_watermark
         });
         log.append("t", 0, client_batch(1, 3, 1, 0)).await.unwrap();
-        let hw = tokio::time::timeout(std::time::Duration::from_secs(5), waiter).await.unwrap().unwrap();
+        let hw = tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(hw, 3);
         log.close().await.unwrap();
     });
@@ -321,14 +409,18 @@ fn concurrent_appends_share_commits() {
     let dir = tempfile::tempdir().unwrap();
     rt().block_on(async {
         let log = Log::open(LogOptions::new(dir.path())).unwrap();
-        log.create_topic("t", 4, TopicConfig::default()).await.unwrap();
+        log.create_topic("t", 4, TopicConfig::default())
+            .await
+            .unwrap();
         let before = log.metrics().commits.get();
         let tasks: Vec<_> = (0..32u64)
             .map(|i| {
                 let log = log.clone();
                 tokio::spawn(async move {
                     for j in 0..10 {
-                        log.append("t", (i % 4) as u32, client_batch(i * 100 + j, 2, 50, 0)).await.unwrap();
+                        log.append("t", (i % 4) as u32, client_batch(i * 100 + j, 2, 50, 0))
+                            .await
+                            .unwrap();
                     }
                 })
             })
@@ -337,9 +429,14 @@ fn concurrent_appends_share_commits() {
             t.await.unwrap();
         }
         let commits = log.metrics().commits.get() - before;
-        let total: u64 = (0..4).map(|p| log.offsets("t", p).unwrap().high_watermark).sum();
+        let total: u64 = (0..4)
+            .map(|p| log.offsets("t", p).unwrap().high_watermark)
+            .sum();
         assert_eq!(total, 32 * 10 * 2);
-        assert!(commits < 320, "320 appends took {commits} commits: no grouping");
+        assert!(
+            commits < 320,
+            "320 appends took {commits} commits: no grouping"
+        );
         for p in 0..4 {
             let batches = read_all(&log, "t", p);
             let mut next = 0;
@@ -357,10 +454,18 @@ fn closed_log_refuses_writes() {
     let dir = tempfile::tempdir().unwrap();
     rt().block_on(async {
         let log = Log::open(LogOptions::new(dir.path())).unwrap();
-        log.create_topic("t", 1, TopicConfig::default()).await.unwrap();
+        log.create_topic("t", 1, TopicConfig::default())
+            .await
+            .unwrap();
         let other = log.clone();
         log.close().await.unwrap();
-        let e = other.append("t", 0, client_batch(1, 1, 1, 0)).await.unwrap_err();
-        assert!(matches!(e, WriteError::Storage(StorageError::Closed)), "{e}");
+        let e = other
+            .append("t", 0, client_batch(1, 1, 1, 0))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, WriteError::Storage(StorageError::Closed)),
+            "{e}"
+        );
     });
 }

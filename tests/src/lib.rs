@@ -1,1 +1,179 @@
-pub fn x(){}
+//! The one helper every integration test uses to run the real `weir` binary on free
+//! loopback ports and tear it down.
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Path of the `weir` binary built alongside the test executable.
+pub fn weir_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> → target/<profile>/weir
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = dir.join(format!("weir{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (cargo build -p weir), as the README's test command does",
+        bin.display()
+    );
+    bin
+}
+
+/// A loopback address with a port that was free a moment ago.
+pub fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+}
+
+/// A running `weir serve`, killed on drop.
+pub struct Broker {
+    pub child: Child,
+    pub data_dir: PathBuf,
+    pub admin: SocketAddr,
+    pub kafka: SocketAddr,
+    pub mqtt: SocketAddr,
+    stderr: Arc<Mutex<Vec<String>>>,
+}
+
+impl Broker {
+    /// Starts a broker on `data_dir` with free ports and `extra` arguments, and waits
+    /// until its admin API answers.
+    pub fn start(data_dir: &Path, extra: &[&str]) -> Broker {
+        let (admin, kafka, mqtt) = (free_addr(), free_addr(), free_addr());
+        let mut child = Command::new(weir_bin())
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["--admin-listen", &admin.to_string()])
+            .args(["--kafka-listen", &kafka.to_string()])
+            .args(["--mqtt-listen", &mqtt.to_string()])
+            .args(extra)
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start weir");
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let pipe = child.stderr.take().expect("stderr");
+        let lines = stderr.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                lines.lock().unwrap().push(line);
+            }
+        });
+        let broker = Broker {
+            child,
+            data_dir: data_dir.to_owned(),
+            admin,
+            kafka,
+            mqtt,
+            stderr,
+        };
+        broker.wait_ready(Duration::from_secs(30));
+        broker
+    }
+
+    fn wait_ready(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if std::net::TcpStream::connect_timeout(&self.admin, Duration::from_millis(200)).is_ok()
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "weir did not start within {limit:?}; its log:\n{}",
+            self.log().join("\n")
+        );
+    }
+
+    /// Everything the broker wrote to stderr so far.
+    pub fn log(&self) -> Vec<String> {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Runs `weir <args>` against this broker's admin API.
+    pub fn cli(&self, args: &[&str]) -> CliOutput {
+        let mut full = vec![args[0], "--admin"];
+        let admin = self.admin.to_string();
+        full.push(&admin);
+        full.extend_from_slice(&args[1..]);
+        run_weir(&full)
+    }
+
+    /// Sends SIGTERM and waits for the process to exit (bounded).
+    pub fn terminate(&mut self) -> ExitStatus {
+        signal(&self.child, "TERM");
+        wait_bounded(&mut self.child, Duration::from_secs(30))
+    }
+
+    /// SIGKILL, as a power cut looks to the process.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub struct CliOutput {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs the weir binary with `args`, bounded in time.
+pub fn run_weir(args: &[&str]) -> CliOutput {
+    let mut child = Command::new(weir_bin())
+        .args(args)
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run weir");
+    let out_pipe = child.stdout.take().expect("stdout");
+    let err_pipe = child.stderr.take().expect("stderr");
+    let out = std::thread::spawn(move || std::io::read_to_string(out_pipe).unwrap_or_default());
+    let err = std::thread::spawn(move || std::io::read_to_string(err_pipe).unwrap_or_default());
+    let status = wait_bounded(&mut child, Duration::from_secs(60));
+    CliOutput {
+        status,
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+    }
+}
+
+/// Sends a signal by name (TERM, INT, KILL) with the system's `kill`.
+pub fn signal(child: &Child, name: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(child.id().to_string())
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{name} failed");
+}
+
+/// Waits for `child`, killing it if it outlives `limit`.
+pub fn wait_bounded(child: &mut Child, limit: Duration) -> ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("process {} did not exit within {limit:?}", child.id());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -36,17 +36,19 @@ pub const DB_FILE: &str = "weir.redb";
 #[derive(Clone, Debug)]
 pub struct LogOptions {
     pub data_dir: PathBuf,
-    /// fsync every commit (redb `Durability::Immediate`). When false, commits are not
-    /// made durable individually; a durable commit runs every `flush_interval`, and a
-    /// crash may lose what was acknowledged since the last one.
+    /// fsync every commit (redb `Durability::Immediate`). When false, commits use
+    /// `Durability::None`, a durable commit runs every `flush_interval`, and a crash of
+    /// the process or the machine loses what was acknowledged since the last one
+    /// (redb keeps non-durable commits in memory, unlike a page-cache write).
     pub fsync: bool,
     pub flush_interval: Duration,
     /// A group commit stops gathering once it holds this many bytes of batches.
     pub max_group_bytes: usize,
     /// redb page cache size.
     pub cache_bytes: usize,
-    /// Test-only: answer appends before their transaction commits. Exists so the crash
-    /// test can show that it catches a broker that does this. Never set it otherwise.
+    /// Test-only: answer appends before their transaction commits, and commit without
+    /// durability, as a broker that acknowledges from memory does. Exists so that the
+    /// crash test can show it catches such a broker. Never set it otherwise.
     #[doc(hidden)]
     pub unsafe_ack_before_commit: bool,
 }
@@ -189,6 +191,10 @@ pub enum StorageError {
     FormatVersion { found: u64, expected: u64 },
     #[error("corrupt {table} entry: {detail}")]
     Corrupt { table: &'static str, detail: String },
+    #[error(
+        "disk full: {available} bytes free in the data directory, {needed} needed to resume writing"
+    )]
+    DiskFull { available: u64, needed: u64 },
     #[error("the log is closed")]
     Closed,
 }
@@ -202,6 +208,7 @@ impl StorageError {
                 redb::Error::Backend(b) => b.to_string().contains("No space left"),
                 _ => false,
             },
+            StorageError::DiskFull { .. } => true,
             _ => false,
         }
     }
@@ -248,7 +255,10 @@ pub enum ReadError {
         partitions: u32,
     },
     #[error("offset {offset} is outside {}..={}", offsets.log_start, offsets.high_watermark)]
-    OffsetOutOfRange { offset: u64, offsets: PartitionOffsets },
+    OffsetOutOfRange {
+        offset: u64,
+        offsets: PartitionOffsets,
+    },
     #[error(transparent)]
     Storage(#[from] StorageError),
 }
@@ -263,7 +273,9 @@ pub enum TopicError {
     InvalidPartitions(u32),
     #[error("topic {0:?} already exists")]
     AlreadyExists(String),
-    #[error("topic {name:?} collides with existing topic {existing:?} ('.' and '_' are treated alike)")]
+    #[error(
+        "topic {name:?} collides with existing topic {existing:?} ('.' and '_' are treated alike)"
+    )]
     Collides { name: String, existing: String },
     #[error("unknown topic {0:?}")]
     NotFound(String),
@@ -360,7 +372,11 @@ impl Log {
         let batches = RecordBatch::parse_all(records).inspect_err(|_| {
             self.shared.metrics.invalid_batches.inc();
         })?;
-        let op = WriteOp::Append { topic: topic.to_string(), partition, batches };
+        let op = WriteOp::Append {
+            topic: topic.to_string(),
+            partition,
+            batches,
+        };
         match self.write(vec![op]).await?.pop() {
             Some(WriteOutcome::Appended(outcome)) => Ok(outcome),
             _ => unreachable!("an append op yields an Appended outcome"),
@@ -370,7 +386,8 @@ impl Log {
     /// Commits `ops` atomically in the next group commit.
     pub async fn write(&self, ops: Vec<WriteOp>) -> Result<Vec<WriteOutcome>, WriteError> {
         let bytes = ops.iter().map(WriteOp::payload_bytes).sum();
-        self.send(|reply| Command::Write { ops, bytes, reply }).await?
+        self.send(|reply| Command::Write { ops, bytes, reply })
+            .await?
     }
 
     pub async fn create_topic(
@@ -383,20 +400,35 @@ impl Log {
         if partitions == 0 || partitions > MAX_PARTITIONS {
             return Err(TopicError::InvalidPartitions(partitions));
         }
-        self.send(|reply| Command::CreateTopic { name, partitions, config, reply })
-            .await?
+        self.send(|reply| Command::CreateTopic {
+            name,
+            partitions,
+            config,
+            reply,
+        })
+        .await?
     }
 
     /// Replaces a topic's config; retention applies it at its next run.
-    pub async fn set_topic_config(&self, name: &str, config: TopicConfig) -> Result<TopicInfo, TopicError> {
+    pub async fn set_topic_config(
+        &self,
+        name: &str,
+        config: TopicConfig,
+    ) -> Result<TopicInfo, TopicError> {
         let name = name.to_string();
-        self.send(|reply| Command::SetTopicConfig { name, config, reply }).await?
+        self.send(|reply| Command::SetTopicConfig {
+            name,
+            config,
+            reply,
+        })
+        .await?
     }
 
     /// Deletes a topic, its batches and the offsets groups committed for it.
     pub async fn delete_topic(&self, name: &str) -> Result<(), TopicError> {
         let name = name.to_string();
-        self.send(|reply| Command::DeleteTopic { name, reply }).await?
+        self.send(|reply| Command::DeleteTopic { name, reply })
+            .await?
     }
 
     /// Runs retention for every topic as of `now_ms`.
@@ -404,7 +436,8 @@ impl Log {
         &self,
         now_ms: i64,
     ) -> Result<Vec<RetentionDeletion>, StorageError> {
-        self.send(|reply| Command::Retention { now_ms, reply }).await?
+        self.send(|reply| Command::Retention { now_ms, reply })
+            .await?
     }
 
     /// Makes everything committed so far durable (only matters with `fsync = false`).
@@ -437,7 +470,12 @@ impl Log {
     }
 
     pub fn topic(&self, name: &str) -> Option<TopicInfo> {
-        self.shared.catalog.read().topics.get(name).map(|t| t.info.clone())
+        self.shared
+            .catalog
+            .read()
+            .topics
+            .get(name)
+            .map(|t| t.info.clone())
     }
 
     fn handle(&self, topic: &str, partition: u32) -> Result<Arc<TopicHandle>, ReadError> {
@@ -559,7 +597,10 @@ impl Log {
             })?;
         let mut buf = Bytes::copy_from_slice(stored.value());
         let set = kafka_protocol::records::RecordBatchDecoder::decode(&mut buf).map_err(|e| {
-            StorageError::Corrupt { table: "batches", detail: format!("{topic}/{partition}@{base}: {e}") }
+            StorageError::Corrupt {
+                table: "batches",
+                detail: format!("{topic}/{partition}@{base}: {e}"),
+            }
         })?;
         Ok(set
             .records
@@ -586,7 +627,13 @@ impl Log {
                 .range((handle.id, partition, 0)..=(handle.id, partition, u64::MAX))
                 .map_err(StorageError::from)?
                 .count() as u64;
-            out.push(PartitionInfo { partition, log_start, high_watermark, bytes, batches });
+            out.push(PartitionInfo {
+                partition,
+                log_start,
+                high_watermark,
+                bytes,
+                batches,
+            });
         }
         Ok((handle.info.clone(), out))
     }
@@ -623,7 +670,11 @@ impl Log {
             if g != group {
                 break;
             }
-            out.push((topic.to_string(), partition, decode(GROUP_OFFSETS_NAME, value.value())?));
+            out.push((
+                topic.to_string(),
+                partition,
+                decode(GROUP_OFFSETS_NAME, value.value())?,
+            ));
         }
         Ok(out)
     }
@@ -655,11 +706,15 @@ impl Log {
             table: "state",
             detail: format!("cannot encode {namespace}/{key}: {e}"),
         })?;
-        self.write(vec![state_op(namespace, key, Some(value))]).await.map(drop)
+        self.write(vec![state_op(namespace, key, Some(value))])
+            .await
+            .map(drop)
     }
 
     pub async fn delete_state(&self, namespace: &str, key: &str) -> Result<(), WriteError> {
-        self.write(vec![state_op(namespace, key, None)]).await.map(drop)
+        self.write(vec![state_op(namespace, key, None)])
+            .await
+            .map(drop)
     }
 
     pub fn get_state<T: DeserializeOwned>(
@@ -698,14 +753,20 @@ impl Log {
 /// Builds the op that `put_state`/`delete_state` send, for callers that combine it
 /// with appends in one atomic write (pipeline and replication cursors).
 pub fn state_op(namespace: &str, key: &str, value: Option<Vec<u8>>) -> WriteOp {
-    WriteOp::PutState { namespace: namespace.to_string(), key: key.to_string(), value }
+    WriteOp::PutState {
+        namespace: namespace.to_string(),
+        key: key.to_string(),
+        value,
+    }
 }
 
 const GROUP_OFFSETS_NAME: &str = "group_offsets";
 
 fn decode<T: DeserializeOwned>(table: &'static str, bytes: &[u8]) -> Result<T, StorageError> {
-    postcard::from_bytes(bytes)
-        .map_err(|e| StorageError::Corrupt { table, detail: e.to_string() })
+    postcard::from_bytes(bytes).map_err(|e| StorageError::Corrupt {
+        table,
+        detail: e.to_string(),
+    })
 }
 
 fn read_partition_offsets(
@@ -721,7 +782,10 @@ fn read_partition_offsets(
             table: "partitions",
             detail: format!("topic id {id} partition {partition} has no row"),
         })?;
-    Ok(PartitionOffsets { log_start, high_watermark })
+    Ok(PartitionOffsets {
+        log_start,
+        high_watermark,
+    })
 }
 
 /// Milliseconds since the Unix epoch.

@@ -54,11 +54,21 @@ pub(crate) struct BatchMeta {
 impl BatchMeta {
     pub(crate) fn from_row(row: (u32, u32, i64, i64)) -> Self {
         let (last_offset_delta, size, max_timestamp, append_time_ms) = row;
-        Self { last_offset_delta, size, max_timestamp, append_time_ms }
+        Self {
+            last_offset_delta,
+            size,
+            max_timestamp,
+            append_time_ms,
+        }
     }
 
     pub(crate) fn to_row(self) -> (u32, u32, i64, i64) {
-        (self.last_offset_delta, self.size, self.max_timestamp, self.append_time_ms)
+        (
+            self.last_offset_delta,
+            self.size,
+            self.max_timestamp,
+            self.append_time_ms,
+        )
     }
 
     pub(crate) fn offset_count(self) -> u64 {

@@ -59,7 +59,9 @@ pub enum InvalidTopicName {
     Dots(String),
     #[error("topic name is {0} characters long; the limit is {MAX_TOPIC_NAME_LEN}")]
     TooLong(usize),
-    #[error("topic name {name:?} contains {bad:?}; only ASCII letters, digits, '.', '_' and '-' are allowed")]
+    #[error(
+        "topic name {name:?} contains {bad:?}; only ASCII letters, digits, '.', '_' and '-' are allowed"
+    )]
     IllegalChar { name: String, bad: char },
 }
 
@@ -97,7 +99,9 @@ impl Default for TopicConfig {
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum InvalidTopicConfig {
-    #[error("unknown topic config {0:?}; known: retention.ms, retention.bytes, max.message.bytes, cleanup.policy")]
+    #[error(
+        "unknown topic config {0:?}; known: retention.ms, retention.bytes, max.message.bytes, cleanup.policy"
+    )]
     UnknownKey(String),
     #[error("topic config {key}={value:?} is invalid: {reason}")]
     InvalidValue {
@@ -124,8 +128,14 @@ impl TopicConfig {
             reason,
         };
         match key {
-            "retention.ms" => self.retention_ms = parse_limit(value).ok_or_else(|| invalid("expected -1 or a non-negative integer"))?,
-            "retention.bytes" => self.retention_bytes = parse_limit(value).ok_or_else(|| invalid("expected -1 or a non-negative integer"))?,
+            "retention.ms" => {
+                self.retention_ms = parse_limit(value)
+                    .ok_or_else(|| invalid("expected -1 or a non-negative integer"))?
+            }
+            "retention.bytes" => {
+                self.retention_bytes = parse_limit(value)
+                    .ok_or_else(|| invalid("expected -1 or a non-negative integer"))?
+            }
             "max.message.bytes" => {
                 self.max_message_bytes = value
                     .parse::<u32>()
@@ -137,7 +147,9 @@ impl TopicConfig {
                 self.cleanup_policy = match value {
                     "delete" => CleanupPolicy::Delete,
                     "compact" | "compact,delete" | "delete,compact" => {
-                        return Err(invalid("log compaction is not implemented yet; use \"delete\""));
+                        return Err(invalid(
+                            "log compaction is not implemented yet; use \"delete\"",
+                        ));
                     }
                     _ => return Err(invalid("expected \"delete\"")),
                 }
@@ -221,7 +233,15 @@ mod tests {
             Err(InvalidTopicConfig::UnknownKey(_))
         ));
         assert!(TopicConfig::default().set("retention.ms", "soon").is_err());
-        assert!(TopicConfig::default().set("max.message.bytes", "0").is_err());
-        assert!(TopicConfig::default().set("cleanup.policy", "compact").is_err());
+        assert!(
+            TopicConfig::default()
+                .set("max.message.bytes", "0")
+                .is_err()
+        );
+        assert!(
+            TopicConfig::default()
+                .set("cleanup.policy", "compact")
+                .is_err()
+        );
     }
 }

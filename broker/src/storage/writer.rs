@@ -20,9 +20,9 @@ use tracing::{error, info, warn};
 
 use super::tables::*;
 use super::{
-    AppendOutcome, Catalog, LogOptions, PartitionOffsets, RetentionDeletion, Shared,
-    StorageError, TopicConfig, TopicError, TopicHandle, TopicInfo, TopicName, WriteError,
-    WriteOp, WriteOutcome, now_ms,
+    AppendOutcome, Catalog, LogOptions, PartitionOffsets, RetentionDeletion, Shared, StorageError,
+    TopicConfig, TopicError, TopicHandle, TopicInfo, TopicName, WriteError, WriteOp, WriteOutcome,
+    now_ms,
 };
 
 /// Most commands one group commit takes, whatever their size.
@@ -71,7 +71,9 @@ pub(super) struct DbSlot {
 
 impl DbSlot {
     pub(super) fn new(db: Database) -> Self {
-        Self { slot: RwLock::new(Some(Arc::new(db))) }
+        Self {
+            slot: RwLock::new(Some(Arc::new(db))),
+        }
     }
 
     pub(super) fn get(&self) -> Result<Arc<Database>, StorageError> {
@@ -125,7 +127,10 @@ struct PartitionState {
 
 impl PartitionState {
     fn offsets(self) -> PartitionOffsets {
-        PartitionOffsets { log_start: self.log_start, high_watermark: self.next_offset }
+        PartitionOffsets {
+            log_start: self.log_start,
+            high_watermark: self.next_offset,
+        }
     }
 }
 
@@ -143,7 +148,10 @@ pub(super) fn open_database(options: &LogOptions) -> Result<(Database, State), S
             }
             Some(FORMAT_VERSION) => {}
             Some(found) => {
-                return Err(StorageError::FormatVersion { found, expected: FORMAT_VERSION });
+                return Err(StorageError::FormatVersion {
+                    found,
+                    expected: FORMAT_VERSION,
+                });
             }
         }
         // Create every table so that readers never meet a missing one.
@@ -160,7 +168,9 @@ pub(super) fn open_database(options: &LogOptions) -> Result<(Database, State), S
 }
 
 fn open_file(path: &std::path::Path, cache_bytes: usize) -> Result<Database, StorageError> {
-    Ok(redb::Builder::new().set_cache_size(cache_bytes).create(path)?)
+    Ok(redb::Builder::new()
+        .set_cache_size(cache_bytes)
+        .create(path)?)
 }
 
 impl State {
@@ -183,11 +193,18 @@ impl State {
                         table: "partitions",
                         detail: format!("topic {} partition {p} has no row", name.value()),
                     })?;
-                partitions.push(PartitionState { log_start, next_offset, bytes });
+                partitions.push(PartitionState {
+                    log_start,
+                    next_offset,
+                    bytes,
+                });
             }
             topics.insert(name.value().to_string(), TopicState { record, partitions });
         }
-        Ok(State { topics, next_topic_id })
+        Ok(State {
+            topics,
+            next_topic_id,
+        })
     }
 
     fn info(&self, name: &str) -> TopicInfo {
@@ -215,7 +232,11 @@ impl State {
 
     fn catalog(&self) -> Catalog {
         Catalog {
-            topics: self.topics.keys().map(|name| (name.clone(), self.handle(name))).collect(),
+            topics: self
+                .topics
+                .keys()
+                .map(|name| (name.clone(), self.handle(name)))
+                .collect(),
         }
     }
 }
@@ -245,34 +266,61 @@ impl<'t> Tables<'t> {
     }
 }
 
-/// A command's answer, held until its transaction commits.
-enum Pending {
-    Write(Reply<Result<Vec<WriteOutcome>, WriteError>>, Result<Vec<WriteOutcome>, WriteError>),
-    Topic(Reply<Result<TopicInfo, TopicError>>, Result<TopicInfo, TopicError>),
-    Deleted(Reply<Result<(), TopicError>>, Result<(), TopicError>),
-    Retention(Reply<Result<Vec<RetentionDeletion>, StorageError>>, Vec<RetentionDeletion>),
-    Flush(Reply<Result<(), StorageError>>),
+/// A command's answer, computed inside the transaction and sent once it commits.
+enum Outcome {
+    Write(Result<Vec<WriteOutcome>, WriteError>),
+    Topic(Result<TopicInfo, TopicError>),
+    Deleted(Result<(), TopicError>),
+    Retention(Vec<RetentionDeletion>),
+    Done,
 }
 
-impl Pending {
-    fn succeed(self) {
-        // A caller that gave up waiting is not an error.
-        let _ = match self {
-            Pending::Write(tx, r) => tx.send(r).map_err(drop),
-            Pending::Topic(tx, r) => tx.send(r).map_err(drop),
-            Pending::Deleted(tx, r) => tx.send(r).map_err(drop),
-            Pending::Retention(tx, r) => tx.send(Ok(r)).map_err(drop),
-            Pending::Flush(tx) => tx.send(Ok(())).map_err(drop),
+impl Command {
+    fn bytes(&self) -> usize {
+        match self {
+            Command::Write { bytes, .. } => *bytes,
+            _ => 0,
+        }
+    }
+
+    /// Sends `outcome` to the caller. A caller that gave up waiting is not an error.
+    fn answer(self, outcome: Outcome) {
+        let _ = match (self, outcome) {
+            (Command::Write { reply, .. }, Outcome::Write(r)) => reply.send(r).map_err(drop),
+            (
+                Command::CreateTopic { reply, .. } | Command::SetTopicConfig { reply, .. },
+                Outcome::Topic(r),
+            ) => reply.send(r).map_err(drop),
+            (Command::DeleteTopic { reply, .. }, Outcome::Deleted(r)) => {
+                reply.send(r).map_err(drop)
+            }
+            (Command::Retention { reply, .. }, Outcome::Retention(r)) => {
+                reply.send(Ok(r)).map_err(drop)
+            }
+            (Command::Flush { reply }, Outcome::Done) => reply.send(Ok(())).map_err(drop),
+            (Command::Shutdown, Outcome::Done) => Ok(()),
+            (command, _) => {
+                error!("internal: outcome does not match its command; failing it");
+                command.fail(&StorageError::Corrupt {
+                    table: "-",
+                    detail: "mismatched outcome".into(),
+                });
+                Ok(())
+            }
         };
     }
 
+    /// Answers with a storage error: the transaction holding this command failed.
     fn fail(self, e: &StorageError) {
         let _ = match self {
-            Pending::Write(tx, _) => tx.send(Err(e.clone().into())).map_err(drop),
-            Pending::Topic(tx, _) => tx.send(Err(e.clone().into())).map_err(drop),
-            Pending::Deleted(tx, _) => tx.send(Err(e.clone().into())).map_err(drop),
-            Pending::Retention(tx, _) => tx.send(Err(e.clone())).map_err(drop),
-            Pending::Flush(tx) => tx.send(Err(e.clone())).map_err(drop),
+            Command::Write { reply, .. } => reply.send(Err(e.clone().into())).map_err(drop),
+            Command::CreateTopic { reply, .. } | Command::SetTopicConfig { reply, .. } => {
+                reply.send(Err(e.clone().into())).map_err(drop)
+            }
+            Command::DeleteTopic { reply, .. } => reply.send(Err(e.clone().into())).map_err(drop),
+            Command::Retention { reply, .. } => reply.send(Err(e.clone())).map_err(drop),
+            Command::Flush { reply } => reply.send(Err(e.clone())).map_err(drop),
+            Command::Shutdown => Ok(()),
         };
     }
 }
@@ -332,15 +380,20 @@ impl Writer {
     }
 
     fn run(mut self, closed: oneshot::Sender<()>) {
-        let timer = tokio::runtime::Builder::new_current_thread().enable_time().build();
+        let timer = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build();
         let mut shutting_down = false;
         loop {
-            let first = if self.options.fsync || shutting_down {
+            let durable = self.options.fsync && !self.options.unsafe_ack_before_commit;
+            let first = if durable || shutting_down {
                 self.rx.blocking_recv()
             } else {
                 let interval = self.options.flush_interval;
                 let rx = &mut self.rx;
-                match timer.as_ref().map(|rt| rt.block_on(async { tokio::time::timeout(interval, rx.recv()).await })) {
+                match timer.as_ref().map(|rt| {
+                    rt.block_on(async { tokio::time::timeout(interval, rx.recv()).await })
+                }) {
                     Ok(Ok(command)) => command,
                     Ok(Err(_elapsed)) => {
                         self.flush_if_needed();
@@ -372,7 +425,9 @@ impl Writer {
         if let Some(db) = self.shared.db.take() {
             match db.close() {
                 Ok(()) => info!(path = %self.path.display(), "database closed cleanly"),
-                Err(e) => error!(path = %self.path.display(), error = %e, "closing the database failed"),
+                Err(e) => {
+                    error!(path = %self.path.display(), error = %e, "closing the database failed")
+                }
             }
         }
         let _ = closed.send(());
@@ -394,6 +449,25 @@ impl Writer {
         }
     }
 
+    /// Refuses to reopen while the disk is still nearly full: reopening closes the
+    /// handle readers use, and a reopen that fails for want of space would leave them
+    /// with none.
+    fn check_free_space(&self) -> Result<(), StorageError> {
+        let needed = (2 * self.options.max_group_bytes as u64).clamp(1 << 20, 64 << 20);
+        let dir = &self.options.data_dir;
+        match rustix::fs::statvfs(dir) {
+            Ok(s) => {
+                let available = s.f_bavail.saturating_mul(s.f_frsize);
+                if available < needed {
+                    return Err(StorageError::DiskFull { available, needed });
+                }
+                Ok(())
+            }
+            // Cannot tell: try the reopen anyway.
+            Err(_) => Ok(()),
+        }
+    }
+
     fn reopen(&mut self) -> Result<(), StorageError> {
         warn!(path = %self.path.display(), "reopening the database after an I/O error");
         drop(self.shared.db.take());
@@ -408,101 +482,133 @@ impl Writer {
 
     fn commit_group(&mut self, group: Vec<Command>) {
         let started = Instant::now();
-        let mut pending = Vec::with_capacity(group.len());
         let mut changes = Changes::default();
-        let result = self.apply_group(group, &mut pending, &mut changes);
+        let (txn, outcomes, durable) = match self.prepare_group(&group, &mut changes) {
+            Ok(prepared) => prepared,
+            Err(e) => return self.group_failed(group, e),
+        };
+        let group = if self.options.unsafe_ack_before_commit {
+            group
+                .into_iter()
+                .zip(outcomes)
+                .for_each(|(c, o)| c.answer(o));
+            None
+        } else {
+            Some((group, outcomes))
+        };
+        if let Err(e) = txn.commit() {
+            let e = StorageError::from(e);
+            return match group {
+                Some((group, _)) => self.group_failed(group, e),
+                None => self.group_failed(Vec::new(), e),
+            };
+        }
+        self.unflushed = !durable;
+        self.publish(&changes);
         let metrics = &self.shared.metrics;
-        match result {
-            Ok(()) => {
-                self.publish(&changes);
-                metrics.commits.inc();
-                metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
-                metrics.appended_bytes.inc_by(changes.appended_bytes);
-                metrics.appended_batches.inc_by(changes.appended_batches);
-                metrics.retention_deleted_batches.inc_by(changes.retention_batches);
-                metrics.retention_deleted_bytes.inc_by(changes.retention_bytes);
-                if !self.options.unsafe_ack_before_commit {
-                    pending.into_iter().for_each(Pending::succeed);
-                }
-            }
+        metrics.commits.inc();
+        metrics
+            .commit_seconds
+            .observe(started.elapsed().as_secs_f64());
+        metrics.appended_bytes.inc_by(changes.appended_bytes);
+        metrics.appended_batches.inc_by(changes.appended_batches);
+        metrics
+            .retention_deleted_batches
+            .inc_by(changes.retention_batches);
+        metrics
+            .retention_deleted_bytes
+            .inc_by(changes.retention_bytes);
+        if let Some((group, outcomes)) = group {
+            group
+                .into_iter()
+                .zip(outcomes)
+                .for_each(|(c, o)| c.answer(o));
+        }
+    }
+
+    /// Answers every command of a group whose transaction failed, and returns the
+    /// in-memory state to what the database holds.
+    fn group_failed(&mut self, group: Vec<Command>, e: StorageError) {
+        let metrics = &self.shared.metrics;
+        metrics.commit_errors.inc();
+        if e.is_disk_full() {
+            metrics.disk_full_errors.inc();
+        }
+        error!(error = %e, requests = group.len(), "group commit failed");
+        group.into_iter().for_each(|c| c.fail(&e));
+        if e.is_io() {
+            // redb refuses writes after an I/O error until reopened. Reopening waits
+            // for the next write, so that reads go on meanwhile from the handle that
+            // is still open.
+            self.needs_reopen = true;
+        }
+        match self.shared.db.get().and_then(|db| State::load(&db)) {
+            Ok(state) => self.state = state,
             Err(e) => {
-                metrics.commit_errors.inc();
-                if e.is_disk_full() {
-                    metrics.disk_full_errors.inc();
-                }
-                error!(error = %e, requests = pending.len(), "group commit failed");
-                pending.into_iter().for_each(|p| p.fail(&e));
-                if e.is_io() {
-                    self.needs_reopen = true;
-                }
-                // The transaction was not committed: return to what the database holds.
-                let reloaded = if self.needs_reopen {
-                    self.reopen()
-                } else {
-                    self.shared.db.get().and_then(|db| State::load(&db)).map(|s| self.state = s)
-                };
-                if let Err(e) = reloaded {
-                    error!(error = %e, "reloading the log state failed; will retry on the next write");
-                    self.needs_reopen = true;
-                }
+                error!(error = %e, "reloading the log state failed; reopening before the next write");
+                self.needs_reopen = true;
             }
         }
     }
 
-    fn apply_group(
+    /// Applies the group in one write transaction, ready to commit. Returns it with one
+    /// outcome per command and whether the commit will be durable.
+    fn prepare_group(
         &mut self,
-        group: Vec<Command>,
-        pending: &mut Vec<Pending>,
+        group: &[Command],
         changes: &mut Changes,
-    ) -> Result<(), StorageError> {
+    ) -> Result<(WriteTransaction, Vec<Outcome>, bool), StorageError> {
         if self.needs_reopen {
+            self.check_free_space()?;
             self.reopen()?;
         }
         let db = self.shared.db.get()?;
         let mut txn = db.begin_write()?;
-        txn.set_durability(if self.options.fsync { Durability::Immediate } else { Durability::None })?;
+        // The test-only early acknowledgement also skips durability, as a broker that
+        // acknowledges from memory does.
+        let flush = group.iter().any(|c| matches!(c, Command::Flush { .. }));
+        let durable = (self.options.fsync && !self.options.unsafe_ack_before_commit) || flush;
+        txn.set_durability(if durable {
+            Durability::Immediate
+        } else {
+            Durability::None
+        })?;
         let now = now_ms();
+        let mut outcomes = Vec::with_capacity(group.len());
         {
             let mut tables = Tables::open(&txn)?;
             for command in group {
-                match command {
-                    Command::Write { ops, reply, .. } => {
-                        let result = self.apply_write(&mut tables, ops, now, changes)?;
-                        pending.push(Pending::Write(reply, result));
+                outcomes.push(match command {
+                    Command::Write { ops, .. } => {
+                        Outcome::Write(self.apply_write(&mut tables, ops, now, changes)?)
                     }
-                    Command::CreateTopic { name, partitions, config, reply } => {
-                        let result =
-                            self.create_topic(&mut tables, name, partitions, config, now, changes)?;
-                        pending.push(Pending::Topic(reply, result));
+                    Command::CreateTopic {
+                        name,
+                        partitions,
+                        config,
+                        ..
+                    } => Outcome::Topic(self.create_topic(
+                        &mut tables,
+                        name,
+                        *partitions,
+                        config,
+                        now,
+                        changes,
+                    )?),
+                    Command::SetTopicConfig { name, config, .. } => {
+                        Outcome::Topic(self.set_topic_config(&mut tables, name, config, changes)?)
                     }
-                    Command::SetTopicConfig { name, config, reply } => {
-                        let result = self.set_topic_config(&mut tables, &name, config, changes)?;
-                        pending.push(Pending::Topic(reply, result));
+                    Command::DeleteTopic { name, .. } => {
+                        Outcome::Deleted(self.delete_topic(&mut tables, name, changes)?)
                     }
-                    Command::DeleteTopic { name, reply } => {
-                        let result = self.delete_topic(&mut tables, &name, changes)?;
-                        pending.push(Pending::Deleted(reply, result));
+                    Command::Retention { now_ms, .. } => {
+                        Outcome::Retention(self.retention(&mut tables, *now_ms, changes)?)
                     }
-                    Command::Retention { now_ms, reply } => {
-                        let deleted = self.retention(&mut tables, now_ms, changes)?;
-                        pending.push(Pending::Retention(reply, deleted));
-                    }
-                    Command::Flush { reply } => {
-                        pending.push(Pending::Flush(reply));
-                    }
-                    Command::Shutdown => {}
-                }
+                    Command::Flush { .. } | Command::Shutdown => Outcome::Done,
+                });
             }
         }
-        if pending.iter().any(|p| matches!(p, Pending::Flush(_))) {
-            txn.set_durability(Durability::Immediate)?;
-        }
-        if self.options.unsafe_ack_before_commit {
-            pending.drain(..).for_each(Pending::succeed);
-        }
-        txn.commit()?;
-        self.unflushed = !self.options.fsync;
-        Ok(())
+        Ok((txn, outcomes, durable))
     }
 
     /// Validates every op of one request against the state, then applies them all.
@@ -510,11 +616,11 @@ impl Writer {
     fn apply_write(
         &mut self,
         tables: &mut Tables<'_>,
-        ops: Vec<WriteOp>,
+        ops: &[WriteOp],
         now: i64,
         changes: &mut Changes,
     ) -> Result<Result<Vec<WriteOutcome>, WriteError>, StorageError> {
-        for op in &ops {
+        for op in ops {
             if let Err(e) = self.validate(op) {
                 self.shared.metrics.refused_writes.inc();
                 return Ok(Err(e));
@@ -523,27 +629,42 @@ impl Writer {
         let mut outcomes = Vec::with_capacity(ops.len());
         for op in ops {
             outcomes.push(match op {
-                WriteOp::Append { topic, partition, batches } => {
-                    WriteOutcome::Appended(self.append(tables, &topic, partition, &batches, now, changes)?)
-                }
-                WriteOp::CommitOffset { group, topic, partition, offset } => {
-                    let value = postcard::to_stdvec(&offset).map_err(|e| StorageError::Corrupt {
+                WriteOp::Append {
+                    topic,
+                    partition,
+                    batches,
+                } => WriteOutcome::Appended(
+                    self.append(tables, topic, *partition, batches, now, changes)?,
+                ),
+                WriteOp::CommitOffset {
+                    group,
+                    topic,
+                    partition,
+                    offset,
+                } => {
+                    let value = postcard::to_stdvec(offset).map_err(|e| StorageError::Corrupt {
                         table: "group_offsets",
                         detail: e.to_string(),
                     })?;
-                    tables
-                        .group_offsets
-                        .insert((group.as_str(), topic.as_str(), partition), value.as_slice())?;
-                    WriteOutcome::Done
-                }
-                WriteOp::DeleteGroupOffsets { group } => {
-                    tables.group_offsets.retain_in(
-                        (group.as_str(), "", 0)..,
-                        |(g, _, _), _| g != group.as_str(),
+                    tables.group_offsets.insert(
+                        (group.as_str(), topic.as_str(), *partition),
+                        value.as_slice(),
                     )?;
                     WriteOutcome::Done
                 }
-                WriteOp::PutState { namespace, key, value } => {
+                WriteOp::DeleteGroupOffsets { group } => {
+                    tables
+                        .group_offsets
+                        .retain_in((group.as_str(), "", 0).., |(g, _, _), _| {
+                            g != group.as_str()
+                        })?;
+                    WriteOutcome::Done
+                }
+                WriteOp::PutState {
+                    namespace,
+                    key,
+                    value,
+                } => {
                     let key = (namespace.as_str(), key.as_str());
                     match value {
                         Some(value) => drop(tables.state.insert(key, value.as_slice())?),
@@ -558,8 +679,12 @@ impl Writer {
 
     fn validate(&self, op: &WriteOp) -> Result<(), WriteError> {
         let (topic, partition) = match op {
-            WriteOp::Append { topic, partition, .. } => (topic, *partition),
-            WriteOp::CommitOffset { topic, partition, .. } => (topic, *partition),
+            WriteOp::Append {
+                topic, partition, ..
+            } => (topic, *partition),
+            WriteOp::CommitOffset {
+                topic, partition, ..
+            } => (topic, *partition),
             WriteOp::DeleteGroupOffsets { .. } | WriteOp::PutState { .. } => return Ok(()),
         };
         let state = self
@@ -619,9 +744,10 @@ impl Writer {
             changes.appended_bytes += u64::from(meta.size);
             changes.appended_batches += 1;
         }
-        tables
-            .partitions
-            .insert((id, partition), (part.log_start, part.next_offset, part.bytes))?;
+        tables.partitions.insert(
+            (id, partition),
+            (part.log_start, part.next_offset, part.bytes),
+        )?;
         changes.advanced.insert((topic.to_string(), partition));
         Ok(AppendOutcome {
             base_offset,
@@ -634,9 +760,9 @@ impl Writer {
     fn create_topic(
         &mut self,
         tables: &mut Tables<'_>,
-        name: TopicName,
+        name: &TopicName,
         partitions: u32,
-        config: TopicConfig,
+        config: &TopicConfig,
         now: i64,
         changes: &mut Changes,
     ) -> Result<Result<TopicInfo, TopicError>, StorageError> {
@@ -650,40 +776,61 @@ impl Writer {
             .keys()
             .find(|t| TopicName::new(t.as_str()).is_ok_and(|t| t.collision_form() == collision))
         {
-            return Ok(Err(TopicError::Collides { name: name.to_string(), existing: existing.clone() }));
+            return Ok(Err(TopicError::Collides {
+                name: name.to_string(),
+                existing: existing.clone(),
+            }));
         }
         let id = self.state.next_topic_id;
         self.state.next_topic_id += 1;
-        let record = TopicRecord { id, partitions, config: config.clone(), created_ms: now };
-        let encoded = postcard::to_stdvec(&record)
-            .map_err(|e| StorageError::Corrupt { table: "topics", detail: e.to_string() })?;
-        tables.meta.insert("next_topic_id", u64::from(self.state.next_topic_id))?;
+        let record = TopicRecord {
+            id,
+            partitions,
+            config: config.clone(),
+            created_ms: now,
+        };
+        let encoded = postcard::to_stdvec(&record).map_err(|e| StorageError::Corrupt {
+            table: "topics",
+            detail: e.to_string(),
+        })?;
+        tables
+            .meta
+            .insert("next_topic_id", u64::from(self.state.next_topic_id))?;
         tables.topics.insert(name.as_str(), encoded.as_slice())?;
         for p in 0..partitions {
             tables.partitions.insert((id, p), (0, 0, 0))?;
         }
-        let empty = PartitionState { log_start: 0, next_offset: 0, bytes: 0 };
+        let empty = PartitionState {
+            log_start: 0,
+            next_offset: 0,
+            bytes: 0,
+        };
         self.state.topics.insert(
             name.to_string(),
-            TopicState { record, partitions: vec![empty; partitions as usize] },
+            TopicState {
+                record,
+                partitions: vec![empty; partitions as usize],
+            },
         );
         changes.created.push(name.to_string());
-        Ok(Ok(TopicInfo { name: name.to_string(), partitions, config, created_ms: now }))
+        Ok(Ok(self.state.info(name.as_str())))
     }
 
     fn set_topic_config(
         &mut self,
         tables: &mut Tables<'_>,
         name: &str,
-        config: TopicConfig,
+        config: &TopicConfig,
         changes: &mut Changes,
     ) -> Result<Result<TopicInfo, TopicError>, StorageError> {
         let Some(topic) = self.state.topics.get_mut(name) else {
             return Ok(Err(TopicError::NotFound(name.to_string())));
         };
-        topic.record.config = config;
-        let encoded = postcard::to_stdvec(&topic.record)
-            .map_err(|e| StorageError::Corrupt { table: "topics", detail: e.to_string() })?;
+        topic.record.config = config.clone();
+        let encoded = postcard::to_stdvec(&topic.record).map_err(|e| StorageError::Corrupt {
+            table: "topics",
+            detail: e.to_string(),
+        })?;
         tables.topics.insert(name, encoded.as_slice())?;
         changes.reconfigured.push(name.to_string());
         Ok(Ok(self.state.info(name)))
@@ -699,9 +846,15 @@ impl Writer {
             return Ok(Err(TopicError::NotFound(name.to_string())));
         };
         let id = topic.record.id;
-        tables.batches.retain_in((id, 0, 0)..=(id, u32::MAX, u64::MAX), |_, _| false)?;
-        tables.index.retain_in((id, 0, 0)..=(id, u32::MAX, u64::MAX), |_, _| false)?;
-        tables.partitions.retain_in((id, 0)..=(id, u32::MAX), |_, _| false)?;
+        tables
+            .batches
+            .retain_in((id, 0, 0)..=(id, u32::MAX, u64::MAX), |_, _| false)?;
+        tables
+            .index
+            .retain_in((id, 0, 0)..=(id, u32::MAX, u64::MAX), |_, _| false)?;
+        tables
+            .partitions
+            .retain_in((id, 0)..=(id, u32::MAX), |_, _| false)?;
         tables.group_offsets.retain(|(_, t, _), _| t != name)?;
         tables.topics.remove(name)?;
         changes.deleted.push(name.to_string());
@@ -737,7 +890,9 @@ impl Writer {
                     let (key, meta) = entry?;
                     let meta = BatchMeta::from_row(meta.value());
                     let expired = cutoff.is_some_and(|c| meta.append_time_ms < c);
-                    let oversize = config.retention_bytes.is_some_and(|max| part.bytes - freed > max);
+                    let oversize = config
+                        .retention_bytes
+                        .is_some_and(|max| part.bytes - freed > max);
                     if !(expired || oversize) {
                         break;
                     }
@@ -794,23 +949,20 @@ impl Writer {
         for name in &changes.reconfigured {
             // Keep the watch senders: readers waiting on them must not be cut off.
             if let Some(old) = catalog.topics.get(name) {
-                let handle = TopicHandle { id: old.id, info: self.state.info(name), offsets: old.offsets.clone() };
+                let handle = TopicHandle {
+                    id: old.id,
+                    info: self.state.info(name),
+                    offsets: old.offsets.clone(),
+                };
                 catalog.topics.insert(name.clone(), Arc::new(handle));
             }
         }
         for (name, p) in &changes.advanced {
-            if let (Some(handle), Some(state)) = (catalog.topics.get(name), self.state.topics.get(name)) {
+            if let (Some(handle), Some(state)) =
+                (catalog.topics.get(name), self.state.topics.get(name))
+            {
                 handle.offsets[*p as usize].send_replace(state.partitions[*p as usize].offsets());
             }
-        }
-    }
-}
-
-impl Command {
-    fn bytes(&self) -> usize {
-        match self {
-            Command::Write { bytes, .. } => *bytes,
-            _ => 0,
         }
     }
 }
