@@ -37,6 +37,22 @@ pub struct AppendResult {
     pub raw_mb_per_s: f64,
     pub read_mb_per_s: f64,
     pub read_records_per_s: f64,
+    /// Size of the database file over the bytes appended (space amplification).
+    pub file_ratio: f64,
+    /// Bytes the process wrote to the disk over the bytes appended (Linux only, else 0).
+    pub write_ratio: f64,
+}
+
+/// Bytes this process has caused to be written to storage (`/proc/self/io`).
+fn disk_write_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/io")
+        .ok()
+        .and_then(|io| {
+            io.lines()
+                .find_map(|l| l.strip_prefix("write_bytes: "))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 impl AppendResult {
@@ -98,6 +114,7 @@ async fn append_run(
     log.create_topic("bench", producers as u32, config).await?;
     let (batch, per_batch) = bench_batch(record_size, bench.batch_bytes);
     let commits_before = log.metrics().commits.get();
+    let written_before = disk_write_bytes();
     let started = Instant::now();
     let deadline = started + Duration::from_secs_f64(bench.seconds);
     let tasks: Vec<_> = (0..producers)
@@ -125,6 +142,7 @@ async fn append_run(
     }
     let elapsed = started.elapsed().as_secs_f64();
     let commits = (log.metrics().commits.get() - commits_before) as f64;
+    let written = (disk_write_bytes() - written_before) as f64;
     let bytes = batches as f64 * batch.len() as f64;
 
     // Read everything back from the start, as a catching-up consumer does.
@@ -148,7 +166,10 @@ async fn append_run(
     }
     let read_elapsed = read_started.elapsed().as_secs_f64();
     log.close().await?;
+    let file_bytes = std::fs::metadata(Log::db_path(dir))?.len() as f64;
     Ok(AppendResult {
+        file_ratio: file_bytes / bytes,
+        write_ratio: written / bytes,
         record_size,
         producers,
         records_per_s: batches as f64 * per_batch as f64 / elapsed,
@@ -189,12 +210,12 @@ fn raw_file_run(dir: &Path, write_size: usize, seconds: f64) -> anyhow::Result<f
 /// The results as a Markdown table.
 pub fn table(results: &[AppendResult]) -> String {
     let mut out = String::from(
-        "| record | producers | records/s | MB/s | commits/s | KB/commit | ack p50 ms | ack p99 ms | raw file MB/s | log/raw | read MB/s | read records/s |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| record | producers | records/s | MB/s | commits/s | KB/commit | ack p50 ms | ack p99 ms | raw file MB/s | log/raw | read MB/s | read records/s | file/data | written/data |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in results {
         out.push_str(&format!(
-            "| {} B | {} | {:.0} | {:.1} | {:.0} | {:.0} | {:.2} | {:.2} | {:.1} | {:.2} | {:.0} | {:.0} |\n",
+            "| {} B | {} | {:.0} | {:.1} | {:.0} | {:.0} | {:.2} | {:.2} | {:.1} | {:.2} | {:.0} | {:.0} | {:.2} | {:.2} |\n",
             r.record_size,
             r.producers,
             r.records_per_s,
@@ -207,6 +228,8 @@ pub fn table(results: &[AppendResult]) -> String {
             r.ratio(),
             r.read_mb_per_s,
             r.read_records_per_s,
+            r.file_ratio,
+            r.write_ratio,
         ));
     }
     out

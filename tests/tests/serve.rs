@@ -7,9 +7,22 @@ fn topic_commands_against_a_running_broker() {
     let dir = tempfile::tempdir().unwrap();
     let mut broker = Broker::start(dir.path(), &[]);
 
-    let out = broker.cli(&["topic", "create", "sensors", "--partitions", "3", "--config", "retention.ms=3600000"]);
+    let out = broker.cli(&[
+        "topic",
+        "create",
+        "sensors",
+        "--partitions",
+        "3",
+        "--config",
+        "retention.ms=3600000",
+    ]);
     assert!(out.status.success(), "{}", out.stderr);
-    assert!(out.stdout.contains("created topic sensors with 3 partitions"), "{}", out.stdout);
+    assert!(
+        out.stdout
+            .contains("created topic sensors with 3 partitions"),
+        "{}",
+        out.stdout
+    );
 
     let out = broker.cli(&["topic", "create", "logs"]);
     assert!(out.status.success(), "{}", out.stderr);
@@ -19,17 +32,46 @@ fn topic_commands_against_a_running_broker() {
 
     let out = broker.cli(&["topic", "describe", "sensors"]);
     assert!(out.status.success(), "{}", out.stderr);
-    assert!(out.stdout.contains("config: retention.ms=3600000"), "{}", out.stdout);
-    assert!(out.stdout.contains("config: cleanup.policy=delete"), "{}", out.stdout);
-    assert_eq!(out.stdout.lines().filter(|l| l.starts_with(char::is_numeric)).count(), 3);
+    assert!(
+        out.stdout.contains("config: retention.ms=3600000"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("config: cleanup.policy=delete"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(
+        out.stdout
+            .lines()
+            .filter(|l| l.starts_with(char::is_numeric))
+            .count(),
+        3
+    );
 
     // Errors are clear and non-zero.
     for (args, expect) in [
         (vec!["topic", "create", "sensors"], "already exists"),
         (vec!["topic", "create", "bad/name"], "only ASCII letters"),
-        (vec!["topic", "create", "sensors_x", "--config", "segment.ms=1"], "unknown topic config"),
-        (vec!["topic", "create", "t2", "--config", "cleanup.policy=compact"], "compaction is not implemented"),
-        (vec!["topic", "create", "t3", "--partitions", "0"], "partition count 0"),
+        (
+            vec!["topic", "create", "sensors_x", "--config", "segment.ms=1"],
+            "unknown topic config",
+        ),
+        (
+            vec![
+                "topic",
+                "create",
+                "t2",
+                "--config",
+                "cleanup.policy=compact",
+            ],
+            "compaction is not implemented",
+        ),
+        (
+            vec!["topic", "create", "t3", "--partitions", "0"],
+            "partition count 0",
+        ),
         (vec!["topic", "describe", "nope"], "unknown topic"),
         (vec!["topic", "delete", "nope"], "unknown topic"),
     ] {
@@ -43,8 +85,19 @@ fn topic_commands_against_a_running_broker() {
 
     // Graceful stop: exit 0, database closed cleanly.
     let status = broker.terminate();
-    assert!(status.success(), "exit status {status:?}; log:\n{}", broker.log().join("\n"));
-    assert!(broker.log().iter().any(|l| l.contains("database closed cleanly")), "{:#?}", broker.log());
+    assert!(
+        status.success(),
+        "exit status {status:?}; log:\n{}",
+        broker.log().join("\n")
+    );
+    assert!(
+        broker
+            .log()
+            .iter()
+            .any(|l| l.contains("database closed cleanly")),
+        "{:#?}",
+        broker.log()
+    );
 
     // Topics survive the restart.
     let broker = Broker::start(dir.path(), &[]);
@@ -62,7 +115,8 @@ fn sigint_also_stops_cleanly_and_logs_can_be_json() {
     let log = broker.log();
     assert!(!log.is_empty());
     for line in &log {
-        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{line:?}: {e}"));
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{line:?}: {e}"));
         assert!(v.get("level").is_some(), "{line}");
     }
     assert!(log.iter().any(|l| l.contains("database closed cleanly")));
@@ -72,21 +126,41 @@ fn sigint_also_stops_cleanly_and_logs_can_be_json() {
 fn config_file_and_flags() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("weir.toml");
-    std::fs::write(&file, "data_dir = '/from/file'\n[storage]\nfsync = false\n[topic_defaults]\npartitions = 4\n").unwrap();
+    std::fs::write(
+        &file,
+        "data_dir = '/from/file'\n[storage]\nfsync = false\n[topic_defaults]\npartitions = 4\n",
+    )
+    .unwrap();
     let file = file.to_str().unwrap();
 
     // The file sets, the flag overrides.
     let out = run_weir(&["config", "--config", file, "--data-dir", "/from/flag"]);
     assert!(out.status.success(), "{}", out.stderr);
-    assert!(out.stdout.contains("data_dir = \"/from/flag\""), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("data_dir = \"/from/flag\""),
+        "{}",
+        out.stdout
+    );
     assert!(out.stdout.contains("fsync = false"), "{}", out.stdout);
     assert!(out.stdout.contains("partitions = 4"), "{}", out.stdout);
 
     // Zero config: the documented defaults.
     let out = run_weir(&["config"]);
-    assert!(out.stdout.contains("data_dir = \"weir-data\""), "{}", out.stdout);
-    assert!(out.stdout.contains("listen = \"127.0.0.1:9644\""), "{}", out.stdout);
-    assert!(out.stdout.contains("listen = \"0.0.0.0:9092\""), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("data_dir = \"weir-data\""),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("listen = \"127.0.0.1:9644\""),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("listen = \"0.0.0.0:9092\""),
+        "{}",
+        out.stdout
+    );
 
     // A broker started with the file uses its topic defaults.
     let data = dir.path().join("data");
@@ -99,10 +173,18 @@ fn config_file_and_flags() {
     let bad = dir.path().join("bad.toml");
     let out = run_weir(&["serve", "--config", bad.to_str().unwrap()]);
     assert!(!out.status.success());
-    assert!(out.stderr.contains("unknown field `fsynk`"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("unknown field `fsynk`"),
+        "{}",
+        out.stderr
+    );
     let out = run_weir(&["serve", "--config", "/does/not/exist.toml"]);
     assert!(!out.status.success());
-    assert!(out.stderr.contains("cannot read /does/not/exist.toml"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("cannot read /does/not/exist.toml"),
+        "{}",
+        out.stderr
+    );
 }
 
 #[test]
@@ -113,7 +195,11 @@ fn admin_api_serves_health_and_metrics() {
     let get = |path: &str| -> String {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect(broker.admin).unwrap();
-        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).unwrap();
         out
@@ -121,5 +207,8 @@ fn admin_api_serves_health_and_metrics() {
     assert!(get("/health").contains("\"status\":\"ok\""));
     let metrics = get("/metrics");
     assert!(metrics.contains("weir_storage_commits_total"), "{metrics}");
-    assert!(metrics.contains("weir_storage_commit_seconds_bucket"), "{metrics}");
+    assert!(
+        metrics.contains("weir_storage_commit_seconds_bucket"),
+        "{metrics}"
+    );
 }

@@ -27,6 +27,8 @@ use super::{
 
 /// Most commands one group commit takes, whatever their size.
 const MAX_GROUP_COMMANDS: usize = 4096;
+/// Longest a group waits for the callers of the previous commit to come back.
+const MAX_LINGER: Duration = Duration::from_millis(2);
 /// Most batches one retention run deletes, so that its transaction stays small.
 const MAX_RETENTION_BATCHES: usize = 20_000;
 
@@ -348,6 +350,10 @@ pub(super) struct Writer {
     needs_reopen: bool,
     /// With `fsync = false`: commits since the last durable one.
     unflushed: bool,
+    /// Commands the last commit answered, and how long it took: the group gathering
+    /// waits at most that long for that many callers.
+    last_answered: usize,
+    last_commit: Duration,
 }
 
 impl Writer {
@@ -368,6 +374,8 @@ impl Writer {
             rx,
             needs_reopen: false,
             unflushed: false,
+            last_answered: 0,
+            last_commit: Duration::ZERO,
         };
         std::thread::Builder::new()
             .name("weir-log-writer".into())
@@ -405,15 +413,39 @@ impl Writer {
             let Some(first) = first else { break };
             let mut group = vec![first];
             let mut bytes = group[0].bytes();
+            let gather_until = Instant::now() + self.last_commit.min(MAX_LINGER);
             while bytes < self.options.max_group_bytes && group.len() < MAX_GROUP_COMMANDS {
                 match self.rx.try_recv() {
                     Ok(command) => {
                         bytes += command.bytes();
                         group.push(command);
                     }
+                    // The callers answered by the last commit usually come straight back
+                    // with their next write: wait briefly for them, so that the commits
+                    // of many writers do not split into alternating half groups.
+                    Err(_) if durable && group.len() < self.last_answered && !shutting_down => {
+                        let left = gather_until.saturating_duration_since(Instant::now());
+                        if left.is_zero() {
+                            break;
+                        }
+                        let rx = &mut self.rx;
+                        let next = timer.as_ref().ok().and_then(|rt| {
+                            rt.block_on(async { tokio::time::timeout(left, rx.recv()).await })
+                                .ok()
+                                .flatten()
+                        });
+                        match next {
+                            Some(command) => {
+                                bytes += command.bytes();
+                                group.push(command);
+                            }
+                            None => break,
+                        }
+                    }
                     Err(_) => break,
                 }
             }
+            self.last_answered = group.len();
             if group.iter().any(|c| matches!(c, Command::Shutdown)) && !shutting_down {
                 // Refuse new commands, but finish everything already queued.
                 shutting_down = true;
@@ -504,6 +536,7 @@ impl Writer {
             };
         }
         self.unflushed = !durable;
+        self.last_commit = started.elapsed();
         self.publish(&changes);
         let metrics = &self.shared.metrics;
         metrics.commits.inc();
