@@ -134,45 +134,30 @@ impl RecordBatch {
         self.bytes.is_empty()
     }
 
+    /// The header fields, read in place.
+    pub fn header(&self) -> BatchHeader<'_> {
+        BatchHeader(&self.bytes)
+    }
+
     pub fn base_offset(&self) -> i64 {
-        read_i64(&self.bytes, 0)
+        self.header().base_offset()
     }
 
     pub fn last_offset_delta(&self) -> i32 {
-        read_i32(&self.bytes, 23)
+        self.header().last_offset_delta()
     }
 
     /// Number of offsets the batch occupies.
     pub fn offset_count(&self) -> u64 {
-        self.last_offset_delta() as u64 + 1
-    }
-
-    pub fn attributes(&self) -> i16 {
-        i16::from_be_bytes([self.bytes[21], self.bytes[22]])
-    }
-
-    pub fn base_timestamp(&self) -> i64 {
-        read_i64(&self.bytes, 27)
+        self.header().offset_count()
     }
 
     pub fn max_timestamp(&self) -> i64 {
-        read_i64(&self.bytes, 35)
-    }
-
-    pub fn producer_id(&self) -> i64 {
-        read_i64(&self.bytes, 43)
-    }
-
-    pub fn producer_epoch(&self) -> i16 {
-        i16::from_be_bytes([self.bytes[51], self.bytes[52]])
-    }
-
-    pub fn base_sequence(&self) -> i32 {
-        read_i32(&self.bytes, 53)
+        self.header().max_timestamp()
     }
 
     pub fn record_count(&self) -> i32 {
-        read_i32(&self.bytes, 57)
+        self.header().record_count()
     }
 
     pub fn crc(&self) -> u32 {
@@ -188,6 +173,57 @@ impl RecordBatch {
         Self {
             bytes: bytes.freeze(),
         }
+    }
+}
+
+/// The fixed header of a batch that is known to be at least `HEADER_LEN` bytes.
+#[derive(Clone, Copy, Debug)]
+pub struct BatchHeader<'a>(&'a [u8]);
+
+impl<'a> BatchHeader<'a> {
+    /// `None` when `bytes` is shorter than a header.
+    pub fn new(bytes: &'a [u8]) -> Option<Self> {
+        (bytes.len() >= HEADER_LEN).then_some(Self(bytes))
+    }
+
+    pub fn base_offset(self) -> i64 {
+        read_i64(self.0, 0)
+    }
+
+    pub fn attributes(self) -> i16 {
+        i16::from_be_bytes([self.0[21], self.0[22]])
+    }
+
+    pub fn last_offset_delta(self) -> i32 {
+        read_i32(self.0, 23)
+    }
+
+    pub fn offset_count(self) -> u64 {
+        self.last_offset_delta().max(0) as u64 + 1
+    }
+
+    pub fn base_timestamp(self) -> i64 {
+        read_i64(self.0, 27)
+    }
+
+    pub fn max_timestamp(self) -> i64 {
+        read_i64(self.0, 35)
+    }
+
+    pub fn producer_id(self) -> i64 {
+        read_i64(self.0, 43)
+    }
+
+    pub fn producer_epoch(self) -> i16 {
+        i16::from_be_bytes([self.0[51], self.0[52]])
+    }
+
+    pub fn base_sequence(self) -> i32 {
+        read_i32(self.0, 53)
+    }
+
+    pub fn record_count(self) -> i32 {
+        read_i32(self.0, 57)
     }
 }
 

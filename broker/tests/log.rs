@@ -469,3 +469,67 @@ fn closed_log_refuses_writes() {
         );
     });
 }
+
+/// Timestamp look-ups across many time-index intervals, with timestamps that go
+/// backwards now and then, agree with a brute-force scan, before and after retention.
+#[test]
+fn offset_for_timestamp_matches_brute_force() {
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let log = Log::open(LogOptions::new(dir.path())).unwrap();
+        log.create_topic(
+            "t",
+            1,
+            TopicConfig {
+                retention_ms: None,
+                ..TopicConfig::default()
+            },
+        )
+        .await
+        .unwrap();
+        let mut records = Vec::new(); // (offset, timestamp)
+        let mut next = 0u64;
+        for i in 0..400i64 {
+            // Mostly rising, with a dip every 7th batch.
+            let base_ts = if i % 7 == 3 { 10 * i - 500 } else { 10 * i };
+            let b = client_batch(i as u64, 5, 1800, base_ts);
+            log.append("t", 0, b).await.unwrap();
+            for r in 0..5 {
+                records.push((next + r, base_ts + r as i64));
+            }
+            next += 5;
+        }
+        let brute = |records: &[(u64, i64)], target: i64| {
+            records.iter().find(|(_, ts)| *ts >= target).copied()
+        };
+        for target in (-600..4100).step_by(37) {
+            assert_eq!(
+                log.offset_for_timestamp("t", 0, target).unwrap(),
+                brute(&records, target),
+                "target {target}"
+            );
+        }
+        // Drop about half by size; look-ups only see what is left.
+        let mut config = log.topic("t").unwrap().config;
+        config.retention_bytes = Some(log.describe("t").unwrap().1[0].bytes / 2);
+        log.set_topic_config("t", config).await.unwrap();
+        log.enforce_retention(weir::storage::now_ms())
+            .await
+            .unwrap();
+        let start = log.offsets("t", 0).unwrap().log_start;
+        assert!(start > 0);
+        let left: Vec<(u64, i64)> = records
+            .iter()
+            .copied()
+            .filter(|(o, _)| *o >= start)
+            .collect();
+        for target in (-600..4100).step_by(41) {
+            assert_eq!(
+                log.offset_for_timestamp("t", 0, target).unwrap(),
+                brute(&left, target),
+                "target {target}"
+            );
+        }
+        log.close().await.unwrap();
+    });
+}

@@ -22,8 +22,11 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::metrics::StorageMetrics;
+use crate::record_batch::BatchHeader;
 use crate::record_batch::{BatchError, RecordBatch};
-use tables::{BATCH_INDEX, BATCHES, BatchMeta, GROUP_OFFSETS, PARTITIONS, STATE, TopicId};
+use tables::{
+    BATCHES, GROUP_OFFSETS, PARTITIONS, PartitionRow, STATE, TIME_INDEX, TopicId, split_stored,
+};
 pub use topic::{
     CleanupPolicy, InvalidTopicConfig, InvalidTopicName, MAX_PARTITIONS, TopicConfig, TopicName,
 };
@@ -526,7 +529,11 @@ impl Log {
         let id = self.handle(topic, partition)?.id;
         let db = self.shared.db.get()?;
         let txn = db.begin_read().map_err(StorageError::from)?;
-        let offsets = read_partition_offsets(&txn, id, partition)?;
+        let row = read_partition_row(&txn, id, partition, topic)?;
+        let offsets = PartitionOffsets {
+            log_start: row.log_start,
+            high_watermark: row.next_offset,
+        };
         if offset < offsets.log_start || offset > offsets.high_watermark {
             return Err(ReadError::OffsetOutOfRange { offset, offsets });
         }
@@ -534,23 +541,16 @@ impl Log {
         if offset == offsets.high_watermark {
             return Ok(ReadResult { batches, offsets });
         }
-        let index = txn.open_table(BATCH_INDEX).map_err(StorageError::from)?;
-        let start = index
-            .range((id, partition, 0)..=(id, partition, offset))
-            .map_err(StorageError::from)?
-            .next_back()
-            .transpose()
-            .map_err(StorageError::from)?
-            .map(|(k, _)| k.value().2)
-            .ok_or(ReadError::OffsetOutOfRange { offset, offsets })?;
         let table = txn.open_table(BATCHES).map_err(StorageError::from)?;
+        let start = batch_containing(&table, id, partition, offset)?
+            .ok_or(ReadError::OffsetOutOfRange { offset, offsets })?;
         let mut total = 0usize;
         for entry in table
             .range((id, partition, start)..=(id, partition, u64::MAX))
             .map_err(StorageError::from)?
         {
-            let (_, value) = entry.map_err(StorageError::from)?;
-            let bytes = value.value();
+            let (key, value) = entry.map_err(StorageError::from)?;
+            let (_, bytes) = stored(key.value(), value.value())?;
             if !batches.is_empty() && total + bytes.len() > max_bytes {
                 break;
             }
@@ -574,39 +574,47 @@ impl Log {
         let id = self.handle(topic, partition)?.id;
         let db = self.shared.db.get()?;
         let txn = db.begin_read().map_err(StorageError::from)?;
-        let index = txn.open_table(BATCH_INDEX).map_err(StorageError::from)?;
-        let mut found = None;
+        let row = read_partition_row(&txn, id, partition, topic)?;
+        // Skip what the time index proves is older than the target.
+        let mut from = row.log_start;
+        let index = txn.open_table(TIME_INDEX).map_err(StorageError::from)?;
         for entry in index
             .range((id, partition, 0)..=(id, partition, u64::MAX))
             .map_err(StorageError::from)?
         {
-            let (key, meta) = entry.map_err(StorageError::from)?;
-            if BatchMeta::from_row(meta.value()).max_timestamp >= timestamp_ms {
-                found = Some(key.value().2);
+            let (key, max_timestamp) = entry.map_err(StorageError::from)?;
+            if max_timestamp.value() >= timestamp_ms {
                 break;
             }
+            from = from.max(key.value().2 + 1);
         }
-        let Some(base) = found else { return Ok(None) };
+        if from >= row.next_offset {
+            return Ok(None);
+        }
         let table = txn.open_table(BATCHES).map_err(StorageError::from)?;
-        let stored = table
-            .get((id, partition, base))
+        let start = batch_containing(&table, id, partition, from)?.unwrap_or(row.log_start);
+        for entry in table
+            .range((id, partition, start)..=(id, partition, u64::MAX))
             .map_err(StorageError::from)?
-            .ok_or_else(|| StorageError::Corrupt {
-                table: "batches",
-                detail: format!("index names batch {topic}/{partition}@{base} that is missing"),
-            })?;
-        let mut buf = Bytes::copy_from_slice(stored.value());
-        let set = kafka_protocol::records::RecordBatchDecoder::decode(&mut buf).map_err(|e| {
-            StorageError::Corrupt {
-                table: "batches",
-                detail: format!("{topic}/{partition}@{base}: {e}"),
+        {
+            let (key, value) = entry.map_err(StorageError::from)?;
+            let (header, bytes) = stored(key.value(), value.value())?;
+            if header.max_timestamp() < timestamp_ms {
+                continue;
             }
-        })?;
-        Ok(set
-            .records
-            .iter()
-            .find(|r| r.timestamp >= timestamp_ms)
-            .map(|r| (r.offset as u64, r.timestamp)))
+            let mut buf = Bytes::copy_from_slice(bytes);
+            let set =
+                kafka_protocol::records::RecordBatchDecoder::decode(&mut buf).map_err(|e| {
+                    StorageError::Corrupt {
+                        table: "batches",
+                        detail: format!("{topic}/{partition}: {e}"),
+                    }
+                })?;
+            if let Some(r) = set.records.iter().find(|r| r.timestamp >= timestamp_ms) {
+                return Ok(Some((r.offset as u64, r.timestamp)));
+            }
+        }
+        Ok(None)
     }
 
     /// Per-partition sizes for `describe`.
@@ -614,25 +622,15 @@ impl Log {
         let handle = self.handle(topic, 0)?;
         let db = self.shared.db.get()?;
         let txn = db.begin_read().map_err(StorageError::from)?;
-        let parts = txn.open_table(PARTITIONS).map_err(StorageError::from)?;
-        let index = txn.open_table(BATCH_INDEX).map_err(StorageError::from)?;
         let mut out = Vec::new();
         for partition in 0..handle.info.partitions {
-            let (log_start, high_watermark, bytes) = parts
-                .get((handle.id, partition))
-                .map_err(StorageError::from)?
-                .map(|v| v.value())
-                .unwrap_or_default();
-            let batches = index
-                .range((handle.id, partition, 0)..=(handle.id, partition, u64::MAX))
-                .map_err(StorageError::from)?
-                .count() as u64;
+            let row = read_partition_row(&txn, handle.id, partition, topic)?;
             out.push(PartitionInfo {
                 partition,
-                log_start,
-                high_watermark,
-                bytes,
-                batches,
+                log_start: row.log_start,
+                high_watermark: row.next_offset,
+                bytes: row.bytes,
+                batches: row.batches,
             });
         }
         Ok((handle.info.clone(), out))
@@ -769,23 +767,47 @@ fn decode<T: DeserializeOwned>(table: &'static str, bytes: &[u8]) -> Result<T, S
     })
 }
 
-fn read_partition_offsets(
+/// The partition's row; a missing one means the topic was deleted since the lookup.
+fn read_partition_row(
     txn: &redb::ReadTransaction,
     id: TopicId,
     partition: u32,
-) -> Result<PartitionOffsets, StorageError> {
-    let parts = txn.open_table(PARTITIONS)?;
-    let (log_start, high_watermark, _) = parts
-        .get((id, partition))?
-        .map(|v| v.value())
+    topic: &str,
+) -> Result<PartitionRow, ReadError> {
+    let parts = txn.open_table(PARTITIONS).map_err(StorageError::from)?;
+    let row = parts.get((id, partition)).map_err(StorageError::from)?;
+    row.map(|v| PartitionRow::from_tuple(v.value()))
+        .ok_or_else(|| ReadError::UnknownTopic(topic.to_string()))
+}
+
+/// Base offset of the stored batch that holds `offset`, if any.
+fn batch_containing(
+    table: &impl ReadableTable<(TopicId, u32, u64), &'static [u8]>,
+    id: TopicId,
+    partition: u32,
+    offset: u64,
+) -> Result<Option<u64>, StorageError> {
+    let last = table
+        .range((id, partition, 0)..=(id, partition, offset))?
+        .next_back()
+        .transpose()?;
+    Ok(last.map(|(k, _)| k.value().2))
+}
+
+/// A `BATCHES` entry's header and batch bytes, or a corruption error naming it.
+pub(super) fn stored<'v>(
+    key: (TopicId, u32, u64),
+    value: &'v [u8],
+) -> Result<(BatchHeader<'v>, &'v [u8]), StorageError> {
+    split_stored(value)
+        .and_then(|(_, batch)| Some((BatchHeader::new(batch)?, batch)))
         .ok_or_else(|| StorageError::Corrupt {
-            table: "partitions",
-            detail: format!("topic id {id} partition {partition} has no row"),
-        })?;
-    Ok(PartitionOffsets {
-        log_start,
-        high_watermark,
-    })
+            table: "batches",
+            detail: format!(
+                "entry {key:?} is {} bytes, too short for a batch",
+                value.len()
+            ),
+        })
 }
 
 /// Milliseconds since the Unix epoch.

@@ -17,17 +17,18 @@ pub(crate) type TopicId = u32;
 pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Topic name → postcard `TopicRecord`.
 pub(crate) const TOPICS: TableDefinition<&str, &[u8]> = TableDefinition::new("topics");
-/// (topic id, partition) → (log start offset, next offset, stored bytes).
-pub(crate) const PARTITIONS: TableDefinition<(TopicId, u32), (u64, u64, u64)> =
+/// (topic id, partition) → `PartitionRow` as a tuple.
+pub(crate) const PARTITIONS: TableDefinition<(TopicId, u32), PartitionTuple> =
     TableDefinition::new("partitions");
-/// (topic id, partition, base offset) → RecordBatch v2 bytes as received, with the
-/// broker's base offset written in.
+/// (topic id, partition, base offset) → append time (i64 big-endian, ms) followed by the
+/// RecordBatch v2 bytes as received, with the broker's base offset written in. The
+/// batch's own header holds everything else a reader needs (count, size, timestamps).
 pub(crate) const BATCHES: TableDefinition<(TopicId, u32, u64), &[u8]> =
     TableDefinition::new("batches");
-/// Same key as `BATCHES` → (last offset delta, size in bytes, max timestamp, append time ms).
-/// Lets retention, offset look-ups and fetch planning run without loading batches.
-pub(crate) const BATCH_INDEX: TableDefinition<(TopicId, u32, u64), (u32, u32, i64, i64)> =
-    TableDefinition::new("batch_index");
+/// Sparse time index, as Kafka's: (topic id, partition, offset X) → the largest record
+/// timestamp at offsets ≤ X. One entry per `TIME_INDEX_INTERVAL_BYTES` appended.
+pub(crate) const TIME_INDEX: TableDefinition<(TopicId, u32, u64), i64> =
+    TableDefinition::new("time_index");
 /// (group, topic, partition) → postcard `CommittedOffset`.
 pub(crate) const GROUP_OFFSETS: TableDefinition<(&str, &str, u32), &[u8]> =
     TableDefinition::new("group_offsets");
@@ -42,36 +43,68 @@ pub(crate) struct TopicRecord {
     pub(crate) created_ms: i64,
 }
 
-/// One row of `BATCH_INDEX`, named.
+/// Bytes appended between two time-index entries of a partition.
+pub(crate) const TIME_INDEX_INTERVAL_BYTES: u64 = 1 << 20;
+
+/// Bytes in front of the batch in a `BATCHES` value.
+pub(crate) const STORED_PREFIX: usize = 8;
+
+/// (log start, next offset, bytes, batches, max timestamp, bytes since the last time-index entry)
+pub(crate) type PartitionTuple = (u64, u64, u64, u64, i64, u64);
+
+/// One row of `PARTITIONS`, named. Written with every append to the partition.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct BatchMeta {
-    pub(crate) last_offset_delta: u32,
-    pub(crate) size: u32,
+pub(crate) struct PartitionRow {
+    pub(crate) log_start: u64,
+    /// Offset the next record gets: the high watermark.
+    pub(crate) next_offset: u64,
+    /// Batch bytes stored (without the append-time prefix).
+    pub(crate) bytes: u64,
+    pub(crate) batches: u64,
+    /// Largest record timestamp appended so far, for the time index.
     pub(crate) max_timestamp: i64,
-    pub(crate) append_time_ms: i64,
+    pub(crate) unindexed_bytes: u64,
 }
 
-impl BatchMeta {
-    pub(crate) fn from_row(row: (u32, u32, i64, i64)) -> Self {
-        let (last_offset_delta, size, max_timestamp, append_time_ms) = row;
+impl PartitionRow {
+    pub(crate) const EMPTY: PartitionRow = PartitionRow {
+        log_start: 0,
+        next_offset: 0,
+        bytes: 0,
+        batches: 0,
+        max_timestamp: i64::MIN,
+        unindexed_bytes: 0,
+    };
+
+    pub(crate) fn from_tuple(t: PartitionTuple) -> Self {
+        let (log_start, next_offset, bytes, batches, max_timestamp, unindexed_bytes) = t;
         Self {
-            last_offset_delta,
-            size,
+            log_start,
+            next_offset,
+            bytes,
+            batches,
             max_timestamp,
-            append_time_ms,
+            unindexed_bytes,
         }
     }
 
-    pub(crate) fn to_row(self) -> (u32, u32, i64, i64) {
+    pub(crate) fn to_tuple(self) -> PartitionTuple {
         (
-            self.last_offset_delta,
-            self.size,
+            self.log_start,
+            self.next_offset,
+            self.bytes,
+            self.batches,
             self.max_timestamp,
-            self.append_time_ms,
+            self.unindexed_bytes,
         )
     }
+}
 
-    pub(crate) fn offset_count(self) -> u64 {
-        u64::from(self.last_offset_delta) + 1
+/// A `BATCHES` value, split into its parts. `None` if it is too short to be one.
+pub(crate) fn split_stored(value: &[u8]) -> Option<(i64, &[u8])> {
+    if value.len() < STORED_PREFIX + crate::record_batch::HEADER_LEN {
+        return None;
     }
+    let (time, batch) = value.split_at(STORED_PREFIX);
+    Some((i64::from_be_bytes(time.try_into().ok()?), batch))
 }

@@ -117,17 +117,10 @@ pub(super) struct State {
 
 struct TopicState {
     record: TopicRecord,
-    partitions: Vec<PartitionState>,
+    partitions: Vec<PartitionRow>,
 }
 
-#[derive(Clone, Copy)]
-struct PartitionState {
-    log_start: u64,
-    next_offset: u64,
-    bytes: u64,
-}
-
-impl PartitionState {
+impl PartitionRow {
     fn offsets(self) -> PartitionOffsets {
         PartitionOffsets {
             log_start: self.log_start,
@@ -160,7 +153,7 @@ pub(super) fn open_database(options: &LogOptions) -> Result<(Database, State), S
         txn.open_table(TOPICS)?;
         txn.open_table(PARTITIONS)?;
         txn.open_table(BATCHES)?;
-        txn.open_table(BATCH_INDEX)?;
+        txn.open_table(TIME_INDEX)?;
         txn.open_table(GROUP_OFFSETS)?;
         txn.open_table(STATE)?;
     }
@@ -188,18 +181,14 @@ impl State {
             let record: TopicRecord = super::decode("topics", value.value())?;
             let mut partitions = Vec::with_capacity(record.partitions as usize);
             for p in 0..record.partitions {
-                let (log_start, next_offset, bytes) = parts_table
+                let row = parts_table
                     .get((record.id, p))?
-                    .map(|v| v.value())
+                    .map(|v| PartitionRow::from_tuple(v.value()))
                     .ok_or_else(|| StorageError::Corrupt {
                         table: "partitions",
                         detail: format!("topic {} partition {p} has no row", name.value()),
                     })?;
-                partitions.push(PartitionState {
-                    log_start,
-                    next_offset,
-                    bytes,
-                });
+                partitions.push(row);
             }
             topics.insert(name.value().to_string(), TopicState { record, partitions });
         }
@@ -247,9 +236,9 @@ impl State {
 struct Tables<'t> {
     meta: Table<'t, &'static str, u64>,
     topics: Table<'t, &'static str, &'static [u8]>,
-    partitions: Table<'t, (TopicId, u32), (u64, u64, u64)>,
+    partitions: Table<'t, (TopicId, u32), PartitionTuple>,
     batches: Table<'t, (TopicId, u32, u64), &'static [u8]>,
-    index: Table<'t, (TopicId, u32, u64), (u32, u32, i64, i64)>,
+    time_index: Table<'t, (TopicId, u32, u64), i64>,
     group_offsets: Table<'t, (&'static str, &'static str, u32), &'static [u8]>,
     state: Table<'t, (&'static str, &'static str), &'static [u8]>,
 }
@@ -261,7 +250,7 @@ impl<'t> Tables<'t> {
             topics: txn.open_table(TOPICS)?,
             partitions: txn.open_table(PARTITIONS)?,
             batches: txn.open_table(BATCHES)?,
-            index: txn.open_table(BATCH_INDEX)?,
+            time_index: txn.open_table(TIME_INDEX)?,
             group_offsets: txn.open_table(GROUP_OFFSETS)?,
             state: txn.open_table(STATE)?,
         })
@@ -759,28 +748,31 @@ impl Writer {
             let bytes = batch.as_bytes();
             {
                 // Copy once, straight into the page, and stamp the broker's fields.
-                let mut slot = tables.batches.insert_reserve(key, bytes.len())?;
-                let out = slot.as_mut();
+                let mut slot = tables
+                    .batches
+                    .insert_reserve(key, STORED_PREFIX + bytes.len())?;
+                let (time, out) = slot.as_mut().split_at_mut(STORED_PREFIX);
+                time.copy_from_slice(&now.to_be_bytes());
                 out.copy_from_slice(bytes);
                 out[0..8].copy_from_slice(&(part.next_offset as i64).to_be_bytes());
                 out[12..16].copy_from_slice(&0i32.to_be_bytes());
             }
-            let meta = BatchMeta {
-                last_offset_delta: batch.last_offset_delta() as u32,
-                size: bytes.len() as u32,
-                max_timestamp: batch.max_timestamp(),
-                append_time_ms: now,
-            };
-            tables.index.insert(key, meta.to_row())?;
-            part.next_offset += meta.offset_count();
-            part.bytes += u64::from(meta.size);
-            changes.appended_bytes += u64::from(meta.size);
+            let size = bytes.len() as u64;
+            part.next_offset += batch.offset_count();
+            part.bytes += size;
+            part.batches += 1;
+            part.max_timestamp = part.max_timestamp.max(batch.max_timestamp());
+            part.unindexed_bytes += size;
+            if part.unindexed_bytes >= TIME_INDEX_INTERVAL_BYTES {
+                tables
+                    .time_index
+                    .insert((id, partition, part.next_offset - 1), part.max_timestamp)?;
+                part.unindexed_bytes = 0;
+            }
+            changes.appended_bytes += size;
             changes.appended_batches += 1;
         }
-        tables.partitions.insert(
-            (id, partition),
-            (part.log_start, part.next_offset, part.bytes),
-        )?;
+        tables.partitions.insert((id, partition), part.to_tuple())?;
         changes.advanced.insert((topic.to_string(), partition));
         Ok(AppendOutcome {
             base_offset,
@@ -831,13 +823,11 @@ impl Writer {
             .insert("next_topic_id", u64::from(self.state.next_topic_id))?;
         tables.topics.insert(name.as_str(), encoded.as_slice())?;
         for p in 0..partitions {
-            tables.partitions.insert((id, p), (0, 0, 0))?;
+            tables
+                .partitions
+                .insert((id, p), PartitionRow::EMPTY.to_tuple())?;
         }
-        let empty = PartitionState {
-            log_start: 0,
-            next_offset: 0,
-            bytes: 0,
-        };
+        let empty = PartitionRow::EMPTY;
         self.state.topics.insert(
             name.to_string(),
             TopicState {
@@ -883,7 +873,7 @@ impl Writer {
             .batches
             .retain_in((id, 0, 0)..=(id, u32::MAX, u64::MAX), |_, _| false)?;
         tables
-            .index
+            .time_index
             .retain_in((id, 0, 0)..=(id, u32::MAX, u64::MAX), |_, _| false)?;
         tables
             .partitions
@@ -916,23 +906,24 @@ impl Writer {
                 let from = part.log_start;
                 let mut freed = 0u64;
                 let mut doomed = Vec::new();
-                for entry in tables.index.range((id, p, 0)..=(id, p, u64::MAX))? {
+                for entry in tables.batches.range((id, p, 0)..=(id, p, u64::MAX))? {
                     if budget == 0 {
                         break;
                     }
-                    let (key, meta) = entry?;
-                    let meta = BatchMeta::from_row(meta.value());
-                    let expired = cutoff.is_some_and(|c| meta.append_time_ms < c);
+                    let (key, value) = entry?;
+                    let key = key.value();
+                    let (header, batch) = super::stored(key, value.value())?;
+                    let append_time = split_stored(value.value()).map_or(i64::MIN, |(t, _)| t);
+                    let expired = cutoff.is_some_and(|c| append_time < c);
                     let oversize = config
                         .retention_bytes
                         .is_some_and(|max| part.bytes - freed > max);
                     if !(expired || oversize) {
                         break;
                     }
-                    let base = key.value().2;
-                    doomed.push(base);
-                    freed += u64::from(meta.size);
-                    part.log_start = base + meta.offset_count();
+                    doomed.push(key.2);
+                    freed += batch.len() as u64;
+                    part.log_start = key.2 + header.offset_count();
                     budget -= 1;
                 }
                 if doomed.is_empty() {
@@ -940,14 +931,16 @@ impl Writer {
                 }
                 for base in &doomed {
                     tables.batches.remove((id, p, *base))?;
-                    tables.index.remove((id, p, *base))?;
                 }
+                // Time-index entries for deleted offsets go too.
+                tables
+                    .time_index
+                    .retain_in((id, p, 0)..(id, p, part.log_start), |_, _| false)?;
                 part.bytes -= freed;
+                part.batches -= doomed.len() as u64;
                 changes.retention_batches += doomed.len() as u64;
                 changes.retention_bytes += freed;
-                tables
-                    .partitions
-                    .insert((id, p), (part.log_start, part.next_offset, part.bytes))?;
+                tables.partitions.insert((id, p), part.to_tuple())?;
                 changes.advanced.insert((name.clone(), p));
                 deletions.push(RetentionDeletion {
                     topic: name.clone(),
