@@ -133,6 +133,9 @@ enum BenchCommand {
         /// Measure without fsync (the raw-file baseline still fsyncs).
         #[arg(long)]
         no_fsync: bool,
+        /// Runs per configuration; the median (by log/raw ratio) is reported.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
     },
 }
 
@@ -189,6 +192,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     record_sizes,
                     batch_bytes,
                     no_fsync,
+                    rounds,
                 },
         } => {
             let bench = weir::bench::LogBench {
@@ -198,6 +202,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 record_sizes,
                 batch_bytes,
                 fsync: !no_fsync,
+                rounds,
             };
             let results = weir::bench::run(&bench).await?;
             print!("{}", weir::bench::table(&results));
