@@ -29,6 +29,9 @@ pub struct KafkaConfig {
     pub listen: SocketAddr,
     /// host:port that clients are told to connect to, when it differs from `listen`.
     pub advertised: Option<String>,
+    /// Create a topic, with `[topic_defaults]`, when a client asks for one that is
+    /// missing (Kafka's auto.create.topics.enable).
+    pub auto_create_topics: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -104,6 +107,7 @@ impl Default for KafkaConfig {
         Self {
             listen: ([0, 0, 0, 0], 9092).into(),
             advertised: None,
+            auto_create_topics: true,
         }
     }
 }
@@ -204,6 +208,7 @@ impl Config {
     /// Checks what serde cannot: ranges and topic defaults.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.topic_config()?;
+        self.kafka_advertised()?;
         let d = &self.topic_defaults;
         if d.partitions == 0 || d.partitions > crate::storage::MAX_PARTITIONS {
             return Err(ConfigError::Invalid(format!(
@@ -231,6 +236,32 @@ impl Config {
             ),
             ("cleanup.policy", d.cleanup_policy.as_str()),
         ])
+    }
+
+    /// The host and port clients are told to connect to: `kafka.advertised`, else the
+    /// listen address, with this machine's host name for an unspecified address.
+    pub fn kafka_advertised(&self) -> Result<(String, u16), ConfigError> {
+        if let Some(adv) = &self.kafka.advertised {
+            let (host, port) = adv
+                .rsplit_once(':')
+                .and_then(|(h, p)| Some((h.trim_matches(['[', ']']).to_string(), p.parse().ok()?)))
+                .filter(|(h, _)| !h.is_empty())
+                .ok_or_else(|| {
+                    ConfigError::Invalid(format!("[kafka] advertised = {adv:?} is not host:port"))
+                })?;
+            return Ok((host, port));
+        }
+        let listen = self.kafka.listen;
+        let host = if listen.ip().is_unspecified() {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .ok()
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "localhost".to_string())
+        } else {
+            listen.ip().to_string()
+        };
+        Ok((host, listen.port()))
     }
 
     pub fn log_options(&self) -> LogOptions {

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod bench;
 pub mod config;
+pub mod kafka;
 pub mod metrics;
 pub mod record_batch;
 pub mod server;

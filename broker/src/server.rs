@@ -13,12 +13,14 @@ use tracing::{error, info, warn};
 
 use crate::admin::{self, AdminState};
 use crate::config::Config;
+use crate::kafka::{self, KafkaBroker, KafkaMetrics, KafkaSettings};
 use crate::metrics::{self, StorageMetrics};
 use crate::storage::{Log, now_ms};
 
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     config.validate()?;
     let storage_metrics = StorageMetrics::default();
+    let kafka_metrics = KafkaMetrics::default();
     let options = config.log_options();
     let data_dir = config.data_dir.clone();
     let log = {
@@ -35,7 +37,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let admin_addr = admin_listener.local_addr()?;
     let state = Arc::new(AdminState {
         log: log.clone(),
-        registry: metrics::registry(&storage_metrics),
+        registry: {
+            let mut registry = metrics::registry(&storage_metrics);
+            kafka_metrics.register(&mut registry);
+            registry
+        },
         topic_defaults: config.topic_config()?,
         default_partitions: config.topic_defaults.partitions,
     });
@@ -56,11 +62,22 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         stop_rx.clone(),
     ));
 
-    warn!(
-        kafka = %config.kafka.listen,
-        mqtt = %config.mqtt.listen,
-        "the Kafka and MQTT listeners are not part of this build yet; those addresses are not bound"
-    );
+    let kafka_listener = TcpListener::bind(config.kafka.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {} (kafka): {e}", config.kafka.listen))?;
+    let (advertised_host, advertised_port) = config.kafka_advertised()?;
+    let settings = KafkaSettings {
+        advertised_host,
+        advertised_port: i32::from(advertised_port),
+        auto_create_topics: config.kafka.auto_create_topics,
+        default_partitions: config.topic_defaults.partitions,
+        topic_defaults: config.topic_config()?,
+    };
+    kafka::log_listening(kafka_listener.local_addr()?, &settings);
+    let kafka_broker = KafkaBroker::new(log.clone(), settings, kafka_metrics)?;
+    let kafka = tokio::spawn(kafka_broker.serve(kafka_listener, stop_rx.clone()));
+
+    warn!(mqtt = %config.mqtt.listen, "the MQTT listener is not part of this build yet; that address is not bound");
     info!(admin = %admin_addr, "weir is serving");
 
     shutdown_signal().await;
@@ -70,6 +87,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         error!(error = %e, "admin listener failed");
     }
     retention.await?;
+    if let Err(e) = kafka.await? {
+        error!(error = %e, "kafka listener failed");
+    }
     log.close().await?;
     info!("stopped");
     Ok(())
