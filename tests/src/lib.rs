@@ -43,7 +43,23 @@ impl Broker {
     /// Starts a broker on `data_dir` with free ports and `extra` arguments, and waits
     /// until its admin API answers.
     pub fn start(data_dir: &Path, extra: &[&str]) -> Broker {
-        let (admin, kafka, mqtt) = (free_addr(), free_addr(), free_addr());
+        Self::start_on(data_dir, (free_addr(), free_addr(), free_addr()), extra)
+    }
+
+    /// Stops this broker (SIGTERM, or SIGKILL with `kill`) and starts it again on the
+    /// same data directory and ports, as a restarted service comes back.
+    pub fn restart(&mut self, kill: bool, extra: &[&str]) {
+        if kill {
+            self.kill();
+        } else {
+            let status = self.terminate();
+            assert!(status.success(), "broker exited with {status:?}");
+        }
+        let next = Self::start_on(&self.data_dir, (self.admin, self.kafka, self.mqtt), extra);
+        *self = next;
+    }
+
+    fn start_on(data_dir: &Path, (admin, kafka, mqtt): (SocketAddr, SocketAddr, SocketAddr), extra: &[&str]) -> Broker {
         let mut child = Command::new(weir_bin())
             .arg("serve")
             .arg("--data-dir")
@@ -126,6 +142,37 @@ impl Drop for Broker {
     }
 }
 
+/// The Kafka bootstrap address clients use.
+impl Broker {
+    pub fn bootstrap(&self) -> String {
+        self.kafka.to_string()
+    }
+}
+
+/// Runs `python3 tests/python/<script> <args>`, bounded in time. The README's test
+/// command installs the Python clients the scripts import.
+pub fn python(script: &str, args: &[&str]) -> CliOutput {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("python").join(script);
+    run(Command::new("python3").arg(path).args(args), Duration::from_secs(300))
+}
+
+/// Runs any command, bounded in time, capturing its output.
+pub fn run(cmd: &mut Command, limit: Duration) -> CliOutput {
+    let mut child = cmd
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let out_pipe = child.stdout.take().expect("stdout");
+    let err_pipe = child.stderr.take().expect("stderr");
+    let out = std::thread::spawn(move || std::io::read_to_string(out_pipe).unwrap_or_default());
+    let err = std::thread::spawn(move || std::io::read_to_string(err_pipe).unwrap_or_default());
+    let status = wait_bounded(&mut child, limit);
+    CliOutput { status, stdout: out.join().unwrap(), stderr: err.join().unwrap() }
+}
+
 pub struct CliOutput {
     pub status: ExitStatus,
     pub stdout: String,
@@ -134,23 +181,7 @@ pub struct CliOutput {
 
 /// Runs the weir binary with `args`, bounded in time.
 pub fn run_weir(args: &[&str]) -> CliOutput {
-    let mut child = Command::new(weir_bin())
-        .args(args)
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run weir");
-    let out_pipe = child.stdout.take().expect("stdout");
-    let err_pipe = child.stderr.take().expect("stderr");
-    let out = std::thread::spawn(move || std::io::read_to_string(out_pipe).unwrap_or_default());
-    let err = std::thread::spawn(move || std::io::read_to_string(err_pipe).unwrap_or_default());
-    let status = wait_bounded(&mut child, Duration::from_secs(60));
-    CliOutput {
-        status,
-        stdout: out.join().unwrap(),
-        stderr: err.join().unwrap(),
-    }
+    run(Command::new(weir_bin()).args(args), Duration::from_secs(60))
 }
 
 /// Sends a signal by name (TERM, INT, KILL) with the system's `kill`.
