@@ -59,7 +59,11 @@ impl Broker {
         *self = next;
     }
 
-    fn start_on(data_dir: &Path, (admin, kafka, mqtt): (SocketAddr, SocketAddr, SocketAddr), extra: &[&str]) -> Broker {
+    fn start_on(
+        data_dir: &Path,
+        (admin, kafka, mqtt): (SocketAddr, SocketAddr, SocketAddr),
+        extra: &[&str],
+    ) -> Broker {
         let mut child = Command::new(weir_bin())
             .arg("serve")
             .arg("--data-dir")
@@ -152,8 +156,13 @@ impl Broker {
 /// Runs `python3 tests/python/<script> <args>`, bounded in time. The README's test
 /// command installs the Python clients the scripts import.
 pub fn python(script: &str, args: &[&str]) -> CliOutput {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("python").join(script);
-    run(Command::new("python3").arg(path).args(args), Duration::from_secs(300))
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("python")
+        .join(script);
+    run(
+        Command::new("python3").arg(path).args(args),
+        Duration::from_secs(300),
+    )
 }
 
 /// Runs any command, bounded in time, capturing its output.
@@ -170,7 +179,11 @@ pub fn run(cmd: &mut Command, limit: Duration) -> CliOutput {
     let out = std::thread::spawn(move || std::io::read_to_string(out_pipe).unwrap_or_default());
     let err = std::thread::spawn(move || std::io::read_to_string(err_pipe).unwrap_or_default());
     let status = wait_bounded(&mut child, limit);
-    CliOutput { status, stdout: out.join().unwrap(), stderr: err.join().unwrap() }
+    CliOutput {
+        status,
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+    }
 }
 
 pub struct CliOutput {
@@ -206,5 +219,82 @@ pub fn wait_bounded(child: &mut Child, limit: Duration) -> ExitStatus {
             panic!("process {} did not exit within {limit:?}", child.id());
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A bare Kafka protocol connection, for tests that need exact control of requests
+/// (retries, malformed frames). Requests are encoded with `kafka-protocol`.
+pub struct KafkaWire {
+    stream: std::net::TcpStream,
+    correlation_id: i32,
+}
+
+impl KafkaWire {
+    pub fn connect(addr: SocketAddr) -> KafkaWire {
+        let stream =
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        KafkaWire {
+            stream,
+            correlation_id: 0,
+        }
+    }
+
+    /// Sends raw bytes as they are.
+    pub fn send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        use std::io::Write;
+        self.stream.write_all(bytes)
+    }
+
+    /// Reads one response frame (without its length), or None when the broker closed.
+    pub fn read_frame(&mut self) -> Option<bytes::Bytes> {
+        use std::io::Read;
+        let mut len = [0u8; 4];
+        self.stream.read_exact(&mut len).ok()?;
+        let mut frame = vec![0u8; i32::from_be_bytes(len) as usize];
+        self.stream.read_exact(&mut frame).ok()?;
+        Some(frame.into())
+    }
+
+    /// Sends `body` as `api` v`version` and decodes the response.
+    pub fn call<Req, Resp>(
+        &mut self,
+        api: kafka_protocol::messages::ApiKey,
+        version: i16,
+        body: &Req,
+    ) -> Resp
+    where
+        Req: kafka_protocol::protocol::Encodable,
+        Resp: kafka_protocol::protocol::Decodable,
+    {
+        use bytes::{BufMut, BytesMut};
+        use kafka_protocol::protocol::{Decodable, Encodable};
+        self.correlation_id += 1;
+        let mut header = kafka_protocol::messages::RequestHeader::default();
+        header.request_api_key = api as i16;
+        header.request_api_version = version;
+        header.correlation_id = self.correlation_id;
+        header.client_id = Some(kafka_protocol::protocol::StrBytes::from_static_str(
+            "weir-tests",
+        ));
+        let mut buf = BytesMut::new();
+        buf.put_i32(0);
+        header
+            .encode(&mut buf, api.request_header_version(version))
+            .unwrap();
+        body.encode(&mut buf, version).unwrap();
+        let len = (buf.len() - 4) as i32;
+        buf[0..4].copy_from_slice(&len.to_be_bytes());
+        self.send_raw(&buf).expect("send request");
+        let mut frame = self.read_frame().expect("a response");
+        let header = kafka_protocol::messages::ResponseHeader::decode(
+            &mut frame,
+            api.response_header_version(version),
+        )
+        .unwrap();
+        assert_eq!(header.correlation_id, self.correlation_id);
+        Resp::decode(&mut frame, version).unwrap()
     }
 }

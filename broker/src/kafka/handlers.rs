@@ -332,7 +332,7 @@ impl KafkaBroker {
     // ---- produce ----
 
     async fn produce(&self, r: ProduceRequest) -> Option<ProduceResponse> {
-        if r.transactional_id.is_some() {
+        if r.transactional_id.as_ref().is_some_and(|t| !t.0.is_empty()) {
             return Some(self.produce_error(&r, ResponseError::TransactionalIdAuthorizationFailed));
         }
         let acks = r.acks;
@@ -507,7 +507,7 @@ impl KafkaBroker {
 
     async fn init_producer_id(&self, r: InitProducerIdRequest) -> InitProducerIdResponse {
         let mut out = InitProducerIdResponse::default();
-        if r.transactional_id.is_some() {
+        if r.transactional_id.as_ref().is_some_and(|t| !t.0.is_empty()) {
             // Transactions are not implemented: say so rather than pretend.
             out.error_code = code(ResponseError::TransactionalIdAuthorizationFailed);
             out.producer_id = ProducerId(-1);
