@@ -8,4 +8,5 @@ pub mod kafka;
 pub mod metrics;
 pub mod record_batch;
 pub mod server;
+pub mod shell;
 pub mod storage;

@@ -36,6 +36,48 @@ enum Command {
         #[command(subcommand)]
         command: TopicCommand,
     },
+    /// Produce lines from stdin to a topic, one record per line.
+    Produce {
+        topic: String,
+        #[arg(long, short, env = "WEIR_BOOTSTRAP", default_value = "127.0.0.1:9092")]
+        bootstrap: String,
+        /// Split each line at the first SEP into key and value (e.g. -K :).
+        #[arg(long = "key-separator", short = 'K')]
+        key_separator: Option<String>,
+        /// Send everything to this partition (default: by key, like Kafka clients).
+        #[arg(long, short)]
+        partition: Option<u32>,
+        /// 1 (the leader stored it) or all; both wait for the durable commit here.
+        #[arg(long, default_value = "all", value_parser = parse_acks)]
+        acks: i16,
+        /// Lines per produce request.
+        #[arg(long, default_value_t = 500)]
+        batch_lines: usize,
+    },
+    /// Print a topic's records as lines.
+    Consume {
+        topic: String,
+        #[arg(long, short, env = "WEIR_BOOTSTRAP", default_value = "127.0.0.1:9092")]
+        bootstrap: String,
+        /// Only this partition (default: all).
+        #[arg(long, short)]
+        partition: Option<u32>,
+        /// earliest, latest, or an offset (per partition).
+        #[arg(long, short, default_value = "earliest")]
+        offset: String,
+        /// Resume from and commit to this group's offsets (standalone, no rebalancing).
+        #[arg(long, short)]
+        group: Option<String>,
+        /// Print key SEP value.
+        #[arg(long = "key-separator", short = 'K')]
+        key_separator: Option<String>,
+        /// Stop after this many records.
+        #[arg(long, short = 'n')]
+        max_messages: Option<u64>,
+        /// Stop at the end of the log as it was when consume started.
+        #[arg(long, short)]
+        exit: bool,
+    },
     /// Measure the broker's parts on this machine.
     Bench {
         #[command(subcommand)]
@@ -139,6 +181,14 @@ enum BenchCommand {
     },
 }
 
+fn parse_acks(s: &str) -> Result<i16, String> {
+    match s {
+        "all" | "-1" => Ok(-1),
+        "1" => Ok(1),
+        _ => Err(format!("acks must be 1 or all, got {s:?}")),
+    }
+}
+
 fn parse_key_value(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
@@ -183,6 +233,56 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Topic { admin, command } => topic(&AdminClient::new(&admin), command).await,
+        Command::Produce {
+            topic,
+            bootstrap,
+            key_separator,
+            partition,
+            acks,
+            batch_lines,
+        } => {
+            let args = weir::shell::ProduceArgs {
+                bootstrap,
+                topic,
+                key_separator,
+                partition,
+                acks,
+                batch_lines,
+            };
+            let sent = weir::shell::produce(args).await?;
+            eprintln!("produced {sent} records");
+            Ok(())
+        }
+        Command::Consume {
+            topic,
+            bootstrap,
+            partition,
+            offset,
+            group,
+            key_separator,
+            max_messages,
+            exit,
+        } => {
+            let start = match offset.as_str() {
+                "earliest" | "beginning" => weir::shell::StartAt::Earliest,
+                "latest" | "end" => weir::shell::StartAt::Latest,
+                n => weir::shell::StartAt::Offset(n.parse().map_err(|_| {
+                    anyhow::anyhow!("--offset takes earliest, latest or a number, not {n:?}")
+                })?),
+            };
+            let args = weir::shell::ConsumeArgs {
+                bootstrap,
+                topic,
+                partition,
+                start,
+                group,
+                key_separator,
+                max_messages,
+                exit_at_end: exit,
+            };
+            weir::shell::consume(args, &mut std::io::stdout().lock()).await?;
+            Ok(())
+        }
         Command::Bench {
             command:
                 BenchCommand::Log {

@@ -206,15 +206,13 @@ impl Group {
             .collect();
         let mut votes: Vec<(usize, &String)> = candidates.iter().map(|c| (0, *c)).collect();
         for member in self.members.values() {
-            if let Some(choice) = member
+            let choice = member
                 .protocols
                 .iter()
                 .map(|(p, _)| p)
-                .find(|p| candidates.contains(p))
-            {
-                if let Some(v) = votes.iter_mut().find(|(_, c)| *c == choice) {
-                    v.0 += 1;
-                }
+                .find(|p| candidates.contains(p));
+            if let Some(v) = votes.iter_mut().find(|(_, c)| Some(*c) == choice) {
+                v.0 += 1;
             }
         }
         // Most votes; ties go to the first member's earlier preference.

@@ -895,12 +895,12 @@ impl KafkaBroker {
                 errors_by_tp.insert((name.clone(), p.partition_index), error.map_or(NONE, code));
             }
         }
-        if !to_commit.is_empty() {
-            if let Err(e) = self.log.commit_offsets(&group, to_commit.clone()).await {
-                let c = code(errors::write(&e));
-                for (topic, p, _) in &to_commit {
-                    errors_by_tp.insert((topic.clone(), *p as i32), c);
-                }
+        if !to_commit.is_empty()
+            && let Err(e) = self.log.commit_offsets(&group, to_commit.clone()).await
+        {
+            let c = code(errors::write(&e));
+            for (topic, p, _) in &to_commit {
+                errors_by_tp.insert((topic.clone(), *p as i32), c);
             }
         }
         for t in r.topics {

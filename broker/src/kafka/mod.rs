@@ -5,6 +5,7 @@
 //! coordinator; `producers` the idempotent-producer state; `errors` the one mapping
 //! from Weir's errors to Kafka error codes. This module owns the sockets.
 
+pub mod client;
 pub mod codec;
 mod errors;
 mod groups;
