@@ -169,6 +169,28 @@ mod tests {
         assert!(matches!(req.body, RequestKind::Metadata(_)));
     }
 
+    /// A few bytes that declare a huge array must be an error, not an allocation that
+    /// aborts the process (fixed in vendor/kafka-protocol; see WEIR-PATCH.md there).
+    #[test]
+    fn huge_declared_counts_are_errors() {
+        // Metadata v0, correlation 1, null client id, then 2^31-1 topics.
+        let frame = [
+            0, 3, 0, 0, 0, 0, 0, 1, 0xff, 0xff, 0x7f, 0xff, 0xff, 0xff, 0, 1, b'x',
+        ];
+        assert!(matches!(
+            decode_request(Bytes::copy_from_slice(&frame)),
+            Err(DecodeError::Malformed { .. })
+        ));
+        // CreateTopics v2, a topic name claiming 32 KiB.
+        let frame = [
+            0, 19, 0, 2, 0, 0, 0, 1, 0xff, 0xff, 0, 0, 0, 1, 0x7f, 0xff, b'x',
+        ];
+        assert!(matches!(
+            decode_request(Bytes::copy_from_slice(&frame)),
+            Err(DecodeError::Malformed { .. })
+        ));
+    }
+
     #[test]
     fn refuses_unknown_apis_versions_and_garbage() {
         assert!(matches!(
