@@ -1,0 +1,306 @@
+//! `kafka-bench`: produce and consume throughput through librdkafka (the `rdkafka`
+//! crate), against Weir and against a peer broker (Tansu), started side by side on
+//! loopback in the same run.
+//!
+//!   kafka-bench compare --weir target/release/weir --tansu PATH [--records N]
+//!   kafka-bench run --bootstrap HOST:PORT --topic T --records N --size S --acks all
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// One produce-then-consume run against a running broker.
+    Run {
+        #[arg(long)]
+        bootstrap: String,
+        #[arg(long)]
+        topic: String,
+        #[arg(long, default_value_t = 200_000)]
+        records: usize,
+        #[arg(long, default_value_t = 100)]
+        size: usize,
+        #[arg(long, default_value = "all")]
+        acks: String,
+        #[arg(long, default_value_t = 1)]
+        partitions: i32,
+    },
+    /// Start Weir and Tansu on free loopback ports and run every scenario on both.
+    Compare {
+        #[arg(long, default_value = "target/release/weir")]
+        weir: PathBuf,
+        #[arg(long)]
+        tansu: PathBuf,
+        #[arg(long, default_value_t = 200_000)]
+        records: usize,
+        #[arg(long, default_value_t = 3)]
+        partitions: i32,
+        /// Scratch directory for Weir's data.
+        #[arg(long, default_value = "weir-kafka-bench")]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Rates {
+    produce_records: f64,
+    produce_mb: f64,
+    consume_records: f64,
+    consume_mb: f64,
+}
+
+fn produce_consume(
+    bootstrap: &str,
+    topic: &str,
+    records: usize,
+    size: usize,
+    acks: &str,
+    partitions: i32,
+) -> anyhow::Result<Rates> {
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("acks", acks)
+        .set("linger.ms", "5")
+        .set("queue.buffering.max.messages", "1000000")
+        .set("enable.idempotence", "false")
+        .create()?;
+    let payload = vec![b'x'; size];
+    let started = Instant::now();
+    let mut sent = 0usize;
+    while sent < records {
+        let key = format!("k{}", sent % 1000);
+        let record = BaseRecord::to(topic)
+            .key(&key)
+            .payload(&payload)
+            .partition((sent as i32) % partitions);
+        match producer.send(record) {
+            Ok(()) => sent += 1,
+            Err((e, _))
+                if matches!(
+                    e.rdkafka_error_code(),
+                    Some(rdkafka::types::RDKafkaErrorCode::QueueFull)
+                ) =>
+            {
+                producer.poll(Duration::from_millis(1));
+            }
+            Err((e, _)) => anyhow::bail!("produce: {e}"),
+        }
+    }
+    producer.flush(Duration::from_secs(120))?;
+    let produce_secs = started.elapsed().as_secs_f64();
+
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "kafka-bench")
+        .set("enable.auto.commit", "false")
+        .set("fetch.max.bytes", "52428800")
+        .create()?;
+    let mut assignment = TopicPartitionList::new();
+    for p in 0..partitions {
+        assignment.add_partition_offset(topic, p, Offset::Beginning)?;
+    }
+    consumer.assign(&assignment)?;
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(300);
+    let mut got = 0usize;
+    while got < records && Instant::now() < deadline {
+        if let Some(m) = consumer.poll(Duration::from_millis(100)) {
+            let m = m?;
+            if m.payload().is_some() {
+                got += 1;
+            }
+        }
+    }
+    anyhow::ensure!(got == records, "consumed {got} of {records} records");
+    let consume_secs = started.elapsed().as_secs_f64();
+    let mb = (records * size) as f64 / 1e6;
+    Ok(Rates {
+        produce_records: records as f64 / produce_secs,
+        produce_mb: mb / produce_secs,
+        consume_records: records as f64 / consume_secs,
+        consume_mb: mb / consume_secs,
+    })
+}
+
+/// A child process killed on drop.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_port(addr: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    anyhow::bail!("nothing listens on {addr}")
+}
+
+fn start_weir(bin: &Path, dir: &Path) -> anyhow::Result<(Server, String, String)> {
+    let _ = std::fs::remove_dir_all(dir);
+    let (kafka, admin) = (weir_tests::free_addr(), weir_tests::free_addr());
+    let child = Command::new(bin)
+        .args(["serve", "--data-dir"])
+        .arg(dir)
+        .args([
+            "--kafka-listen",
+            &kafka.to_string(),
+            "--admin-listen",
+            &admin.to_string(),
+        ])
+        .args(["--mqtt-listen", &weir_tests::free_addr().to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let server = Server(child);
+    wait_port(&kafka.to_string())?;
+    wait_port(&admin.to_string())?;
+    Ok((server, kafka.to_string(), admin.to_string()))
+}
+
+fn start_tansu(bin: &Path) -> anyhow::Result<(Server, String)> {
+    let addr = weir_tests::free_addr().to_string();
+    let url = format!("tcp://{addr}");
+    let child = Command::new(bin)
+        .args([
+            "broker",
+            "--listener-url",
+            &url,
+            "--advertised-listener-url",
+            &url,
+            "--storage-engine",
+            "memory://tansu/",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let server = Server(child);
+    wait_port(&addr)?;
+    Ok((server, addr))
+}
+
+fn create_topic_tansu(
+    bin: &Path,
+    bootstrap: &str,
+    topic: &str,
+    partitions: i32,
+) -> anyhow::Result<()> {
+    let status = Command::new(bin)
+        .args([
+            "topic",
+            "create",
+            "--broker",
+            &format!("tcp://{bootstrap}"),
+            topic,
+            "--partitions",
+            &partitions.to_string(),
+        ])
+        .stdout(Stdio::null())
+        .status()?;
+    anyhow::ensure!(status.success(), "tansu topic create {topic} failed");
+    Ok(())
+}
+
+fn create_topic_weir(bin: &Path, admin: &str, topic: &str, partitions: i32) -> anyhow::Result<()> {
+    let status = Command::new(bin)
+        .args([
+            "topic",
+            "--admin",
+            admin,
+            "create",
+            topic,
+            "--partitions",
+            &partitions.to_string(),
+        ])
+        .stdout(Stdio::null())
+        .status()?;
+    anyhow::ensure!(status.success(), "weir topic create {topic} failed");
+    Ok(())
+}
+
+fn compare(
+    weir: &Path,
+    tansu: &Path,
+    records: usize,
+    partitions: i32,
+    dir: &Path,
+) -> anyhow::Result<()> {
+    println!(
+        "| scenario | broker | produce records/s | produce MB/s | consume records/s | consume MB/s |"
+    );
+    println!("|---|---|---|---|---|---|");
+    let mut ratios = Vec::new();
+    for (size, acks) in [(100, "1"), (100, "all"), (1024, "1"), (1024, "all")] {
+        let topic = format!("bench-{size}-{acks}");
+        let (weir_server, weir_addr, weir_admin) = start_weir(weir, dir)?;
+        create_topic_weir(weir, &weir_admin, &topic, partitions)?;
+        let w = produce_consume(&weir_addr, &topic, records, size, acks, partitions)?;
+        drop(weir_server);
+        let (tansu_server, tansu_addr) = start_tansu(tansu)?;
+        create_topic_tansu(tansu, &tansu_addr, &topic, partitions)?;
+        let t = produce_consume(&tansu_addr, &topic, records, size, acks, partitions)?;
+        drop(tansu_server);
+        let scenario = format!("{size} B, acks={acks}");
+        for (name, r) in [("weir", w), ("tansu", t)] {
+            println!(
+                "| {scenario} | {name} | {:.0} | {:.1} | {:.0} | {:.1} |",
+                r.produce_records, r.produce_mb, r.consume_records, r.consume_mb
+            );
+        }
+        ratios.push((
+            scenario,
+            w.produce_records / t.produce_records,
+            w.consume_records / t.consume_records,
+        ));
+    }
+    println!("\n| scenario | produce weir/tansu | consume weir/tansu |\n|---|---|---|");
+    for (scenario, p, c) in ratios {
+        println!("| {scenario} | {p:.2} | {c:.2} |");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Cmd::Run {
+            bootstrap,
+            topic,
+            records,
+            size,
+            acks,
+            partitions,
+        } => {
+            let r = produce_consume(&bootstrap, &topic, records, size, &acks, partitions)?;
+            println!("{r:?}");
+        }
+        Cmd::Compare {
+            weir,
+            tansu,
+            records,
+            partitions,
+            dir,
+        } => compare(&weir, &tansu, records, partitions, &dir)?,
+    }
+    Ok(())
+}
