@@ -558,7 +558,8 @@ impl KafkaBroker {
         }
         loop {
             let (response, bytes, errors) = self.fetch_once(&r, max_bytes);
-            if bytes >= min_bytes.max(1)
+            // min_bytes 0 means "answer now", as in Kafka.
+            if (bytes >= min_bytes && (bytes > 0 || min_bytes == 0))
                 || errors
                 || Instant::now() >= deadline
                 || watchers.is_empty()

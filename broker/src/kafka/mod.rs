@@ -28,6 +28,10 @@ use tracing::{debug, info, warn};
 use crate::storage::{Log, TopicConfig};
 use codec::DecodeError;
 
+/// A connection with no request for this long is closed (Kafka's
+/// connections.max.idle.ms); clients reconnect when they need to.
+const IDLE_LIMIT: Duration = Duration::from_secs(600);
+
 /// What the Kafka listener needs from the configuration.
 #[derive(Clone, Debug)]
 pub struct KafkaSettings {
@@ -169,10 +173,14 @@ impl KafkaBroker {
     ) -> anyhow::Result<()> {
         loop {
             let len = tokio::select! {
-                len = stream.read_i32() => match len {
-                    Ok(len) => len,
-                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-                    Err(e) => return Err(e.into()),
+                len = tokio::time::timeout(IDLE_LIMIT, stream.read_i32()) => match len {
+                    Ok(Ok(len)) => len,
+                    Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+                    Ok(Err(e)) => return Err(e.into()),
+                    Err(_idle) => {
+                        debug!(%peer, "closing idle kafka connection");
+                        return Ok(());
+                    }
                 },
                 _ = stopped(&mut stop) => return Ok(()),
             };
@@ -181,8 +189,15 @@ impl KafkaBroker {
                 warn!(%peer, len, "closing kafka connection: frame size out of range");
                 return Ok(());
             }
-            let mut frame = vec![0u8; len as usize];
-            stream.read_exact(&mut frame).await?;
+            // Grow the buffer as bytes arrive: a length prefix alone reserves nothing.
+            let mut frame = Vec::with_capacity((len as usize).min(64 << 10));
+            (&mut stream)
+                .take(len as u64)
+                .read_to_end(&mut frame)
+                .await?;
+            if frame.len() != len as usize {
+                return Ok(()); // the client went away mid-frame
+            }
             let request = match codec::decode_request(Bytes::from(frame)) {
                 Ok(request) => request,
                 Err(DecodeError::UnsupportedVersion {
