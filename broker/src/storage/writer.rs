@@ -368,7 +368,17 @@ impl Writer {
         };
         std::thread::Builder::new()
             .name("weir-log-writer".into())
-            .spawn(move || writer.run(closed))
+            .spawn(move || {
+                // A bug that panics here would leave a broker that accepts requests and
+                // can never answer them; better to stop and be restarted by the service
+                // manager, with redb's committed state intact.
+                let outcome =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| writer.run(closed)));
+                if outcome.is_err() {
+                    error!("the log writer panicked; aborting so that the service restarts");
+                    std::process::abort();
+                }
+            })
             .map_err(|e| StorageError::DataDir {
                 path: PathBuf::new(),
                 message: format!("cannot start the writer thread: {e}"),
