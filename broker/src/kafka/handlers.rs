@@ -1,10 +1,10 @@
 //! One function per Kafka API, on top of `storage::Log`.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use futures::future::join_all;
 use kafka_protocol::error::ResponseError;
 use kafka_protocol::messages::create_topics_request::CreatableTopic;
 use kafka_protocol::messages::create_topics_response::CreatableTopicResult;
@@ -36,6 +36,20 @@ use crate::storage::{
 
 const NONE: i16 = 0;
 
+/// A produce partition after phase one.
+enum Started {
+    /// Refused, or nothing to wait for.
+    Done(Result<(u64, u64), (ResponseError, Option<String>)>),
+    /// A plain append, queued.
+    Plain(crate::storage::PendingWrite),
+    /// An idempotent producer's batches: checked and appended in phase two.
+    Idempotent {
+        topic: String,
+        partition: u32,
+        batches: Vec<RecordBatch>,
+    },
+}
+
 fn code(e: ResponseError) -> i16 {
     e.code()
 }
@@ -50,7 +64,11 @@ fn topic_name(v: &str) -> TopicName {
 
 impl KafkaBroker {
     /// Answers one request; `None` for requests that get no response (acks=0).
-    pub(super) async fn handle(&self, request: Request, client_host: &str) -> Option<ResponseKind> {
+    pub(super) async fn handle(
+        self: &Arc<Self>,
+        request: Request,
+        client_host: &str,
+    ) -> Option<ResponseKind> {
         let version = request.version();
         let client_id = request
             .header
@@ -331,50 +349,75 @@ impl KafkaBroker {
 
     // ---- produce ----
 
-    async fn produce(&self, r: ProduceRequest) -> Option<ProduceResponse> {
-        if r.transactional_id.as_ref().is_some_and(|t| !t.0.is_empty()) {
-            return Some(self.produce_error(&r, ResponseError::TransactionalIdAuthorizationFailed));
-        }
-        let acks = r.acks;
-        if !matches!(acks, -1..=1) {
-            return Some(self.produce_error(&r, ResponseError::InvalidRequiredAcks));
-        }
-        let mut jobs = Vec::new();
-        for t in &r.topic_data {
-            for p in &t.partition_data {
-                jobs.push(self.produce_partition(t.name.0.to_string(), p.index, p.records.clone()));
-            }
-        }
-        let results = join_all(jobs).await;
-        if acks == 0 {
-            return None;
-        }
-        let mut out = ProduceResponse::default();
-        let mut results = results.into_iter();
-        for t in r.topic_data {
-            let mut topic = TopicProduceResponse::default();
-            topic.name = t.name;
-            for p in t.partition_data {
-                let mut part = PartitionProduceResponse::default();
-                part.index = p.index;
-                part.log_append_time_ms = -1;
-                match results.next().expect("one result per partition") {
-                    Ok((base, log_start)) => {
-                        part.base_offset = base as i64;
-                        part.log_start_offset = log_start as i64;
-                    }
-                    Err((e, message)) => {
-                        part.error_code = code(e);
-                        part.base_offset = -1;
-                        part.log_start_offset = -1;
-                        part.error_message = message.map(|m| s(&m));
-                    }
+    async fn produce(self: &Arc<Self>, r: ProduceRequest) -> Option<ProduceResponse> {
+        self.start_produce(r).await.await
+    }
+
+    /// Phase one of a produce, run in request order on the connection: validates each
+    /// partition's records and queues plain (non-idempotent) appends, so that the next
+    /// request can be read while these commit. Returns phase two, which waits for the
+    /// commits (and handles idempotent batches, in order) and builds the response.
+    pub(super) async fn start_produce(
+        self: &Arc<Self>,
+        r: ProduceRequest,
+    ) -> impl std::future::Future<Output = Option<ProduceResponse>> + Send + 'static {
+        let early = if r.transactional_id.as_ref().is_some_and(|t| !t.0.is_empty()) {
+            Some(ResponseError::TransactionalIdAuthorizationFailed)
+        } else if !matches!(r.acks, -1..=1) {
+            Some(ResponseError::InvalidRequiredAcks)
+        } else {
+            None
+        };
+        let mut started = Vec::new();
+        if early.is_none() {
+            for t in &r.topic_data {
+                for p in &t.partition_data {
+                    started.push(
+                        self.start_partition(t.name.0.to_string(), p.index, p.records.clone())
+                            .await,
+                    );
                 }
-                topic.partition_responses.push(part);
             }
-            out.responses.push(topic);
         }
-        Some(out)
+        let broker = self.clone();
+        async move {
+            if let Some(e) = early {
+                return Some(broker.produce_error(&r, e));
+            }
+            let mut results = Vec::with_capacity(started.len());
+            for s in started {
+                results.push(broker.finish_partition(s).await);
+            }
+            if r.acks == 0 {
+                return None;
+            }
+            let mut out = ProduceResponse::default();
+            let mut results = results.into_iter();
+            for t in r.topic_data {
+                let mut topic = TopicProduceResponse::default();
+                topic.name = t.name;
+                for p in t.partition_data {
+                    let mut part = PartitionProduceResponse::default();
+                    part.index = p.index;
+                    part.log_append_time_ms = -1;
+                    match results.next().expect("one result per partition") {
+                        Ok((base, log_start)) => {
+                            part.base_offset = base as i64;
+                            part.log_start_offset = log_start as i64;
+                        }
+                        Err((e, message)) => {
+                            part.error_code = code(e);
+                            part.base_offset = -1;
+                            part.log_start_offset = -1;
+                            part.error_message = message.map(|m| s(&m));
+                        }
+                    }
+                    topic.partition_responses.push(part);
+                }
+                out.responses.push(topic);
+            }
+            Some(out)
+        }
     }
 
     fn produce_error(&self, r: &ProduceRequest, e: ResponseError) -> ProduceResponse {
@@ -394,45 +437,83 @@ impl KafkaBroker {
         out
     }
 
-    /// Appends one partition's record set; returns (base offset, log start offset).
-    async fn produce_partition(
+    /// Validates one partition's record set and, for a plain producer, queues its append.
+    async fn start_partition(
         &self,
         topic: String,
         partition: i32,
         records: Option<Bytes>,
-    ) -> Result<(u64, u64), (ResponseError, Option<String>)> {
-        let fail = |e: ResponseError, m: String| (e, Some(m));
-        let partition = u32::try_from(partition).map_err(|_| {
-            fail(
+    ) -> Started {
+        let fail = |e: ResponseError, m: String| Started::Done(Err((e, Some(m))));
+        let Ok(partition) = u32::try_from(partition) else {
+            return fail(
                 ResponseError::UnknownTopicOrPartition,
                 "negative partition".into(),
-            )
-        })?;
-        let records =
-            records.ok_or_else(|| fail(ResponseError::CorruptMessage, "no records".into()))?;
-        let batches = RecordBatch::parse_all(records)
-            .map_err(|e| fail(ResponseError::CorruptMessage, e.to_string()))?;
-        let producer_id = batches[0].header().producer_id();
-        if producer_id < 0 {
-            let op = WriteOp::Append {
-                topic: topic.clone(),
+            );
+        };
+        let Some(records) = records else {
+            return fail(ResponseError::CorruptMessage, "no records".into());
+        };
+        let batches = match RecordBatch::parse_all(records) {
+            Ok(b) => b,
+            Err(e) => return fail(ResponseError::CorruptMessage, e.to_string()),
+        };
+        if batches[0].header().producer_id() >= 0 {
+            return Started::Idempotent {
+                topic,
                 partition,
                 batches,
             };
-            let outcome = self
-                .log
-                .write(vec![op])
-                .await
-                .map_err(|e| fail(errors::write(&e), e.to_string()))?;
-            self.metrics.produced_batches.inc();
-            return match outcome.first() {
-                Some(WriteOutcome::Appended(a)) => Ok((a.base_offset, a.log_start)),
-                _ => Err(fail(
-                    ResponseError::UnknownServerError,
-                    "no append outcome".into(),
-                )),
-            };
         }
+        let op = WriteOp::Append {
+            topic,
+            partition,
+            batches,
+        };
+        match self.log.submit(vec![op]).await {
+            Ok(pending) => Started::Plain(pending),
+            Err(e) => fail(errors::write(&e), e.to_string()),
+        }
+    }
+
+    /// Waits for a started partition's append; returns (base offset, log start offset).
+    async fn finish_partition(
+        &self,
+        started: Started,
+    ) -> Result<(u64, u64), (ResponseError, Option<String>)> {
+        let fail = |e: ResponseError, m: String| (e, Some(m));
+        match started {
+            Started::Done(result) => result,
+            Started::Plain(pending) => {
+                let outcome = pending
+                    .await
+                    .map_err(|e| fail(errors::write(&e), e.to_string()))?;
+                self.metrics.produced_batches.inc();
+                match outcome.first() {
+                    Some(WriteOutcome::Appended(a)) => Ok((a.base_offset, a.log_start)),
+                    _ => Err(fail(
+                        ResponseError::UnknownServerError,
+                        "no append outcome".into(),
+                    )),
+                }
+            }
+            Started::Idempotent {
+                topic,
+                partition,
+                batches,
+            } => self.produce_idempotent(topic, partition, batches).await,
+        }
+    }
+
+    /// Appends an idempotent producer's batches after checking their sequences.
+    async fn produce_idempotent(
+        &self,
+        topic: String,
+        partition: u32,
+        batches: Vec<RecordBatch>,
+    ) -> Result<(u64, u64), (ResponseError, Option<String>)> {
+        let fail = |e: ResponseError, m: String| (e, Some(m));
+        let producer_id = batches[0].header().producer_id();
         // Idempotent producer: check each batch's sequence, store the state with it.
         let mut slot = self
             .producers

@@ -17,16 +17,30 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use kafka_protocol::messages::{ApiKey, ApiVersionsResponse, ResponseKind};
+use kafka_protocol::messages::{ApiKey, ApiVersionsResponse, RequestKind, ResponseKind};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
 use crate::storage::{Log, TopicConfig};
 use codec::DecodeError;
+
+/// Requests read ahead of their answers, per connection.
+const MAX_IN_FLIGHT: usize = 16;
+
+/// The answer to a request, once its work is done (`None`: no response, acks=0).
+type Answer = std::pin::Pin<Box<dyn std::future::Future<Output = Option<ResponseKind>> + Send>>;
+
+/// A request read and started, waiting to be answered in order.
+struct Queued {
+    api: ApiKey,
+    version: i16,
+    correlation_id: i32,
+    response: Answer,
+}
 
 /// A connection with no request for this long is closed (Kafka's
 /// connections.max.idle.ms); clients reconnect when they need to.
@@ -163,43 +177,63 @@ impl KafkaBroker {
         Ok(())
     }
 
-    /// One client connection: requests are answered one at a time, in order, as a
-    /// Kafka broker does.
+    /// One client connection. Responses go out in request order. Requests are handled
+    /// one at a time, as a Kafka broker does, except that a produce's appends are
+    /// queued as soon as it is read (after every earlier non-produce request finished),
+    /// so that a pipelining client's next produce joins the group commit of this one.
     async fn connection(
         self: Arc<Self>,
-        mut stream: TcpStream,
+        stream: TcpStream,
         peer: SocketAddr,
         mut stop: watch::Receiver<bool>,
     ) -> anyhow::Result<()> {
+        let (mut reader, mut writer) = stream.into_split();
+        let (queue, mut answers) = mpsc::channel::<Queued>(MAX_IN_FLIGHT);
+        let metrics = self.metrics.clone();
+        let answering = tokio::spawn(async move {
+            while let Some(q) = answers.recv().await {
+                let Some(response) = q.response.await else {
+                    continue;
+                };
+                metrics.requests.inc();
+                let bytes = codec::encode_response(q.api, q.version, q.correlation_id, &response)
+                    .inspect_err(|e| tracing::error!(api = ?q.api, version = q.version, error = %e, "cannot encode a response"))?;
+                writer.write_all(&bytes).await?;
+            }
+            anyhow::Ok(())
+        });
+        // Done when the last queued non-produce request has been answered.
+        let mut last_other: Option<oneshot::Receiver<()>> = None;
+        let client_host = peer.ip().to_string();
         loop {
             let len = tokio::select! {
-                len = tokio::time::timeout(IDLE_LIMIT, stream.read_i32()) => match len {
+                len = tokio::time::timeout(IDLE_LIMIT, reader.read_i32()) => match len {
                     Ok(Ok(len)) => len,
-                    Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+                    Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
                     Ok(Err(e)) => return Err(e.into()),
                     Err(_idle) => {
                         debug!(%peer, "closing idle kafka connection");
-                        return Ok(());
+                        break;
                     }
                 },
-                _ = stopped(&mut stop) => return Ok(()),
+                _ = stopped(&mut stop) => break,
             };
             if len < 0 || len as usize > codec::MAX_FRAME_BYTES {
                 self.metrics.bad_frames.inc();
                 warn!(%peer, len, "closing kafka connection: frame size out of range");
-                return Ok(());
+                break;
             }
             // Grow the buffer as bytes arrive: a length prefix alone reserves nothing.
             let mut frame = Vec::with_capacity((len as usize).min(64 << 10));
-            (&mut stream)
+            (&mut reader)
                 .take(len as u64)
                 .read_to_end(&mut frame)
                 .await?;
             if frame.len() != len as usize {
-                return Ok(()); // the client went away mid-frame
+                break; // the client went away mid-frame
             }
-            let request = match codec::decode_request(Bytes::from(frame)) {
-                Ok(request) => request,
+            let queued = match codec::decode_request(Bytes::from(frame)) {
+                Ok(request) => self.start(request, &client_host, &mut last_other).await,
                 Err(DecodeError::UnsupportedVersion {
                     api: ApiKey::ApiVersions,
                     correlation_id,
@@ -209,33 +243,73 @@ impl KafkaBroker {
                     let mut body = self.api_versions();
                     body.error_code =
                         kafka_protocol::error::ResponseError::UnsupportedVersion.code();
-                    let bytes = codec::encode_response(
-                        ApiKey::ApiVersions,
-                        0,
+                    let response: Answer =
+                        Box::pin(async move { Some(ResponseKind::ApiVersions(body)) });
+                    Queued {
+                        api: ApiKey::ApiVersions,
+                        version: 0,
                         correlation_id,
-                        &ResponseKind::ApiVersions(body),
-                    )?;
-                    stream.write_all(&bytes).await?;
-                    continue;
+                        response,
+                    }
                 }
                 Err(e) => {
                     self.metrics.bad_frames.inc();
                     warn!(%peer, error = %e, "closing kafka connection: bad request");
-                    return Ok(());
+                    break;
                 }
             };
-            let (api, version, correlation_id) = (
-                request.api,
-                request.version(),
-                request.header.correlation_id,
-            );
-            let client_host = peer.ip().to_string();
-            let Some(response) = self.handle(request, &client_host).await else {
-                continue; // acks=0 produce: no response
-            };
-            self.metrics.requests.inc();
-            let bytes = codec::encode_response(api, version, correlation_id, &response)?;
-            stream.write_all(&bytes).await?;
+            if queue.send(queued).await.is_err() {
+                break; // the answering half stopped: the client is gone
+            }
+        }
+        drop(queue);
+        answering.await?
+    }
+
+    /// Starts handling a request and returns what the answering half awaits.
+    async fn start(
+        self: &Arc<Self>,
+        request: codec::Request,
+        client_host: &str,
+        last_other: &mut Option<oneshot::Receiver<()>>,
+    ) -> Queued {
+        let (api, version, correlation_id) = (
+            request.api,
+            request.version(),
+            request.header.correlation_id,
+        );
+        let response: Answer = match request.body {
+            RequestKind::Produce(produce) => {
+                // A produce must not overtake an earlier request (a metadata request
+                // that creates its topic, say).
+                if let Some(done) = last_other.take() {
+                    let _ = done.await;
+                }
+                let finish = self.start_produce(produce).await;
+                Box::pin(async move { finish.await.map(ResponseKind::Produce) })
+            }
+            body => {
+                let (done_tx, done_rx) = oneshot::channel();
+                *last_other = Some(done_rx);
+                let broker = self.clone();
+                let host = client_host.to_string();
+                let request = codec::Request {
+                    api,
+                    header: request.header,
+                    body,
+                };
+                Box::pin(async move {
+                    let response = broker.handle(request, &host).await;
+                    let _ = done_tx.send(());
+                    response
+                })
+            }
+        };
+        Queued {
+            api,
+            version,
+            correlation_id,
+            response,
         }
     }
 

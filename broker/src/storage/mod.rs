@@ -175,6 +175,23 @@ impl WriteOp {
     }
 }
 
+/// A submitted write: resolves once its transaction committed (or failed).
+#[must_use = "a write is only known to be durable once this resolves"]
+pub struct PendingWrite(oneshot::Receiver<Result<Vec<WriteOutcome>, WriteError>>);
+
+impl std::future::Future for PendingWrite {
+    type Output = Result<Vec<WriteOutcome>, WriteError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|r| r.unwrap_or(Err(WriteError::Storage(StorageError::Closed))))
+    }
+}
+
 /// The result of each op, in order.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum WriteOutcome {
@@ -388,9 +405,20 @@ impl Log {
 
     /// Commits `ops` atomically in the next group commit.
     pub async fn write(&self, ops: Vec<WriteOp>) -> Result<Vec<WriteOutcome>, WriteError> {
+        self.submit(ops).await?.await
+    }
+
+    /// Queues `ops` for the next group commit and returns a future of their outcome.
+    /// Writes are applied in the order `submit` returned, so a caller that submits
+    /// several writes before awaiting any keeps their order (pipelined produce).
+    pub async fn submit(&self, ops: Vec<WriteOp>) -> Result<PendingWrite, WriteError> {
         let bytes = ops.iter().map(WriteOp::payload_bytes).sum();
-        self.send(|reply| Command::Write { ops, bytes, reply })
-            .await?
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Write { ops, bytes, reply })
+            .await
+            .map_err(|_| StorageError::Closed)?;
+        Ok(PendingWrite(rx))
     }
 
     pub async fn create_topic(
