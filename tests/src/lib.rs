@@ -153,6 +153,15 @@ impl Broker {
     }
 }
 
+/// A command for a third-party program (kcat, python3). Cargo puts its build
+/// directories on `LD_LIBRARY_PATH` for tests, and one holds the librdkafka that the
+/// `rdkafka` crate builds: kcat and confluent-kafka must load their own.
+pub fn external(program: &str) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.env_remove("LD_LIBRARY_PATH");
+    cmd
+}
+
 /// Runs `python3 tests/python/<script> <args>`, bounded in time. The README's test
 /// command installs the Python clients the scripts import.
 pub fn python(script: &str, args: &[&str]) -> CliOutput {

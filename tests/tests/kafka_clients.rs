@@ -3,10 +3,10 @@
 //! installs them.
 
 use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use weir_tests::{Broker, python, run, wait_bounded};
+use weir_tests::{Broker, external, python, run, wait_bounded};
 
 fn assert_ok(what: &str, out: &weir_tests::CliOutput) {
     assert!(
@@ -79,7 +79,7 @@ fn every_compression_codec_round_trips() {
 
 fn kcat(broker: &Broker, args: &[&str]) -> String {
     let out = run(
-        Command::new("kcat")
+        external("kcat")
             .arg("-b")
             .arg(broker.bootstrap())
             .args(args),
@@ -90,7 +90,7 @@ fn kcat(broker: &Broker, args: &[&str]) -> String {
 }
 
 fn kcat_produce(broker: &Broker, topic: &str, args: &[&str], input: &str) {
-    let mut child = Command::new("kcat")
+    let mut child = external("kcat")
         .arg("-b")
         .arg(broker.bootstrap())
         .args(["-P", "-t", topic])
@@ -110,6 +110,13 @@ fn kcat_produce(broker: &Broker, topic: &str, args: &[&str], input: &str) {
 
 #[test]
 fn kcat_lists_produces_with_keys_and_consumes() {
+    // The point is an old client: make sure it is the one from Debian.
+    let version = run(external("kcat").arg("-V"), Duration::from_secs(10));
+    assert!(
+        version.stdout.contains("librdkafka 2.0.2"),
+        "{}",
+        version.stdout
+    );
     let dir = tempfile::tempdir().unwrap();
     let broker = Broker::start(dir.path(), &[]);
     weir_tests::run_weir(&[
@@ -181,7 +188,7 @@ fn acknowledged_records_survive_sigkill_under_librdkafka_load() {
     ]);
     let script =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/confluent_crash_producer.py");
-    let mut producer = Command::new("python3")
+    let mut producer = external("python3")
         .arg(script)
         .args([&broker.bootstrap(), "crash"])
         .stdin(Stdio::piped())
