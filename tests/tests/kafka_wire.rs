@@ -35,6 +35,16 @@ fn idempotent_batch(pid: i64, sequence: i32, values: &[&str]) -> Bytes {
     b.freeze()
 }
 
+/// A plain (non-idempotent) batch of one record.
+fn one_record() -> Bytes {
+    let record = NewRecord {
+        key: None,
+        value: Some(Bytes::from_static(b"x")),
+        timestamp_ms: 1,
+    };
+    batch(&[record], Compression::None).unwrap()
+}
+
 fn produce(wire: &mut KafkaWire, topic: &str, partition: i32, records: Bytes) -> (i16, i64) {
     let mut p = produce_request::PartitionProduceData::default();
     p.index = partition;
@@ -154,15 +164,7 @@ fn long_poll_fetch_wakes_on_append() {
     });
     std::thread::sleep(Duration::from_millis(500));
     let mut wire = KafkaWire::connect(broker.kafka);
-    let plain = batch(
-        &[NewRecord {
-            key: None,
-            value: Some(Bytes::from_static(b"x")),
-            timestamp_ms: 1,
-        }],
-        Compression::None,
-    )
-    .unwrap();
+    let plain = one_record();
     assert_eq!(produce(&mut wire, "poll", 0, plain).0, 0);
     let (error, count, waited) = waiter.join().unwrap();
     assert_eq!((error, count), (0, 1));
@@ -251,15 +253,7 @@ fn bad_input_closes_that_connection_only() {
     req.clear();
 
     // A partition that does not exist: an error code, and the connection stays.
-    let plain = batch(
-        &[NewRecord {
-            key: None,
-            value: Some(Bytes::from_static(b"x")),
-            timestamp_ms: 1,
-        }],
-        Compression::None,
-    )
-    .unwrap();
+    let plain = one_record();
     let unknown = kafka_protocol::error::ResponseError::UnknownTopicOrPartition.code();
     assert_eq!(produce(&mut healthy, "good", 7, plain.clone()).0, unknown);
     assert_eq!(fetch(&mut healthy, "good", 7, 0, 0).0, unknown);

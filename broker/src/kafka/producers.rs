@@ -59,15 +59,19 @@ impl SequenceState {
                 recent,
             })
         };
-        let Some(state) = state else {
-            return if first == 0 {
+        // A producer new to this partition, or on a new epoch, starts at sequence 0.
+        let starting = |first: i32| {
+            if first == 0 {
                 fresh(VecDeque::new())
             } else {
                 Verdict::OutOfOrder {
                     expected: 0,
                     got: first,
                 }
-            };
+            }
+        };
+        let Some(state) = state else {
+            return starting(first);
         };
         if epoch < state.epoch {
             return Verdict::FencedEpoch {
@@ -76,14 +80,7 @@ impl SequenceState {
             };
         }
         if epoch > state.epoch {
-            return if first == 0 {
-                fresh(VecDeque::new())
-            } else {
-                Verdict::OutOfOrder {
-                    expected: 0,
-                    got: first,
-                }
-            };
+            return starting(first);
         }
         if let Some(&(_, _, base)) = state
             .recent
