@@ -533,3 +533,59 @@ fn offset_for_timestamp_matches_brute_force() {
         log.close().await.unwrap();
     });
 }
+
+/// Appending far more than `retention.bytes` while retention runs keeps the database
+/// file bounded: redb reuses the pages retention frees.
+#[test]
+fn disk_use_stays_bounded_under_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let mut options = LogOptions::new(dir.path());
+        options.fsync = false;
+        let log = Log::open(options).unwrap();
+        let config = TopicConfig {
+            retention_ms: None,
+            retention_bytes: Some(1 << 20),
+            ..TopicConfig::default()
+        };
+        log.create_topic("t", 2, config).await.unwrap();
+        let mut sizes = Vec::new();
+        for round in 0..40u64 {
+            for i in 0..10u64 {
+                // ~32 KiB batches: 40 rounds × 10 × 2 partitions ≈ 25 MiB appended.
+                for p in 0..2 {
+                    log.append("t", p, client_batch(round * 100 + i, 32, 1000, 0))
+                        .await
+                        .unwrap();
+                }
+            }
+            log.enforce_retention(weir::storage::now_ms())
+                .await
+                .unwrap();
+            log.flush().await.unwrap();
+            sizes.push(std::fs::metadata(Log::db_path(dir.path())).unwrap().len());
+        }
+        let (_, parts) = log.describe("t").unwrap();
+        for p in &parts {
+            assert!(
+                p.bytes <= 1 << 20,
+                "partition {} holds {} bytes",
+                p.partition,
+                p.bytes
+            );
+            assert!(p.log_start > 0);
+        }
+        let last = *sizes.last().unwrap();
+        let at_quarter = sizes[sizes.len() / 4];
+        eprintln!(
+            "database file: {} bytes after round 1, {at_quarter} at round 10, {last} at round 40",
+            sizes[0]
+        );
+        assert!(
+            last < 16 << 20,
+            "file grew to {last} bytes for ~2 MiB of retained data"
+        );
+        assert!(last <= at_quarter * 2, "file keeps growing: {sizes:?}");
+        log.close().await.unwrap();
+    });
+}

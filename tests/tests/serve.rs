@@ -212,3 +212,58 @@ fn admin_api_serves_health_and_metrics() {
         "{metrics}"
     );
 }
+
+/// The retention task of a running broker deletes expired batches by itself and says
+/// so in its log.
+#[test]
+fn retention_runs_in_the_background() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("weir.toml");
+    std::fs::write(&file, "[storage]\nretention_check_interval_ms = 200\n").unwrap();
+    let data = dir.path().join("data");
+    let broker = Broker::start(&data, &["--config", file.to_str().unwrap()]);
+    let out = broker.cli(&["topic", "create", "short", "--config", "retention.ms=300"]);
+    assert!(out.status.success(), "{}", out.stderr);
+    let mut produce = std::process::Command::new(weir_tests::weir_bin())
+        .args(["produce", "short", "--bootstrap", &broker.bootstrap()])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    produce
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"one\ntwo\nthree\n")
+        .unwrap();
+    assert!(weir_tests::wait_bounded(&mut produce, std::time::Duration::from_secs(30)).success());
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let out = broker.cli(&["topic", "describe", "short"]);
+        let row = out
+            .stdout
+            .lines()
+            .find(|l| l.starts_with("0\t"))
+            .unwrap_or_default()
+            .to_string();
+        // partition, log_start, high_watermark, batches, bytes
+        let f: Vec<&str> = row.split('\t').collect();
+        if f.len() == 5 && f[2] == "3" && f[1] == "3" && f[3] == "0" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "retention did not run: {row:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert!(
+        broker
+            .log()
+            .iter()
+            .any(|l| l.contains("retention deleted offsets 0..3")),
+        "{:#?}",
+        broker.log()
+    );
+}
