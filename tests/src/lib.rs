@@ -174,6 +174,22 @@ pub fn python(script: &str, args: &[&str]) -> CliOutput {
     )
 }
 
+/// Runs `cmd` with `input` on its stdin, bounded in time; true when it exited 0.
+pub fn run_with_stdin(cmd: &mut Command, input: &str) -> bool {
+    use std::io::Write;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let written = child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.as_bytes());
+    let status = wait_bounded(&mut child, Duration::from_secs(60));
+    written.is_ok() && status.success()
+}
+
 /// Runs any command, bounded in time, capturing its output.
 pub fn run(cmd: &mut Command, limit: Duration) -> CliOutput {
     let mut child = cmd

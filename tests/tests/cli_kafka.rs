@@ -1,30 +1,16 @@
 //! `weir produce` and `weir consume` against a running broker.
 
-use std::io::Write;
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
-use weir_tests::{Broker, run_weir, wait_bounded, weir_bin};
+use weir_tests::{Broker, run_weir, run_with_stdin, weir_bin};
 
 fn produce(broker: &Broker, args: &[&str], input: &str) {
-    let mut child = Command::new(weir_bin())
-        .args(["produce", "--bootstrap", &broker.bootstrap()])
+    let mut cmd = Command::new(weir_bin());
+    cmd.args(["produce", "--bootstrap", &broker.bootstrap()])
         .args(args)
-        .stdin(Stdio::piped())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    assert!(
-        wait_bounded(&mut child, Duration::from_secs(60)).success(),
-        "weir produce {args:?}"
-    );
+        .stderr(Stdio::null());
+    assert!(run_with_stdin(&mut cmd, input), "weir produce {args:?}");
 }
 
 fn consume(broker: &Broker, args: &[&str]) -> Vec<String> {

@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use weir_tests::{Broker, external, python, run, wait_bounded};
+use weir_tests::{Broker, external, python, run, run_with_stdin, wait_bounded};
 
 fn assert_ok(what: &str, out: &weir_tests::CliOutput) {
     assert!(
@@ -90,22 +90,12 @@ fn kcat(broker: &Broker, args: &[&str]) -> String {
 }
 
 fn kcat_produce(broker: &Broker, topic: &str, args: &[&str], input: &str) {
-    let mut child = external("kcat")
-        .arg("-b")
+    let mut cmd = external("kcat");
+    cmd.arg("-b")
         .arg(broker.bootstrap())
         .args(["-P", "-t", topic])
-        .args(args)
-        .stdin(Stdio::piped())
-        .spawn()
-        .expect("kcat installed by the test command");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let status = wait_bounded(&mut child, Duration::from_secs(60));
-    assert!(status.success(), "kcat produce {args:?}: {status:?}");
+        .args(args);
+    assert!(run_with_stdin(&mut cmd, input), "kcat produce {args:?}");
 }
 
 #[test]

@@ -224,19 +224,12 @@ fn retention_runs_in_the_background() {
     let broker = Broker::start(&data, &["--config", file.to_str().unwrap()]);
     let out = broker.cli(&["topic", "create", "short", "--config", "retention.ms=300"]);
     assert!(out.status.success(), "{}", out.stderr);
-    let mut produce = std::process::Command::new(weir_tests::weir_bin())
-        .args(["produce", "short", "--bootstrap", &broker.bootstrap()])
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    produce
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"one\ntwo\nthree\n")
-        .unwrap();
-    assert!(weir_tests::wait_bounded(&mut produce, std::time::Duration::from_secs(30)).success());
+    let mut produce = std::process::Command::new(weir_tests::weir_bin());
+    produce.args(["produce", "short", "--bootstrap", &broker.bootstrap()]);
+    assert!(weir_tests::run_with_stdin(
+        &mut produce,
+        "one\ntwo\nthree\n"
+    ));
 
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
