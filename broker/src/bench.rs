@@ -74,6 +74,7 @@ fn bench_batch(record_size: usize, batch_bytes: usize) -> (Bytes, usize) {
             key: Some(Bytes::from(format!("device-{:04}", i % 1000))),
             value: Some(Bytes::from(vec![b'x'; record_size])),
             timestamp_ms: crate::storage::now_ms(),
+            ..Default::default()
         })
         .collect();
     (

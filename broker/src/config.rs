@@ -8,6 +8,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::mqtt::rules::{
+    BridgeConfig, CompiledIngest, DownlinkRule, IngestRule, check_bridge, compile_downlink,
+};
 use crate::storage::{InvalidTopicConfig, LogOptions, TopicConfig};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -38,6 +41,30 @@ pub struct KafkaConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct MqttConfig {
     pub listen: SocketAddr,
+    /// Largest packet accepted, in bytes (told to MQTT 5 clients in CONNACK).
+    pub max_packet_size: u32,
+    /// QoS 1/2 publishes a client may have unacknowledged (MQTT 5 receive maximum);
+    /// a 3.1.1 client is not read further until acknowledgements catch up.
+    pub receive_maximum: u16,
+    /// QoS 1/2 messages in flight to one client (an MQTT 5 client may ask for fewer).
+    pub max_inflight: u16,
+    /// Messages waiting per session (offline, or beyond the in-flight window); more
+    /// are dropped and counted in `weir_mqtt_dropped`.
+    pub max_queued_messages: usize,
+    /// Longest keep-alive granted to MQTT 5 clients: one asking for more, or for
+    /// none, is told this one (server keep alive). 0: no limit.
+    pub max_keep_alive_secs: u16,
+    /// Topic aliases an MQTT 5 client may set.
+    pub topic_alias_maximum: u16,
+    /// A connection that sends no CONNECT within this is closed.
+    pub connect_timeout_ms: u64,
+    /// MQTT topic filter → Weir topic and key; matching messages are appended
+    /// before they are acknowledged.
+    pub ingest: Vec<IngestRule>,
+    /// Weir topic → MQTT topic: records produced there go out to subscribers.
+    pub downlink: Vec<DownlinkRule>,
+    /// Remote MQTT brokers to subscribe to; what arrives goes through `ingest`.
+    pub bridge: Vec<BridgeConfig>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -116,6 +143,16 @@ impl Default for MqttConfig {
     fn default() -> Self {
         Self {
             listen: ([0, 0, 0, 0], 1883).into(),
+            max_packet_size: 1024 * 1024,
+            receive_maximum: 1024,
+            max_inflight: 256,
+            max_queued_messages: 10_000,
+            max_keep_alive_secs: 0,
+            topic_alias_maximum: 64,
+            connect_timeout_ms: 10_000,
+            ingest: Vec::new(),
+            downlink: Vec::new(),
+            bridge: Vec::new(),
         }
     }
 }
@@ -215,6 +252,31 @@ impl Config {
                 "[topic_defaults] partitions = {} is out of range",
                 d.partitions
             )));
+        }
+        let m = &self.mqtt;
+        if m.receive_maximum == 0 || m.max_inflight == 0 || m.max_packet_size < 64 {
+            return Err(ConfigError::Invalid(
+                "[mqtt] receive_maximum and max_inflight must be > 0, max_packet_size >= 64".into(),
+            ));
+        }
+        for rule in &m.ingest {
+            CompiledIngest::compile(rule).map_err(|e| {
+                ConfigError::Invalid(format!("[[mqtt.ingest]] {}: {e}", rule.filter))
+            })?;
+            crate::storage::TopicName::new(rule.topic.clone())
+                .map_err(|e| ConfigError::Invalid(format!("[[mqtt.ingest]] topic: {e}")))?;
+        }
+        for rule in &m.downlink {
+            compile_downlink(rule).map_err(|e| {
+                ConfigError::Invalid(format!("[[mqtt.downlink]] {}: {e}", rule.topic))
+            })?;
+            crate::storage::TopicName::new(rule.topic.clone())
+                .map_err(|e| ConfigError::Invalid(format!("[[mqtt.downlink]] topic: {e}")))?;
+        }
+        for bridge in &m.bridge {
+            check_bridge(bridge).map_err(|e| {
+                ConfigError::Invalid(format!("[[mqtt.bridge]] {}: {e}", bridge.address))
+            })?;
         }
         if self.storage.retention_check_interval_ms == 0 || self.storage.flush_interval_ms == 0 {
             return Err(ConfigError::Invalid(

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod config;
 pub mod kafka;
 pub mod metrics;
+pub mod mqtt;
 pub mod record_batch;
 pub mod server;
 pub mod shell;

@@ -247,12 +247,14 @@ pub mod build {
         Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
     };
 
-    /// One record to encode: key, value and timestamp in ms.
-    #[derive(Clone, Debug)]
+    /// One record to encode: key, value, timestamp in ms, headers.
+    #[derive(Clone, Debug, Default)]
     pub struct NewRecord {
         pub key: Option<Bytes>,
         pub value: Option<Bytes>,
         pub timestamp_ms: i64,
+        /// Kafka headers; a name given twice keeps its last value.
+        pub headers: Vec<(String, Bytes)>,
     }
 
     /// Encodes `records` as one v2 batch with base offset 0.
@@ -276,7 +278,11 @@ pub mod build {
                 timestamp: r.timestamp_ms,
                 key: r.key.clone(),
                 value: r.value.clone(),
-                headers: Default::default(),
+                headers: r
+                    .headers
+                    .iter()
+                    .map(|(k, v)| (k.clone().into(), Some(v.clone())))
+                    .collect(),
             })
             .collect();
         let mut buf = BytesMut::new();

@@ -15,12 +15,15 @@ use crate::admin::{self, AdminState};
 use crate::config::Config;
 use crate::kafka::{self, KafkaBroker, KafkaMetrics, KafkaSettings};
 use crate::metrics::{self, StorageMetrics};
+use crate::mqtt::rules::{CompiledIngest, compile_downlink};
+use crate::mqtt::{self, MqttBroker, MqttMetrics, MqttSettings};
 use crate::storage::{Log, now_ms};
 
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     config.validate()?;
     let storage_metrics = StorageMetrics::default();
     let kafka_metrics = KafkaMetrics::default();
+    let mqtt_metrics = MqttMetrics::default();
     let options = config.log_options();
     let data_dir = config.data_dir.clone();
     let log = {
@@ -40,6 +43,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         registry: {
             let mut registry = metrics::registry(&storage_metrics);
             kafka_metrics.register(&mut registry);
+            mqtt_metrics.register(&mut registry);
             registry
         },
         topic_defaults: config.topic_config()?,
@@ -77,7 +81,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let kafka_broker = KafkaBroker::new(log.clone(), settings, kafka_metrics)?;
     let kafka = tokio::spawn(kafka_broker.serve(kafka_listener, stop_rx.clone()));
 
-    warn!(mqtt = %config.mqtt.listen, "the MQTT listener is not part of this build yet; that address is not bound");
+    let mqtt = start_mqtt(&config, &log, &mqtt_metrics, &stop_rx).await?;
     info!(admin = %admin_addr, "weir is serving");
 
     shutdown_signal().await;
@@ -90,9 +94,79 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     if let Err(e) = kafka.await? {
         error!(error = %e, "kafka listener failed");
     }
+    for task in mqtt {
+        task.await?;
+    }
     log.close().await?;
     info!("stopped");
     Ok(())
+}
+
+/// Binds the MQTT listener, creates the rules' topics, starts downlinks and bridges.
+async fn start_mqtt(
+    config: &Config,
+    log: &Log,
+    metrics: &MqttMetrics,
+    stop: &watch::Receiver<bool>,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let m = &config.mqtt;
+    let defaults = config.topic_config()?;
+    let partitions = config.topic_defaults.partitions;
+    let mut rules = Vec::new();
+    for rule in &m.ingest {
+        mqtt::ensure_topic(log, &rule.topic, partitions, &defaults).await?;
+        rules.push(CompiledIngest::compile(rule)?);
+    }
+    let listener = TcpListener::bind(m.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {} (mqtt): {e}", m.listen))?;
+    let broker = {
+        let log = log.clone();
+        let metrics = metrics.clone();
+        let max_queued = m.max_queued_messages;
+        tokio::task::spawn_blocking(move || MqttBroker::open(log, rules, max_queued, metrics))
+            .await??
+    };
+    let settings = MqttSettings {
+        max_packet_size: m.max_packet_size,
+        receive_maximum: m.receive_maximum,
+        max_inflight: m.max_inflight,
+        max_queued_messages: m.max_queued_messages,
+        max_keep_alive_secs: m.max_keep_alive_secs,
+        topic_alias_maximum: m.topic_alias_maximum,
+        connect_timeout: Duration::from_millis(m.connect_timeout_ms),
+    };
+    info!(mqtt = %listener.local_addr()?, sessions = broker.session_count(), ingest_rules = m.ingest.len(),
+        downlinks = m.downlink.len(), bridges = m.bridge.len(), "MQTT listening");
+    let mut tasks = Vec::new();
+    for rule in &m.downlink {
+        mqtt::ensure_topic(log, &rule.topic, partitions, &defaults).await?;
+        let template = compile_downlink(rule)?;
+        let topic_partitions = log.topic(&rule.topic).map_or(0, |t| t.partitions);
+        for partition in 0..topic_partitions {
+            tasks.push(tokio::spawn(mqtt::run_downlink(
+                broker.clone(),
+                rule.clone(),
+                template.clone(),
+                partition,
+                stop.clone(),
+            )));
+        }
+    }
+    for bridge in &m.bridge {
+        tasks.push(tokio::spawn(mqtt::bridge::run_bridge(
+            broker.clone(),
+            bridge.clone(),
+            stop.clone(),
+        )));
+    }
+    let stop = stop.clone();
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = mqtt::serve(broker, settings, listener, stop).await {
+            error!(error = %e, "mqtt listener failed");
+        }
+    }));
+    Ok(tasks)
 }
 
 async fn run_retention(log: Log, every: Duration, mut stop: watch::Receiver<bool>) {

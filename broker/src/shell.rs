@@ -93,6 +93,7 @@ pub async fn produce(args: ProduceArgs) -> anyhow::Result<u64> {
                 key,
                 value: Some(Bytes::from(value)),
                 timestamp_ms: now_ms(),
+                ..Default::default()
             });
             count += 1;
         }

@@ -22,6 +22,7 @@ fn client_batch(tag: u64, count: usize, size: usize, timestamp_ms: i64) -> Bytes
             key: Some(Bytes::from(format!("{tag}-{i}"))),
             value: Some(Bytes::from(vec![(tag as u8).wrapping_add(i as u8); size])),
             timestamp_ms: timestamp_ms + i as i64,
+            ..Default::default()
         })
         .collect();
     batch(&records, Compression::None).unwrap()

@@ -57,6 +57,7 @@ fn batch_of(tag: u32) -> Bytes {
             key: Some(Bytes::from(format!("{tag}-{i}"))),
             value: Some(Bytes::from(vec![(tag % 251) as u8; 1000])),
             timestamp_ms: 0,
+            ..Default::default()
         })
         .collect();
     batch(&records, Compression::None).unwrap()

@@ -23,6 +23,7 @@ fn idempotent_batch(pid: i64, sequence: i32, values: &[&str]) -> Bytes {
             key: None,
             value: Some(Bytes::copy_from_slice(v.as_bytes())),
             timestamp_ms: 1,
+            ..Default::default()
         })
         .collect();
     let plain = batch(&records, Compression::None).unwrap();
@@ -41,6 +42,7 @@ fn one_record() -> Bytes {
         key: None,
         value: Some(Bytes::from_static(b"x")),
         timestamp_ms: 1,
+        ..Default::default()
     };
     batch(&[record], Compression::None).unwrap()
 }

@@ -214,6 +214,7 @@ mod tests {
                 key: None,
                 value: Some(Bytes::from_static(b"v")),
                 timestamp_ms: 0,
+                ..Default::default()
             })
             .collect();
         let bytes = crate::record_batch::build::batch(&records, Compression::None).unwrap();

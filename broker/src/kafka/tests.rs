@@ -33,6 +33,7 @@ fn request(api: ApiKey, version: i16) -> RequestKind {
                     key: None,
                     value: Some(Bytes::from_static(b"v")),
                     timestamp_ms: 5,
+                    ..Default::default()
                 }],
                 Compression::None,
             )

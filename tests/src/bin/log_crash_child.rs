@@ -81,6 +81,7 @@ fn random_batch(task: usize, seq: u64) -> Bytes {
                 key: Some(Bytes::from(format!("task-{task}"))),
                 value: Some(value.into()),
                 timestamp_ms: weir::storage::now_ms(),
+                ..Default::default()
             }
         })
         .collect();

@@ -1,0 +1,874 @@
+//! The MQTT broker's shared state: sessions, the subscription tree, retained
+//! messages and delayed wills, behind one lock; and the publish path that turns a
+//! message into log writes (ingest records, retained messages, queued messages of
+//! persistent sessions) and, once those committed, into deliveries.
+//!
+//! Persistence, all in the log's `state` table (postcard), written in the same
+//! `Log::write` as the publish that caused it:
+//! - `mqtt.session/{client_id}`: a persistent session's expiry and subscriptions;
+//! - `mqtt.msg/{client_id}\x1f{seq:016x}`: a QoS 1/2 message owed to a persistent
+//!   session, deleted once the client acknowledged it;
+//! - `mqtt.retained/{topic}`: retained messages.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use super::rules::CompiledIngest;
+use super::topics::{SubscriptionFilter, SubscriptionTree};
+use crate::record_batch::RecordBatch;
+use crate::record_batch::build::{NewRecord, batch};
+use crate::shell::partition_for_key;
+use crate::storage::{Log, StorageError, WriteError, WriteOp, now_ms, state_op};
+
+const NS_SESSION: &str = "mqtt.session";
+const NS_MSG: &str = "mqtt.msg";
+const NS_RETAINED: &str = "mqtt.retained";
+const KEY_SEP: char = '\x1f';
+
+/// Session expiry meaning "never" (MQTT 5's 0xFFFFFFFF; a 3.1.1 clean_session=0 session).
+pub const NEVER_EXPIRES: u32 = u32::MAX;
+
+/// MQTT 5 properties a message carries from publisher to subscriber.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageProperties {
+    pub payload_format: Option<u8>,
+    pub content_type: Option<String>,
+    pub response_topic: Option<String>,
+    pub correlation_data: Option<Bytes>,
+    pub user_properties: Vec<(String, String)>,
+}
+
+/// An application message, as received from a publisher.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    pub topic: String,
+    pub payload: Bytes,
+    pub qos: u8,
+    pub retain: bool,
+    pub properties: MessageProperties,
+    /// Client id of the publisher (for no-local), empty for the broker's own.
+    pub from: String,
+    /// Wall-clock ms after which the message is not delivered (MQTT 5 expiry).
+    pub expires_at_ms: Option<i64>,
+}
+
+impl Message {
+    pub fn expired(&self, now: i64) -> bool {
+        self.expires_at_ms.is_some_and(|at| at <= now)
+    }
+}
+
+/// One subscription's options.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubOptions {
+    pub qos: u8,
+    pub no_local: bool,
+    pub retain_as_published: bool,
+    /// 0: send retained messages at subscribe, 1: only if the subscription is new, 2: never.
+    pub retain_handling: u8,
+    pub id: Option<u32>,
+}
+
+/// A message on its way to one session.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Delivery {
+    pub message: Arc<Message>,
+    pub qos: u8,
+    pub retain: bool,
+    pub subscription_ids: Vec<u32>,
+    /// The `mqtt.msg` key holding it, for a persistent session at QoS ≥ 1.
+    pub store_key: Option<String>,
+    /// Sent before (resend with DUP).
+    pub sent: bool,
+    /// QoS 2: PUBREC received, PUBREL sent; only PUBCOMP is owed.
+    pub released: bool,
+}
+
+/// What the broker tells a connection.
+#[derive(Debug)]
+pub enum ToConnection {
+    Deliver(Delivery),
+    /// Another connection took this client id over.
+    TakenOver,
+}
+
+/// A will, held by a connection and published if it ends without a clean DISCONNECT.
+#[derive(Clone, Debug)]
+pub struct Will {
+    pub message: Message,
+    pub delay_secs: u32,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct SessionRecord {
+    expiry_secs: u32,
+    subscriptions: Vec<(String, SubOptions)>,
+}
+
+struct Link {
+    id: u64,
+    tx: mpsc::UnboundedSender<ToConnection>,
+}
+
+struct Session {
+    expiry_secs: u32,
+    subscriptions: HashMap<String, SubOptions>,
+    link: Option<Link>,
+    queue: VecDeque<Delivery>,
+    /// Inbound QoS 2 packet ids awaiting PUBREL, kept across connections.
+    awaiting_rel: HashSet<u16>,
+    expires_at: Option<Instant>,
+}
+
+impl Session {
+    fn new(expiry_secs: u32) -> Self {
+        Self {
+            expiry_secs,
+            subscriptions: HashMap::new(),
+            link: None,
+            queue: VecDeque::new(),
+            awaiting_rel: HashSet::new(),
+            expires_at: None,
+        }
+    }
+
+    fn persistent(&self) -> bool {
+        self.expiry_secs > 0
+    }
+
+    fn record(&self) -> SessionRecord {
+        SessionRecord {
+            expiry_secs: self.expiry_secs,
+            subscriptions: self
+                .subscriptions
+                .iter()
+                .map(|(f, o)| (f.clone(), o.clone()))
+                .collect(),
+        }
+    }
+}
+
+struct DelayedWill {
+    client_id: String,
+    at: Instant,
+    message: Message,
+}
+
+#[derive(Default)]
+struct State {
+    sessions: HashMap<String, Session>,
+    tree: SubscriptionTree<SubOptions>,
+    retained: HashMap<String, Arc<Message>>,
+    share_turn: HashMap<String, usize>,
+    wills: Vec<DelayedWill>,
+    next_link: u64,
+}
+
+/// The MQTT metrics (`weir_mqtt_*`).
+#[derive(Clone, Debug, Default)]
+pub struct MqttMetrics {
+    pub connections: Gauge,
+    pub connects: Counter,
+    pub refused_connects: Counter,
+    pub protocol_errors: Counter,
+    pub received: Counter,
+    pub sent: Counter,
+    pub ingested: Counter,
+    pub dropped: Counter,
+    pub ingest_errors: Counter,
+}
+
+impl MqttMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("mqtt");
+        r.register(
+            "connections",
+            "Open MQTT connections",
+            self.connections.clone(),
+        );
+        r.register("connects", "CONNECTs accepted", self.connects.clone());
+        r.register(
+            "refused_connects",
+            "CONNECTs refused with a CONNACK error",
+            self.refused_connects.clone(),
+        );
+        r.register(
+            "protocol_errors",
+            "Connections closed for a malformed, oversized or out-of-order packet",
+            self.protocol_errors.clone(),
+        );
+        r.register(
+            "received",
+            "PUBLISH packets received",
+            self.received.clone(),
+        );
+        r.register(
+            "sent",
+            "PUBLISH packets sent to subscribers",
+            self.sent.clone(),
+        );
+        r.register(
+            "ingested",
+            "Records appended to the log by ingest rules",
+            self.ingested.clone(),
+        );
+        r.register(
+            "dropped",
+            "Messages not delivered: queue full, expired, or larger than the client takes",
+            self.dropped.clone(),
+        );
+        r.register(
+            "ingest_errors",
+            "Publishes whose log write failed",
+            self.ingest_errors.clone(),
+        );
+    }
+}
+
+/// A publish, prepared: the writes that must commit before it is acknowledged, and
+/// the deliveries to make once they did.
+#[derive(Debug, Default)]
+pub struct Prepared {
+    pub ops: Vec<WriteOp>,
+    deliveries: Vec<(String, Delivery)>,
+    retained: Option<(String, Option<Arc<Message>>)>,
+    /// No subscriber and no ingest rule took it (MQTT 5 reason 0x10).
+    pub unrouted: bool,
+    /// Records the ingest rules append.
+    appends: u64,
+}
+
+impl Prepared {
+    pub fn needs_write(&self) -> bool {
+        !self.ops.is_empty()
+    }
+
+    pub fn take_ops(&mut self) -> Vec<WriteOp> {
+        std::mem::take(&mut self.ops)
+    }
+}
+
+/// The result of a CONNECT, for the connection to act on.
+pub struct Connected {
+    pub link_id: u64,
+    pub rx: mpsc::UnboundedReceiver<ToConnection>,
+    pub session_present: bool,
+    pub queued: Vec<Delivery>,
+    pub awaiting_rel: HashSet<u16>,
+}
+
+/// Cheap handle; clones share the state.
+#[derive(Clone)]
+pub struct MqttBroker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    log: Log,
+    rules: Vec<CompiledIngest>,
+    state: Mutex<State>,
+    seq: AtomicU64,
+    max_queued: usize,
+    metrics: MqttMetrics,
+}
+
+impl MqttBroker {
+    /// Loads persisted sessions, queued messages and retained messages.
+    pub fn open(
+        log: Log,
+        rules: Vec<CompiledIngest>,
+        max_queued: usize,
+        metrics: MqttMetrics,
+    ) -> Result<Self, StorageError> {
+        let mut state = State::default();
+        let now = Instant::now();
+        for (client, record) in log.list_state::<SessionRecord>(NS_SESSION)? {
+            let mut session = Session::new(record.expiry_secs);
+            session.expires_at = expiry_instant(now, record.expiry_secs);
+            for (raw, opts) in record.subscriptions {
+                if let Some(filter) = SubscriptionFilter::parse(&raw) {
+                    state.tree.insert(&filter, &client, opts.clone());
+                    session.subscriptions.insert(raw, opts);
+                }
+            }
+            state.sessions.insert(client, session);
+        }
+        let mut max_seq = 0;
+        let mut orphans = Vec::new();
+        for (key, delivery) in log.list_state::<Delivery>(NS_MSG)? {
+            let Some((client, seq)) = key.split_once(KEY_SEP) else {
+                continue;
+            };
+            max_seq = max_seq.max(u64::from_str_radix(seq, 16).unwrap_or(0));
+            match state.sessions.get_mut(client) {
+                Some(s) => s.queue.push_back(delivery),
+                None => orphans.push(key),
+            }
+        }
+        for (topic, message) in log.list_state::<Message>(NS_RETAINED)? {
+            state.retained.insert(topic, Arc::new(message));
+        }
+        if !orphans.is_empty() {
+            warn!(
+                count = orphans.len(),
+                "queued MQTT messages without a session; deleting"
+            );
+        }
+        let broker = Self {
+            inner: Arc::new(Inner {
+                log,
+                rules,
+                state: Mutex::new(state),
+                seq: AtomicU64::new(max_seq + 1),
+                max_queued,
+                metrics,
+            }),
+        };
+        if !orphans.is_empty() {
+            let ops = orphans.iter().map(|k| state_op(NS_MSG, k, None)).collect();
+            let log = broker.inner.log.clone();
+            tokio::spawn(async move {
+                if let Err(e) = log.write(ops).await {
+                    warn!(error = %e, "cannot delete orphan MQTT messages");
+                }
+            });
+        }
+        Ok(broker)
+    }
+
+    pub fn log(&self) -> &Log {
+        &self.inner.log
+    }
+
+    pub fn metrics(&self) -> &MqttMetrics {
+        &self.inner.metrics
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.inner.state.lock().sessions.len()
+    }
+
+    /// Opens (or resumes) the session of `client_id` for a new connection. Returns the
+    /// writes to commit before CONNACK (the session record, or the deletion of a
+    /// discarded one) with the connection's handles.
+    pub fn connect(
+        &self,
+        client_id: &str,
+        clean_start: bool,
+        expiry_secs: u32,
+    ) -> (Connected, Vec<WriteOp>) {
+        let mut st = self.inner.state.lock();
+        let (tx, rx) = mpsc::unbounded_channel();
+        st.next_link += 1;
+        let link_id = st.next_link;
+        // A delayed will of this client is cancelled by its return [MQTT-3.1.3-9].
+        st.wills.retain(|w| w.client_id != client_id);
+        let mut ops = Vec::new();
+        let mut session_present = false;
+        if let Some(old) = st.sessions.get_mut(client_id)
+            && let Some(link) = old.link.take()
+        {
+            let _ = link.tx.send(ToConnection::TakenOver);
+        }
+        if clean_start {
+            if let Some(old) = st.sessions.remove(client_id) {
+                ops.extend(self.discard(&mut st, client_id, old));
+            }
+        } else if st.sessions.contains_key(client_id) {
+            session_present = true;
+        }
+        let session = st
+            .sessions
+            .entry(client_id.to_string())
+            .or_insert_with(|| Session::new(expiry_secs));
+        session.expiry_secs = expiry_secs;
+        session.expires_at = None;
+        session.link = Some(Link { id: link_id, tx });
+        let queued: Vec<Delivery> = session.queue.drain(..).collect();
+        let awaiting_rel = std::mem::take(&mut session.awaiting_rel);
+        if session.persistent() {
+            ops.push(self.session_op(client_id, session));
+        } else if session_present {
+            ops.push(state_op(NS_SESSION, client_id, None));
+        }
+        (
+            Connected {
+                link_id,
+                rx,
+                session_present,
+                queued,
+                awaiting_rel,
+            },
+            ops,
+        )
+    }
+
+    /// A connection ended. `leftover`: deliveries it had not completed; `will`: to
+    /// publish (the connection ended without a clean DISCONNECT).
+    pub fn disconnected(
+        &self,
+        client_id: &str,
+        link_id: u64,
+        leftover: Vec<Delivery>,
+        awaiting_rel: HashSet<u16>,
+        will: Option<Will>,
+        expiry_secs: u32,
+    ) {
+        let mut ops = Vec::new();
+        let mut publish_now = None;
+        {
+            let mut st = self.inner.state.lock();
+            let st = &mut *st;
+            let Some(session) = st.sessions.get_mut(client_id) else {
+                // Discarded by a clean start of a newer connection.
+                ops.extend(
+                    leftover
+                        .iter()
+                        .filter_map(|d| d.store_key.as_ref())
+                        .map(|k| state_op(NS_MSG, k, None)),
+                );
+                self.spawn_write(ops);
+                return;
+            };
+            let mine = session.link.as_ref().is_some_and(|l| l.id == link_id);
+            if !mine {
+                // Taken over: the new connection inherits what this one had not completed.
+                if let Some(link) = &session.link {
+                    for mut d in leftover {
+                        d.sent = d.sent || d.released;
+                        let _ = link.tx.send(ToConnection::Deliver(d));
+                    }
+                }
+                if let Some(w) = will.filter(|w| w.delay_secs == 0) {
+                    publish_now = Some(w.message);
+                }
+            } else {
+                session.link = None;
+                session.expiry_secs = expiry_secs;
+                session.awaiting_rel = awaiting_rel;
+                for d in leftover.into_iter().rev() {
+                    session.queue.push_front(d);
+                }
+                if let Some(w) = will {
+                    let delay = w.delay_secs.min(expiry_secs);
+                    if delay == 0 {
+                        publish_now = Some(w.message);
+                    } else {
+                        st.wills.push(DelayedWill {
+                            client_id: client_id.to_string(),
+                            at: Instant::now() + Duration::from_secs(u64::from(delay)),
+                            message: w.message,
+                        });
+                    }
+                }
+                if session.persistent() {
+                    session.expires_at = expiry_instant(Instant::now(), expiry_secs);
+                    ops.push(self.session_op(client_id, session));
+                } else if let Some(s) = st.sessions.remove(client_id) {
+                    ops.extend(self.discard(st, client_id, s));
+                }
+            }
+        }
+        self.spawn_write(ops);
+        if let Some(message) = publish_now {
+            self.publish_internal(message);
+        }
+    }
+
+    /// Expires sessions and fires delayed wills whose time has come. Called every second.
+    pub fn tick(&self) {
+        let now = Instant::now();
+        let mut ops = Vec::new();
+        let mut wills = Vec::new();
+        {
+            let mut st = self.inner.state.lock();
+            let st = &mut *st;
+            let (due, later): (Vec<_>, Vec<_>) = st.wills.drain(..).partition(|w| w.at <= now);
+            st.wills = later;
+            wills.extend(due.into_iter().map(|w| w.message));
+            let expired: Vec<String> = st
+                .sessions
+                .iter()
+                .filter(|(_, s)| s.link.is_none() && s.expires_at.is_some_and(|at| at <= now))
+                .map(|(c, _)| c.clone())
+                .collect();
+            for client in expired {
+                if let Some(s) = st.sessions.remove(&client) {
+                    debug!(client = %client, "MQTT session expired");
+                    ops.extend(self.discard(st, &client, s));
+                }
+            }
+        }
+        self.spawn_write(ops);
+        for w in wills {
+            self.publish_internal(w);
+        }
+    }
+
+    /// Applies SUBSCRIBE filters; returns per filter the granted QoS or `Err(reason)`,
+    /// the retained messages to send, and the writes to commit before SUBACK.
+    pub fn subscribe(
+        &self,
+        client_id: &str,
+        filters: Vec<(String, SubOptions)>,
+    ) -> (
+        Vec<Result<u8, SubscribeRefusal>>,
+        Vec<Delivery>,
+        Vec<WriteOp>,
+    ) {
+        let mut st = self.inner.state.lock();
+        let st = &mut *st;
+        let mut results = Vec::new();
+        let mut retained = Vec::new();
+        let now = now_ms();
+        for (raw, opts) in filters {
+            let Some(filter) = SubscriptionFilter::parse(&raw) else {
+                results.push(Err(SubscribeRefusal::InvalidFilter));
+                continue;
+            };
+            if filter.share_group.is_some() && opts.no_local {
+                results.push(Err(SubscribeRefusal::SharedNoLocal));
+                continue;
+            }
+            let existed = st.tree.insert(&filter, client_id, opts.clone());
+            if let Some(s) = st.sessions.get_mut(client_id) {
+                s.subscriptions.insert(raw.clone(), opts.clone());
+            }
+            let send_retained = filter.share_group.is_none()
+                && match opts.retain_handling {
+                    0 => true,
+                    1 => !existed,
+                    _ => false,
+                };
+            if send_retained {
+                for (topic, msg) in &st.retained {
+                    if super::topics::matches(&filter.filter, topic) && !msg.expired(now) {
+                        retained.push(Delivery {
+                            message: msg.clone(),
+                            qos: msg.qos.min(opts.qos),
+                            retain: true,
+                            subscription_ids: opts.id.into_iter().collect(),
+                            store_key: None,
+                            sent: false,
+                            released: false,
+                        });
+                    }
+                }
+            }
+            results.push(Ok(opts.qos));
+        }
+        let ops = match st.sessions.get(client_id) {
+            Some(s) if s.persistent() => vec![self.session_op(client_id, s)],
+            _ => Vec::new(),
+        };
+        (results, retained, ops)
+    }
+
+    /// Removes filters; per filter whether it existed; the writes to commit.
+    pub fn unsubscribe(&self, client_id: &str, filters: &[String]) -> (Vec<bool>, Vec<WriteOp>) {
+        let mut st = self.inner.state.lock();
+        let st = &mut *st;
+        let found = filters
+            .iter()
+            .map(|raw| {
+                let removed =
+                    SubscriptionFilter::parse(raw).is_some_and(|f| st.tree.remove(&f, client_id));
+                if let Some(s) = st.sessions.get_mut(client_id) {
+                    s.subscriptions.remove(raw);
+                }
+                removed
+            })
+            .collect();
+        let ops = match st.sessions.get(client_id) {
+            Some(s) if s.persistent() => vec![self.session_op(client_id, s)],
+            _ => Vec::new(),
+        };
+        (found, ops)
+    }
+
+    /// Works out what a publish writes and whom it reaches. Nothing is delivered
+    /// until [`MqttBroker::complete`] is called after the writes committed.
+    pub fn prepare(&self, message: Message) -> Result<Prepared, WriteError> {
+        let mut prepared = Prepared::default();
+        let mut ingested = false;
+        for rule in &self.inner.rules {
+            let Some(key) = rule.key_for(&message.topic, &message.from) else {
+                continue;
+            };
+            prepared.ops.push(self.record_op(rule, key, &message)?);
+            prepared.appends += 1;
+            ingested = true;
+        }
+        if message.retain {
+            let stored = (!message.payload.is_empty()).then(|| Arc::new(message.clone()));
+            let value = stored.as_deref().map(encode);
+            prepared
+                .ops
+                .push(state_op(NS_RETAINED, &message.topic, value));
+            prepared.retained = Some((message.topic.clone(), stored));
+        }
+        let message = Arc::new(message);
+        let st = self.inner.state.lock();
+        // Per client: granted QoS, retain flag and subscription ids over all its matches.
+        let mut per_client: HashMap<&str, (u8, bool, Vec<u32>)> = HashMap::new();
+        let mut shared: HashMap<(&str, String), Vec<(&str, &SubOptions)>> = HashMap::new();
+        st.tree
+            .for_each_match(&message.topic, |group, filter, client, opts| {
+                if !group.is_empty() {
+                    shared
+                        .entry((group, filter.to_string()))
+                        .or_default()
+                        .push((client, opts));
+                    return;
+                }
+                if opts.no_local && client == message.from {
+                    return;
+                }
+                let entry = per_client.entry(client).or_insert((0, false, Vec::new()));
+                entry.0 = entry.0.max(opts.qos);
+                entry.1 |= opts.retain_as_published && message.retain;
+                entry.2.extend(opts.id);
+            });
+        let mut chosen: Vec<(String, u8, bool, Vec<u32>)> = per_client
+            .into_iter()
+            .map(|(c, (q, r, ids))| (c.to_string(), q, r, ids))
+            .collect();
+        let mut turns = Vec::new();
+        for ((group, filter), mut members) in shared {
+            members.sort_by(|a, b| a.0.cmp(b.0));
+            let online: Vec<_> = members
+                .iter()
+                .filter(|(c, _)| st.sessions.get(*c).is_some_and(|s| s.link.is_some()))
+                .collect();
+            let pool: Vec<_> = if online.is_empty() {
+                members.iter().collect()
+            } else {
+                online
+            };
+            let turn_key = format!("{group}/{filter}");
+            let turn = st.share_turn.get(&turn_key).copied().unwrap_or(0);
+            let (client, opts) = pool[turn % pool.len()];
+            turns.push((turn_key, turn + 1));
+            chosen.push((
+                client.to_string(),
+                opts.qos,
+                opts.retain_as_published && message.retain,
+                opts.id.into_iter().collect(),
+            ));
+        }
+        for (client, sub_qos, retain, ids) in chosen {
+            let Some(session) = st.sessions.get(&client) else {
+                continue;
+            };
+            let qos = message.qos.min(sub_qos);
+            let mut delivery = Delivery {
+                message: message.clone(),
+                qos,
+                retain,
+                subscription_ids: ids,
+                store_key: None,
+                sent: false,
+                released: false,
+            };
+            if qos > 0 && session.persistent() {
+                let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed);
+                let key = format!("{client}{KEY_SEP}{seq:016x}");
+                delivery.store_key = Some(key.clone());
+                prepared
+                    .ops
+                    .push(state_op(NS_MSG, &key, Some(encode(&delivery))));
+            }
+            prepared.deliveries.push((client, delivery));
+        }
+        drop(st);
+        if !turns.is_empty() {
+            let mut st = self.inner.state.lock();
+            for (k, v) in turns {
+                st.share_turn.insert(k, v);
+            }
+        }
+        prepared.unrouted = prepared.deliveries.is_empty() && !ingested;
+        Ok(prepared)
+    }
+
+    /// Delivers a prepared publish whose writes committed (or that had none).
+    pub fn complete(&self, prepared: Prepared) {
+        self.inner.metrics.ingested.inc_by(prepared.appends);
+        let mut st = self.inner.state.lock();
+        if let Some((topic, message)) = prepared.retained {
+            match message {
+                Some(m) => st.retained.insert(topic, m),
+                None => st.retained.remove(&topic),
+            };
+        }
+        let mut drop_keys = Vec::new();
+        for (client, delivery) in prepared.deliveries {
+            let Some(session) = st.sessions.get_mut(&client) else {
+                drop_keys.extend(delivery.store_key);
+                continue;
+            };
+            match &session.link {
+                Some(link) => {
+                    let _ = link.tx.send(ToConnection::Deliver(delivery));
+                }
+                None if delivery.qos > 0 && session.queue.len() < self.inner.max_queued => {
+                    session.queue.push_back(delivery);
+                }
+                None => {
+                    self.inner.metrics.dropped.inc();
+                    drop_keys.extend(delivery.store_key);
+                }
+            }
+        }
+        drop(st);
+        self.spawn_write(
+            drop_keys
+                .iter()
+                .map(|k| state_op(NS_MSG, k, None))
+                .collect(),
+        );
+    }
+
+    /// Publishes a message of the broker's own (a will, a bridged or downlink
+    /// message): writes, then delivers, in a task of its own.
+    pub fn publish_internal(&self, message: Message) {
+        let broker = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = broker.publish(message).await {
+                warn!(error = %e, "cannot publish an MQTT message of the broker's own");
+            }
+        });
+    }
+
+    /// Prepares, writes and delivers one message; returns once it is durable.
+    pub async fn publish(&self, message: Message) -> Result<(), WriteError> {
+        let mut prepared = self.prepare(message)?;
+        if prepared.needs_write() {
+            if let Err(e) = self.inner.log.write(prepared.take_ops()).await {
+                self.inner.metrics.ingest_errors.inc();
+                return Err(e);
+            }
+        }
+        self.complete(prepared);
+        Ok(())
+    }
+
+    /// The write that forgets a delivered message of a persistent session.
+    pub fn acknowledged_op(key: &str) -> WriteOp {
+        state_op(NS_MSG, key, None)
+    }
+
+    fn record_op(
+        &self,
+        rule: &CompiledIngest,
+        key: Option<String>,
+        message: &Message,
+    ) -> Result<WriteOp, WriteError> {
+        let partitions = self
+            .inner
+            .log
+            .topic(&rule.topic)
+            .ok_or_else(|| WriteError::UnknownTopic(rule.topic.clone()))?
+            .partitions;
+        let partition = match &key {
+            Some(k) => partition_for_key(k.as_bytes(), partitions),
+            None => (self.inner.seq.fetch_add(1, Ordering::Relaxed) % u64::from(partitions)) as u32,
+        };
+        let mut headers = vec![
+            ("mqtt.topic".to_string(), Bytes::from(message.topic.clone())),
+            (
+                "mqtt.client_id".to_string(),
+                Bytes::from(message.from.clone()),
+            ),
+            ("mqtt.qos".to_string(), Bytes::from(message.qos.to_string())),
+        ];
+        if let Some(ct) = &message.properties.content_type {
+            headers.push(("mqtt.content_type".to_string(), Bytes::from(ct.clone())));
+        }
+        if let Some(pf) = message.properties.payload_format {
+            headers.push((
+                "mqtt.payload_format".to_string(),
+                Bytes::from(pf.to_string()),
+            ));
+        }
+        for (k, v) in &message.properties.user_properties {
+            headers.push((k.clone(), Bytes::from(v.clone())));
+        }
+        let record = NewRecord {
+            key: key.map(Bytes::from),
+            value: Some(message.payload.clone()),
+            timestamp_ms: now_ms(),
+            headers,
+        };
+        let bytes = batch(&[record], kafka_protocol::records::Compression::None).map_err(|e| {
+            WriteError::Storage(StorageError::Corrupt {
+                table: "batches",
+                detail: format!("cannot encode an MQTT record: {e}"),
+            })
+        })?;
+        Ok(WriteOp::Append {
+            topic: rule.topic.clone(),
+            partition,
+            batches: vec![RecordBatch::parse(bytes)?],
+        })
+    }
+
+    fn session_op(&self, client_id: &str, session: &Session) -> WriteOp {
+        state_op(NS_SESSION, client_id, Some(encode(&session.record())))
+    }
+
+    /// Forgets a session: its subscriptions, its record and its queued messages.
+    fn discard(&self, st: &mut State, client_id: &str, session: Session) -> Vec<WriteOp> {
+        for raw in session.subscriptions.keys() {
+            if let Some(f) = SubscriptionFilter::parse(raw) {
+                st.tree.remove(&f, client_id);
+            }
+        }
+        let mut ops = vec![state_op(NS_SESSION, client_id, None)];
+        ops.extend(
+            session
+                .queue
+                .iter()
+                .filter_map(|d| d.store_key.as_ref())
+                .map(|k| state_op(NS_MSG, k, None)),
+        );
+        ops
+    }
+
+    fn spawn_write(&self, ops: Vec<WriteOp>) {
+        if ops.is_empty() {
+            return;
+        }
+        let log = self.inner.log.clone();
+        tokio::spawn(async move {
+            if let Err(e) = log.write(ops).await {
+                warn!(error = %e, "cannot persist MQTT session state");
+            }
+        });
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SubscribeRefusal {
+    InvalidFilter,
+    SharedNoLocal,
+}
+
+fn expiry_instant(now: Instant, expiry_secs: u32) -> Option<Instant> {
+    (expiry_secs != NEVER_EXPIRES).then(|| now + Duration::from_secs(u64::from(expiry_secs)))
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    postcard::to_stdvec(value).expect("postcard encodes plain structs into a Vec")
+}

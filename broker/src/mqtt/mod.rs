@@ -1,0 +1,228 @@
+//! The MQTT 3.1.1 and 5.0 broker: listener, sessions, ingest into the log, downlink
+//! out of it, and bridges from remote brokers.
+//!
+//! `codec.rs` frames packets with `rumqttc`'s codecs (3.1.1 converted to 5.0 shapes);
+//! `topics.rs` matches filters; `broker.rs` holds sessions, subscriptions and retained
+//! messages and turns a publish into log writes and deliveries; `connection.rs` is one
+//! client's loop; `rules.rs` the config's ingest/downlink/bridge rules; `bridge.rs`
+//! the client side for bridges.
+
+pub mod bridge;
+pub mod broker;
+pub mod codec;
+mod connection;
+pub mod rules;
+pub mod topics;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use kafka_protocol::records::RecordBatchDecoder;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::{info, warn};
+
+pub use broker::{Message, MessageProperties, MqttBroker, MqttMetrics};
+use rules::{DownlinkRule, Template};
+
+use crate::storage::{Log, ReadError, TopicConfig, TopicError, state_op};
+
+/// Limits and sizes of the listener (the `[mqtt]` config section).
+#[derive(Clone, Debug)]
+pub struct MqttSettings {
+    pub max_packet_size: u32,
+    pub receive_maximum: u16,
+    pub max_inflight: u16,
+    pub max_queued_messages: usize,
+    pub max_keep_alive_secs: u16,
+    pub topic_alias_maximum: u16,
+    pub connect_timeout: Duration,
+}
+
+/// Accepts connections until `stop`; then every connection says goodbye and ends.
+pub async fn serve(
+    broker: MqttBroker,
+    settings: MqttSettings,
+    listener: TcpListener,
+    mut stop: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let settings = Arc::new(settings);
+    let mut connections = JoinSet::new();
+    let ticker = tokio::spawn({
+        let broker = broker.clone();
+        let mut stop = stop.clone();
+        async move {
+            let mut every = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = every.tick() => broker.tick(),
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+            }
+        }
+    });
+    let conn_stop = stop.clone();
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                connections.spawn(connection::run(
+                    broker.clone(),
+                    settings.clone(),
+                    stream,
+                    peer,
+                    conn_stop.clone(),
+                ));
+            }
+            Err(e) => {
+                // Out of file descriptors, most likely: wait rather than spin.
+                warn!(error = %e, "cannot accept an MQTT connection");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        while connections.try_join_next().is_some() {}
+    }
+    drop(listener);
+    while connections.join_next().await.is_some() {}
+    let _ = ticker.await;
+    Ok(())
+}
+
+/// Creates a rule's topic with the defaults if it does not exist yet.
+pub async fn ensure_topic(
+    log: &Log,
+    name: &str,
+    partitions: u32,
+    config: &TopicConfig,
+) -> Result<(), TopicError> {
+    if log.topic(name).is_some() {
+        return Ok(());
+    }
+    match log.create_topic(name, partitions, config.clone()).await {
+        Ok(_) | Err(TopicError::AlreadyExists(_)) => {
+            info!(topic = name, partitions, "created topic for an MQTT rule");
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+const NS_DOWNLINK: &str = "mqtt.downlink";
+
+/// Copies the records of one partition of a downlink rule's topic to MQTT, from a
+/// cursor committed in the same write as the messages it queues; new rules start at
+/// the end of the topic (commands already there are not replayed).
+pub async fn run_downlink(
+    broker: MqttBroker,
+    rule: DownlinkRule,
+    template: Template,
+    partition: u32,
+    mut stop: watch::Receiver<bool>,
+) {
+    let log = broker.log().clone();
+    let cursor_key = format!("{}/{partition}", rule.topic);
+    let mut changes = match log.watch(&rule.topic, partition) {
+        Ok(w) => w,
+        Err(e) => {
+            warn!(topic = %rule.topic, error = %e, "downlink topic unavailable");
+            return;
+        }
+    };
+    let mut next = match log.get_state::<u64>(NS_DOWNLINK, &cursor_key) {
+        Ok(Some(offset)) => offset,
+        _ => changes.borrow().high_watermark,
+    };
+    loop {
+        let read = match log.read(&rule.topic, partition, next, 256 * 1024) {
+            Ok(r) => r,
+            Err(ReadError::OffsetOutOfRange { offsets, .. }) => {
+                warn!(topic = %rule.topic, partition, lost_from = next, lost_to = offsets.log_start,
+                    "downlink records deleted by retention before they were sent");
+                next = offsets.log_start.max(next.min(offsets.high_watermark));
+                continue;
+            }
+            Err(e) => {
+                warn!(topic = %rule.topic, error = %e, "downlink read failed");
+                return;
+            }
+        };
+        if read.batches.is_empty() {
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() { return },
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            continue;
+        }
+        let mut prepared = Vec::new();
+        let mut ops = Vec::new();
+        let mut last = next;
+        for batch in read.batches {
+            last = last.max(batch.base_offset() as u64 + batch.last_offset_delta() as u64 + 1);
+            let mut bytes: Bytes = batch.into_bytes();
+            let records = match RecordBatchDecoder::decode(&mut bytes) {
+                Ok(set) => set.records,
+                Err(e) => {
+                    warn!(topic = %rule.topic, error = %e, "cannot decode a downlink batch");
+                    Vec::new()
+                }
+            };
+            for r in records {
+                let offset = r.offset as u64;
+                if offset < next {
+                    continue;
+                }
+                let key = r
+                    .key
+                    .as_deref()
+                    .map(String::from_utf8_lossy)
+                    .unwrap_or_default();
+                let p = partition.to_string();
+                let topic = template.render(|name| match name {
+                    "key" => key.as_ref(),
+                    "partition" => p.as_str(),
+                    _ => rule.topic.as_str(),
+                });
+                if !topics::valid_topic_name(&topic) {
+                    warn!(topic = %rule.topic, offset, mqtt_topic = %topic, "downlink record maps to an invalid MQTT topic; skipped");
+                    continue;
+                }
+                let message = Message {
+                    topic,
+                    payload: r.value.unwrap_or_default(),
+                    qos: rule.qos,
+                    retain: rule.retain,
+                    properties: MessageProperties::default(),
+                    from: String::new(),
+                    expires_at_ms: None,
+                };
+                match broker.prepare(message) {
+                    Ok(mut p) => {
+                        ops.extend(p.take_ops());
+                        prepared.push(p);
+                    }
+                    Err(e) => warn!(error = %e, "downlink message not routed"),
+                }
+            }
+        }
+        ops.push(state_op(
+            NS_DOWNLINK,
+            &cursor_key,
+            Some(postcard::to_stdvec(&last).unwrap_or_default()),
+        ));
+        if let Err(e) = log.write(ops).await {
+            warn!(error = %e, "downlink cursor not stored; retrying");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
+        for p in prepared {
+            broker.complete(p);
+        }
+        next = last;
+    }
+}
