@@ -310,6 +310,7 @@ mod tests {
                 key: Some(Bytes::from(format!("k{i}"))),
                 value: Some(Bytes::from(vec![i as u8; 40])),
                 timestamp_ms: 1_700_000_000_000 + i,
+                headers: vec![("h".into(), Bytes::from_static(b"v"))],
             })
             .collect();
         batch(&records, Compression::None).unwrap()
