@@ -323,3 +323,115 @@ impl KafkaWire {
         Resp::decode(&mut frame, version).unwrap()
     }
 }
+
+/// Path of another binary of the workspace, built next to `weir` (`weir-sim`).
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let bin = weir_bin().with_file_name(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.exists(),
+        "{} is missing: build the workspace first",
+        bin.display()
+    );
+    bin
+}
+
+impl Broker {
+    /// Writes `toml` as `weir.toml` beside the data directory and starts a broker
+    /// with it.
+    pub fn start_with_config(data_dir: &Path, toml: &str) -> Broker {
+        let config = data_dir.with_extension("toml");
+        std::fs::write(&config, toml).expect("write config");
+        Broker::start(
+            data_dir,
+            &["--config", config.to_str().expect("utf-8 path")],
+        )
+    }
+
+    /// A Prometheus metric's value from `/metrics` (0 if absent).
+    pub fn metric(&self, name: &str) -> f64 {
+        let mut stream = match std::net::TcpStream::connect(self.admin) {
+            Ok(s) => s,
+            Err(_) => return 0.0,
+        };
+        use std::io::{Read, Write};
+        let _ = write!(
+            stream,
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        );
+        let mut text = String::new();
+        let _ = stream.read_to_string(&mut text);
+        text.lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(' ')?;
+                (k == name).then(|| v.trim().parse().ok())?
+            })
+            .unwrap_or(0.0)
+    }
+
+    /// Waits (bounded) until `metric` reaches `at_least`.
+    pub fn wait_metric(&self, name: &str, at_least: f64) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.metric(name) < at_least {
+            assert!(
+                Instant::now() < deadline,
+                "{name} stayed below {at_least}: {}",
+                self.metric(name)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits (bounded) until the broker's log has a line containing `text`.
+    pub fn wait_log(&self, text: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.log().iter().any(|l| l.contains(text)) {
+            assert!(
+                Instant::now() < deadline,
+                "no log line with {text:?}:\n{}",
+                self.log().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn mqtt_port(&self) -> String {
+        self.mqtt.port().to_string()
+    }
+}
+
+/// A background process whose stdout is collected, killed on drop.
+pub struct Background {
+    pub child: Child,
+    out: Option<std::thread::JoinHandle<String>>,
+}
+
+impl Background {
+    pub fn spawn(cmd: &mut Command) -> Background {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+        let pipe = child.stdout.take().expect("stdout");
+        let out = std::thread::spawn(move || std::io::read_to_string(pipe).unwrap_or_default());
+        Background {
+            child,
+            out: Some(out),
+        }
+    }
+
+    /// Waits (bounded) for the process to exit and returns its stdout.
+    pub fn finish(mut self, limit: Duration) -> (ExitStatus, String) {
+        let status = wait_bounded(&mut self.child, limit);
+        let out = self.out.take().map(|o| o.join().unwrap_or_default());
+        (status, out.unwrap_or_default())
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

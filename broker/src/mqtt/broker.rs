@@ -179,6 +179,9 @@ struct State {
 #[derive(Clone, Debug, Default)]
 pub struct MqttMetrics {
     pub connections: Gauge,
+    pub subscriptions: Gauge,
+    pub sessions: Gauge,
+    pub retained: Gauge,
     pub connects: Counter,
     pub refused_connects: Counter,
     pub protocol_errors: Counter,
@@ -197,6 +200,17 @@ impl MqttMetrics {
             "Open MQTT connections",
             self.connections.clone(),
         );
+        r.register(
+            "subscriptions",
+            "Subscriptions held by sessions",
+            self.subscriptions.clone(),
+        );
+        r.register(
+            "sessions",
+            "Sessions, connected or kept for offline clients",
+            self.sessions.clone(),
+        );
+        r.register("retained", "Retained messages", self.retained.clone());
         r.register("connects", "CONNECTs accepted", self.connects.clone());
         r.register(
             "refused_connects",
@@ -335,6 +349,7 @@ impl MqttBroker {
                 metrics,
             }),
         };
+        broker.gauges(&broker.inner.state.lock());
         if !orphans.is_empty() {
             let ops = orphans.iter().map(|k| state_op(NS_MSG, k, None)).collect();
             let log = broker.inner.log.clone();
@@ -396,10 +411,14 @@ impl MqttBroker {
         session.expires_at = None;
         session.link = Some(Link { id: link_id, tx });
         let queued: Vec<Delivery> = session.queue.drain(..).collect();
+        let persistent = session.persistent();
+        let record = persistent.then(|| self.session_op(client_id, session));
+        self.gauges(&st);
+        let session = st.sessions.get_mut(client_id).expect("inserted above");
         let awaiting_rel = std::mem::take(&mut session.awaiting_rel);
-        if session.persistent() {
-            ops.push(self.session_op(client_id, session));
-        } else if session_present {
+        if let Some(record) = record {
+            ops.push(record);
+        } else if !persistent && session_present {
             ops.push(state_op(NS_SESSION, client_id, None));
         }
         (
@@ -479,6 +498,7 @@ impl MqttBroker {
                     ops.extend(self.discard(st, client_id, s));
                 }
             }
+            self.gauges(st);
         }
         self.spawn_write(ops);
         if let Some(message) = publish_now {
@@ -509,6 +529,7 @@ impl MqttBroker {
                     ops.extend(self.discard(st, &client, s));
                 }
             }
+            self.gauges(st);
         }
         self.spawn_write(ops);
         for w in wills {
@@ -572,6 +593,7 @@ impl MqttBroker {
             Some(s) if s.persistent() => vec![self.session_op(client_id, s)],
             _ => Vec::new(),
         };
+        self.gauges(st);
         (results, retained, ops)
     }
 
@@ -594,6 +616,7 @@ impl MqttBroker {
             Some(s) if s.persistent() => vec![self.session_op(client_id, s)],
             _ => Vec::new(),
         };
+        self.gauges(st);
         (found, ops)
     }
 
@@ -711,6 +734,7 @@ impl MqttBroker {
                 Some(m) => st.retained.insert(topic, m),
                 None => st.retained.remove(&topic),
             };
+            self.gauges(&st);
         }
         let mut drop_keys = Vec::new();
         for (client, delivery) in prepared.deliveries {
@@ -822,6 +846,14 @@ impl MqttBroker {
             partition,
             batches: vec![RecordBatch::parse(bytes)?],
         })
+    }
+
+    /// Refreshes the gauges from the state; called with the lock held after changes.
+    fn gauges(&self, st: &State) {
+        let m = &self.inner.metrics;
+        m.subscriptions.set(st.tree.len() as i64);
+        m.sessions.set(st.sessions.len() as i64);
+        m.retained.set(st.retained.len() as i64);
     }
 
     fn session_op(&self, client_id: &str, session: &Session) -> WriteOp {
