@@ -312,3 +312,22 @@ fn mqtt_3_1_and_unknown_levels_are_refused_with_a_return_code() {
     // The broker goes on serving.
     publish(&broker, &["-t", "a", "-m", "x"]);
 }
+
+#[test]
+fn mqtt5_features_with_paho() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker =
+        Broker::start_with_config(&dir.path().join("d"), "[mqtt]\nmax_keep_alive_secs = 30\n");
+    let out = weir_tests::python("paho_mqtt5.py", &[&broker.mqtt_port()]);
+    assert!(
+        out.status.success(),
+        "stdout:\n{}\nstderr:\n{}",
+        out.stdout,
+        out.stderr
+    );
+    assert!(
+        out.stdout.contains("all MQTT 5 checks passed"),
+        "{}",
+        out.stdout
+    );
+}

@@ -17,10 +17,10 @@ use bytes::{Bytes, BytesMut};
 use futures::stream::{FuturesOrdered, StreamExt};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{
-    ConnAck, ConnAckProperties, Connect, ConnectReturnCode, Disconnect, DisconnectReasonCode,
-    LastWill, LastWillProperties, Packet, PingResp, PubComp, PubCompReason, PubRel, Publish,
-    PublishProperties, RetainForwardRule, SubAck, Subscribe, SubscribeReasonCode, UnsubAck,
-    UnsubAckReason, Unsubscribe,
+    ConnAck, ConnAckProperties, Connect, ConnectReturnCode, Disconnect, DisconnectProperties,
+    DisconnectReasonCode, LastWill, LastWillProperties, Packet, PingResp, PubComp, PubCompReason,
+    PubRel, Publish, PublishProperties, RetainForwardRule, SubAck, Subscribe, SubscribeReasonCode,
+    UnsubAck, UnsubAckReason, Unsubscribe,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -468,8 +468,11 @@ impl Conn {
                     Ok(None)
                 }
                 Event::Broker(Some(ToConnection::TakenOver)) | Event::Broker(None) => {
-                    self.disconnect(DisconnectReasonCode::SessionTakenOver)
-                        .await;
+                    self.disconnect(
+                        DisconnectReasonCode::SessionTakenOver,
+                        "another connection took the session",
+                    )
+                    .await;
                     return End::Server;
                 }
                 Event::KeepAliveTimeout => Err(Violation(
@@ -478,8 +481,11 @@ impl Conn {
                 )),
                 Event::Stop => {
                     self.drain_acks().await;
-                    self.disconnect(DisconnectReasonCode::ServerShuttingDown)
-                        .await;
+                    self.disconnect(
+                        DisconnectReasonCode::ServerShuttingDown,
+                        "the broker is shutting down",
+                    )
+                    .await;
                     return End::Server;
                 }
             };
@@ -491,7 +497,7 @@ impl Conn {
                     return end;
                 }
                 Err(Violation(code, reason)) => {
-                    self.disconnect(code).await;
+                    self.disconnect(code, &reason).await;
                     return End::Abnormal(reason);
                 }
             }
@@ -506,11 +512,17 @@ impl Conn {
         }
     }
 
-    async fn disconnect(&mut self, code: DisconnectReasonCode) {
+    async fn disconnect(&mut self, code: DisconnectReasonCode, reason: &str) {
         if self.version == Version::V5 {
+            // With properties present: rumqttc 0.25 mis-sizes a reason code without them.
             self.queue(&Packet::Disconnect(Disconnect {
                 reason_code: code,
-                properties: None,
+                properties: Some(DisconnectProperties {
+                    session_expiry_interval: None,
+                    reason_string: (!reason.is_empty()).then(|| reason.to_string()),
+                    user_properties: Vec::new(),
+                    server_reference: None,
+                }),
             }));
         }
         let _ = self.writer.write_all(&self.out).await;
