@@ -69,7 +69,13 @@ struct Args {
     connect_rate: u32,
     #[arg(long, default_value_t = 60)]
     keep_alive: u64,
-    /// Append "device seq" for every acknowledged message to this file.
+    /// Persistent sessions (clean session off), so that what was in flight when the
+    /// connection dropped is sent again after the reconnect.
+    #[arg(long)]
+    persistent: bool,
+    /// Append "device seq" for every acknowledged message to this file. Implies
+    /// --persistent: with a new session rumqttc drops what it had not sent, and
+    /// the sequence numbers of what follows could not be told apart.
     #[arg(long)]
     acked_log: Option<PathBuf>,
     /// Print the summary as one JSON object instead of text.
@@ -214,9 +220,12 @@ async fn run_device(
 ) -> DeviceResult {
     let mut options = MqttOptions::new(device.clone(), host, port);
     options.set_keep_alive(Duration::from_secs(args.keep_alive.max(5)));
-    options.set_clean_session(true);
+    options.set_clean_session(!(args.persistent || args.acked_log.is_some()));
     options.set_inflight(args.inflight.max(1));
-    let (client, mut events) = AsyncClient::new(options, usize::from(args.inflight) + 1);
+    // A request channel of one: rumqttc 0.25 holds a single publish whose packet id
+    // collides with one still in flight, and after a reconnect several queued
+    // requests can collide at once and all but the last are lost.
+    let (client, mut events) = AsyncClient::new(options, 1);
     let qos = match args.qos {
         0 => QoS::AtMostOnce,
         1 => QoS::AtLeastOnce,
@@ -287,11 +296,16 @@ async fn run_device(
             Ok(e) => e,
         };
         match event {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 if !was_connected {
                     stats.connected.fetch_add(1, Ordering::Relaxed);
-                    was_connected = true;
+                } else if !ack.session_present {
+                    // A new session: rumqttc dropped what was in flight and pending.
+                    stats.errors.fetch_add(inflight.len() as u64, Ordering::Relaxed);
+                    inflight.clear();
+                    queued.lock().await.clear();
                 }
+                was_connected = true;
             }
             Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
                 if qos != QoS::AtMostOnce && inflight.contains_key(&pkid) {
