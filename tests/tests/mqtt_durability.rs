@@ -22,7 +22,15 @@ key = "{device}"
 /// per partition; the value is weir-sim's JSON reading.
 fn stored_readings(broker: &Broker, topic: &str) -> Vec<(String, u64)> {
     let out = run(
-        Command::new(weir_tests::weir_bin()).args(["consume", "-b", &broker.bootstrap(), topic, "-e", "-K", "\t"]),
+        Command::new(weir_tests::weir_bin()).args([
+            "consume",
+            "-b",
+            &broker.bootstrap(),
+            topic,
+            "-e",
+            "-K",
+            "\t",
+        ]),
         Duration::from_secs(120),
     );
     assert!(out.status.success(), "{}", out.stderr);
@@ -49,7 +57,8 @@ fn acked_log(path: &std::path::Path) -> Vec<(String, u64)> {
 
 fn sim(broker: &Broker, args: &[&str]) -> Command {
     let mut cmd = Command::new(workspace_bin("weir-sim"));
-    cmd.args(["--broker", &broker.mqtt.to_string(), "--quiet"]).args(args);
+    cmd.args(["--broker", &broker.mqtt.to_string(), "--quiet"])
+        .args(args);
     cmd
 }
 
@@ -77,7 +86,10 @@ fn unacknowledged_messages_are_redelivered_to_a_returning_session() {
         let again = next_publishes(&mut events, 3, None).await;
         assert_eq!(
             again.iter().map(|p| p.payload.clone()).collect::<Vec<_>>(),
-            received.iter().map(|p| p.payload.clone()).collect::<Vec<_>>()
+            received
+                .iter()
+                .map(|p| p.payload.clone())
+                .collect::<Vec<_>>()
         );
         assert!(again.iter().all(|p| p.dup), "redelivered with DUP");
         for p in &again {
@@ -94,26 +106,44 @@ fn unacknowledged_messages_are_redelivered_to_a_returning_session() {
         let _ = tokio::time::timeout(Duration::from_secs(1), events.poll()).await;
         // 3rd connection: nothing is owed any more.
         let (_client, mut events) = AsyncClient::new(options(), 10);
-        let none = tokio::time::timeout(Duration::from_secs(2), next_publishes(&mut events, 1, None)).await;
+        let none =
+            tokio::time::timeout(Duration::from_secs(2), next_publishes(&mut events, 1, None))
+                .await;
         assert!(none.is_err(), "acknowledged messages came again");
     });
 }
 
 /// Polls until `n` PUBLISH packets arrived. With `publish_via`, sends three QoS 1
 /// messages with mosquitto_pub once the subscription is in place.
-async fn next_publishes(events: &mut rumqttc::EventLoop, n: usize, publish_via: Option<&Broker>) -> Vec<rumqttc::Publish> {
+async fn next_publishes(
+    events: &mut rumqttc::EventLoop,
+    n: usize,
+    publish_via: Option<&Broker>,
+) -> Vec<rumqttc::Publish> {
     let mut got = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     while got.len() < n {
-        assert!(Instant::now() < deadline, "only {} of {n} messages", got.len());
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {n} messages",
+            got.len()
+        );
         match tokio::time::timeout(Duration::from_secs(1), events.poll()).await {
             Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => {
                 if let Some(broker) = publish_via {
                     for i in 0..3 {
                         let out = run(
                             external("mosquitto_pub").args([
-                                "-h", "127.0.0.1", "-p", &broker.mqtt_port(), "-q", "1",
-                                "-t", &format!("work/{i}"), "-m", &format!("job {i}"),
+                                "-h",
+                                "127.0.0.1",
+                                "-p",
+                                &broker.mqtt_port(),
+                                "-q",
+                                "1",
+                                "-t",
+                                &format!("work/{i}"),
+                                "-m",
+                                &format!("job {i}"),
                             ]),
                             Duration::from_secs(30),
                         );
@@ -133,19 +163,42 @@ fn pubacked_messages_survive_sigkill_under_load() {
     let dir = tempfile::tempdir().unwrap();
     let mut broker = Broker::start_with_config(&dir.path().join("d"), INGEST);
     let acked = dir.path().join("acked.txt");
-    let load = Background::spawn(&mut sim(&broker, &[
-        "--devices", "50", "--rate", "0", "--inflight", "10", "--duration", "8",
-        "--acked-log", acked.to_str().unwrap(),
-    ]));
+    let load = Background::spawn(&mut sim(
+        &broker,
+        &[
+            "--devices",
+            "50",
+            "--rate",
+            "0",
+            "--inflight",
+            "10",
+            "--duration",
+            "8",
+            "--acked-log",
+            acked.to_str().unwrap(),
+        ],
+    ));
     broker.wait_metric("weir_mqtt_ingested_total", 2000.0);
-    broker.restart(true, &["--config", dir.path().join("d.toml").to_str().unwrap()]);
+    broker.restart(
+        true,
+        &["--config", dir.path().join("d.toml").to_str().unwrap()],
+    );
     let (status, summary) = load.finish(Duration::from_secs(120));
     assert!(status.success(), "{summary}");
     let acked = acked_log(&acked);
-    let stored: HashSet<(String, u64)> = stored_readings(&broker, "telemetry").into_iter().collect();
-    assert!(acked.len() > 2000, "load too light to mean anything: {summary}");
+    let stored: HashSet<(String, u64)> =
+        stored_readings(&broker, "telemetry").into_iter().collect();
+    assert!(
+        acked.len() > 2000,
+        "load too light to mean anything: {summary}"
+    );
     let lost: Vec<_> = acked.iter().filter(|a| !stored.contains(*a)).collect();
-    assert!(lost.is_empty(), "{} PUBACKed messages lost, e.g. {:?}", lost.len(), &lost[..lost.len().min(5)]);
+    assert!(
+        lost.is_empty(),
+        "{} PUBACKed messages lost, e.g. {:?}",
+        lost.len(),
+        &lost[..lost.len().min(5)]
+    );
 }
 
 #[test]
@@ -154,16 +207,32 @@ fn thousand_devices_reach_a_kafka_consumer_exactly_once_in_order() {
     let broker = Broker::start_with_config(&dir.path().join("d"), INGEST);
     let acked = dir.path().join("acked.txt");
     let out = run(
-        &mut sim(&broker, &[
-            "--devices", "1000", "--messages", "10", "--rate", "5", "--qos", "1", "--duration", "60",
-            "--acked-log", acked.to_str().unwrap(),
-        ]),
+        &mut sim(
+            &broker,
+            &[
+                "--devices",
+                "1000",
+                "--messages",
+                "10",
+                "--rate",
+                "5",
+                "--qos",
+                "1",
+                "--duration",
+                "60",
+                "--acked-log",
+                acked.to_str().unwrap(),
+            ],
+        ),
         Duration::from_secs(180),
     );
     assert!(out.status.success(), "{}{}", out.stdout, out.stderr);
     let acked = acked_log(&acked);
     assert_eq!(acked.len(), 10_000, "{}", out.stdout);
-    let consumed = weir_tests::python("kafka_collect.py", &[&broker.bootstrap(), "telemetry", "10000"]);
+    let consumed = weir_tests::python(
+        "kafka_collect.py",
+        &[&broker.bootstrap(), "telemetry", "10000"],
+    );
     assert!(consumed.status.success(), "{}", consumed.stderr);
     let mut per_device: BTreeMap<String, Vec<u64>> = BTreeMap::new();
     for line in consumed.stdout.lines() {
@@ -172,7 +241,11 @@ fn thousand_devices_reach_a_kafka_consumer_exactly_once_in_order() {
     }
     assert_eq!(per_device.len(), 1000);
     for (device, seqs) in &per_device {
-        assert_eq!(seqs, &(0..10).collect::<Vec<u64>>(), "{device}: once each, in order");
+        assert_eq!(
+            seqs,
+            &(0..10).collect::<Vec<u64>>(),
+            "{device}: once each, in order"
+        );
     }
 }
 
@@ -181,7 +254,14 @@ fn bridge_ingests_from_mosquitto_and_catches_up_after_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let remote = free_addr();
     let conf = dir.path().join("mosquitto.conf");
-    std::fs::write(&conf, format!("listener {} 127.0.0.1\nallow_anonymous true\n", remote.port())).unwrap();
+    std::fs::write(
+        &conf,
+        format!(
+            "listener {} 127.0.0.1\nallow_anonymous true\n",
+            remote.port()
+        ),
+    )
+    .unwrap();
     let _mosquitto = Background::spawn(external("mosquitto").args(["-c", conf.to_str().unwrap()]));
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(remote).is_err() {
@@ -205,7 +285,18 @@ qos = 1
     broker.wait_log("bridge connected");
     let remote_pub = |topic: &str, msg: &str| {
         let out = run(
-            external("mosquitto_pub").args(["-h", "127.0.0.1", "-p", &remote.port().to_string(), "-q", "1", "-t", topic, "-m", msg]),
+            external("mosquitto_pub").args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &remote.port().to_string(),
+                "-q",
+                "1",
+                "-t",
+                topic,
+                "-m",
+                msg,
+            ]),
             Duration::from_secs(30),
         );
         assert!(out.status.success(), "{}", out.stderr);
@@ -216,10 +307,21 @@ qos = 1
     // Weir is down: Mosquitto queues these for its persistent session.
     remote_pub("farm/cow2/temp", "39.1");
     remote_pub("farm/cow1/temp", "38.7");
-    broker.restart(true, &["--config", dir.path().join("d.toml").to_str().unwrap()]);
+    broker.restart(
+        true,
+        &["--config", dir.path().join("d.toml").to_str().unwrap()],
+    );
     broker.wait_metric("weir_mqtt_ingested_total", 2.0);
     let out = run(
-        Command::new(weir_tests::weir_bin()).args(["consume", "-b", &broker.bootstrap(), "bridged", "-e", "-K", "="]),
+        Command::new(weir_tests::weir_bin()).args([
+            "consume",
+            "-b",
+            &broker.bootstrap(),
+            "bridged",
+            "-e",
+            "-K",
+            "=",
+        ]),
         Duration::from_secs(60),
     );
     let mut records: Vec<&str> = out.stdout.lines().collect();

@@ -123,7 +123,8 @@ fn bad_input_closes_only_that_connection() {
 
     // Garbage instead of CONNECT.
     let mut s = open(&broker);
-    s.write_all(b"\xde\xad\xbe\xef GET / HTTP/1.1\r\n\r\n").unwrap();
+    s.write_all(b"\xde\xad\xbe\xef GET / HTTP/1.1\r\n\r\n")
+        .unwrap();
     assert!(read_until_closed(&mut s).is_empty());
 
     // An invalid protocol name: closed without CONNACK.
@@ -163,7 +164,8 @@ fn bad_input_closes_only_that_connection() {
     s.write_all(&publish_v5(b"ok/\xff\xfe", 1)).unwrap();
     assert_disconnected_with(&mut s, DisconnectReasonCode::MalformedPacket);
     let mut s = connected_v4(&broker, "utf4");
-    s.write_all(&[0x30, 0x07, 0x00, 0x04, b'o', b'k', 0xff, 0xfe, b'x']).unwrap();
+    s.write_all(&[0x30, 0x07, 0x00, 0x04, b'o', b'k', 0xff, 0xfe, b'x'])
+        .unwrap();
     assert!(read_until_closed(&mut s).is_empty());
 
     // Connects and never sends CONNECT: closed after connect_timeout_ms.
@@ -181,9 +183,13 @@ fn bad_input_closes_only_that_connection() {
     // Nothing else was disturbed: the healthy subscriber still gets messages.
     let mut s = connected_v4(&broker, "publisher");
     let mut p = BytesMut::new();
-    v4::Packet::Publish(v4::Publish::new("ok/fine", rumqttc::QoS::AtMostOnce, "still here"))
-        .write(&mut p, 1 << 20)
-        .unwrap();
+    v4::Packet::Publish(v4::Publish::new(
+        "ok/fine",
+        rumqttc::QoS::AtMostOnce,
+        "still here",
+    ))
+    .write(&mut p, 1 << 20)
+    .unwrap();
     s.write_all(&p).unwrap();
     let mut got = BytesMut::new();
     let mut chunk = [0u8; 256];

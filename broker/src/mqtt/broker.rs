@@ -778,11 +778,11 @@ impl MqttBroker {
     /// Prepares, writes and delivers one message; returns once it is durable.
     pub async fn publish(&self, message: Message) -> Result<(), WriteError> {
         let mut prepared = self.prepare(message)?;
-        if prepared.needs_write() {
-            if let Err(e) = self.inner.log.write(prepared.take_ops()).await {
-                self.inner.metrics.ingest_errors.inc();
-                return Err(e);
-            }
+        if prepared.needs_write()
+            && let Err(e) = self.inner.log.write(prepared.take_ops()).await
+        {
+            self.inner.metrics.ingest_errors.inc();
+            return Err(e);
         }
         self.complete(prepared);
         Ok(())

@@ -279,10 +279,7 @@ async fn run_device(
     let mut was_connected = false;
     loop {
         let done_publishing = publisher.is_finished();
-        if done_publishing
-            && inflight.is_empty()
-            && (args.idle && Instant::now() >= deadline || !args.idle)
-        {
+        if done_publishing && inflight.is_empty() && (!args.idle || Instant::now() >= deadline) {
             let queued_empty = queued.lock().await.is_empty();
             if queued_empty {
                 break;
@@ -301,7 +298,9 @@ async fn run_device(
                     stats.connected.fetch_add(1, Ordering::Relaxed);
                 } else if !ack.session_present {
                     // A new session: rumqttc dropped what was in flight and pending.
-                    stats.errors.fetch_add(inflight.len() as u64, Ordering::Relaxed);
+                    stats
+                        .errors
+                        .fetch_add(inflight.len() as u64, Ordering::Relaxed);
                     inflight.clear();
                     queued.lock().await.clear();
                 }
