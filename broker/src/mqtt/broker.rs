@@ -256,9 +256,9 @@ impl MqttMetrics {
 pub struct Prepared {
     pub ops: Vec<WriteOp>,
     deliveries: Vec<(String, Delivery)>,
-    retained: Option<(String, Option<Arc<Message>>)>,
-    /// No subscriber and no ingest rule took it (MQTT 5 reason 0x10).
-    pub unrouted: bool,
+    retained: Vec<(String, Option<Arc<Message>>)>,
+    /// Per message: no subscriber and no ingest rule took it (MQTT 5 reason 0x10).
+    pub unrouted: Vec<bool>,
     /// Records the ingest rules append.
     appends: u64,
 }
@@ -623,34 +623,65 @@ impl MqttBroker {
     /// Works out what a publish writes and whom it reaches. Nothing is delivered
     /// until [`MqttBroker::complete`] is called after the writes committed.
     pub fn prepare(&self, message: Message) -> Result<Prepared, WriteError> {
+        self.prepare_many(vec![message])
+    }
+
+    /// [`MqttBroker::prepare`] for several messages at once (a device pipelining its
+    /// publishes): their ingest records share one batch per partition, in order.
+    pub fn prepare_many(&self, messages: Vec<Message>) -> Result<Prepared, WriteError> {
         let mut prepared = Prepared::default();
-        let mut ingested = false;
-        for rule in &self.inner.rules {
-            let Some(key) = rule.key_for(&message.topic, &message.from) else {
-                continue;
-            };
-            prepared.ops.push(self.record_op(rule, key, &message)?);
-            prepared.appends += 1;
-            ingested = true;
+        let mut batches: Vec<(&str, u32, Vec<NewRecord>)> = Vec::new();
+        let mut ingested = vec![false; messages.len()];
+        for (i, message) in messages.iter().enumerate() {
+            for rule in &self.inner.rules {
+                let Some(key) = rule.key_for(&message.topic, &message.from) else {
+                    continue;
+                };
+                let (partition, record) = self.record(rule, key, message)?;
+                match batches
+                    .iter_mut()
+                    .find(|(t, p, _)| *t == rule.topic && *p == partition)
+                {
+                    Some((_, _, records)) => records.push(record),
+                    None => batches.push((&rule.topic, partition, vec![record])),
+                }
+                prepared.appends += 1;
+                ingested[i] = true;
+            }
         }
-        if message.retain {
-            let stored = (!message.payload.is_empty()).then(|| Arc::new(message.clone()));
-            let value = stored.as_deref().map(encode);
+        for (topic, partition, records) in batches {
+            prepared.ops.push(append_op(topic, partition, &records)?);
+        }
+        let mut st = self.inner.state.lock();
+        for (i, message) in messages.into_iter().enumerate() {
+            if message.retain {
+                let stored = (!message.payload.is_empty()).then(|| Arc::new(message.clone()));
+                let value = stored.as_deref().map(encode);
+                prepared
+                    .ops
+                    .push(state_op(NS_RETAINED, &message.topic, value));
+                prepared.retained.push((message.topic.clone(), stored));
+            }
+            let before = prepared.deliveries.len();
+            self.route(&mut st, Arc::new(message), &mut prepared);
             prepared
-                .ops
-                .push(state_op(NS_RETAINED, &message.topic, value));
-            prepared.retained = Some((message.topic.clone(), stored));
+                .unrouted
+                .push(prepared.deliveries.len() == before && !ingested[i]);
         }
-        let message = Arc::new(message);
-        let st = self.inner.state.lock();
+        Ok(prepared)
+    }
+
+    /// Adds the deliveries of `message` (and the stored copies persistent sessions
+    /// need) to `prepared`.
+    fn route(&self, st: &mut State, message: Arc<Message>, prepared: &mut Prepared) {
         // Per client: granted QoS, retain flag and subscription ids over all its matches.
         let mut per_client: HashMap<&str, (u8, bool, Vec<u32>)> = HashMap::new();
-        let mut shared: HashMap<(&str, String), Vec<(&str, &SubOptions)>> = HashMap::new();
+        let mut shared: HashMap<(&str, &str), Vec<(&str, &SubOptions)>> = HashMap::new();
         st.tree
             .for_each_match(&message.topic, |group, filter, client, opts| {
                 if !group.is_empty() {
                     shared
-                        .entry((group, filter.to_string()))
+                        .entry((group, filter))
                         .or_default()
                         .push((client, opts));
                     return;
@@ -667,7 +698,6 @@ impl MqttBroker {
             .into_iter()
             .map(|(c, (q, r, ids))| (c.to_string(), q, r, ids))
             .collect();
-        let mut turns = Vec::new();
         for ((group, filter), mut members) in shared {
             members.sort_by(|a, b| a.0.cmp(b.0));
             let online: Vec<_> = members
@@ -679,10 +709,12 @@ impl MqttBroker {
             } else {
                 online
             };
-            let turn_key = format!("{group}/{filter}");
-            let turn = st.share_turn.get(&turn_key).copied().unwrap_or(0);
-            let (client, opts) = pool[turn % pool.len()];
-            turns.push((turn_key, turn + 1));
+            let turn = st
+                .share_turn
+                .entry(format!("{group}/{filter}"))
+                .or_insert(0);
+            let (client, opts) = pool[*turn % pool.len()];
+            *turn += 1;
             chosen.push((
                 client.to_string(),
                 opts.qos,
@@ -714,26 +746,19 @@ impl MqttBroker {
             }
             prepared.deliveries.push((client, delivery));
         }
-        drop(st);
-        if !turns.is_empty() {
-            let mut st = self.inner.state.lock();
-            for (k, v) in turns {
-                st.share_turn.insert(k, v);
-            }
-        }
-        prepared.unrouted = prepared.deliveries.is_empty() && !ingested;
-        Ok(prepared)
     }
 
     /// Delivers a prepared publish whose writes committed (or that had none).
     pub fn complete(&self, prepared: Prepared) {
         self.inner.metrics.ingested.inc_by(prepared.appends);
         let mut st = self.inner.state.lock();
-        if let Some((topic, message)) = prepared.retained {
-            match message {
-                Some(m) => st.retained.insert(topic, m),
-                None => st.retained.remove(&topic),
-            };
+        if !prepared.retained.is_empty() {
+            for (topic, message) in prepared.retained {
+                match message {
+                    Some(m) => st.retained.insert(topic, m),
+                    None => st.retained.remove(&topic),
+                };
+            }
             self.gauges(&st);
         }
         let mut drop_keys = Vec::new();
@@ -793,12 +818,13 @@ impl MqttBroker {
         state_op(NS_MSG, key, None)
     }
 
-    fn record_op(
+    /// The partition and record an ingest rule makes of a message.
+    fn record(
         &self,
         rule: &CompiledIngest,
         key: Option<String>,
         message: &Message,
-    ) -> Result<WriteOp, WriteError> {
+    ) -> Result<(u32, NewRecord), WriteError> {
         let partitions = self
             .inner
             .log
@@ -835,17 +861,7 @@ impl MqttBroker {
             timestamp_ms: now_ms(),
             headers,
         };
-        let bytes = batch(&[record], kafka_protocol::records::Compression::None).map_err(|e| {
-            WriteError::Storage(StorageError::Corrupt {
-                table: "batches",
-                detail: format!("cannot encode an MQTT record: {e}"),
-            })
-        })?;
-        Ok(WriteOp::Append {
-            topic: rule.topic.clone(),
-            partition,
-            batches: vec![RecordBatch::parse(bytes)?],
-        })
+        Ok((partition, record))
     }
 
     /// Refreshes the gauges from the state; called with the lock held after changes.
@@ -889,6 +905,21 @@ impl MqttBroker {
             }
         });
     }
+}
+
+/// One v2 batch of `records`, as an append to `topic`/`partition`.
+fn append_op(topic: &str, partition: u32, records: &[NewRecord]) -> Result<WriteOp, WriteError> {
+    let bytes = batch(records, kafka_protocol::records::Compression::None).map_err(|e| {
+        WriteError::Storage(StorageError::Corrupt {
+            table: "batches",
+            detail: format!("cannot encode an MQTT record: {e}"),
+        })
+    })?;
+    Ok(WriteOp::Append {
+        topic: topic.to_string(),
+        partition,
+        batches: vec![RecordBatch::parse(bytes)?],
+    })
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

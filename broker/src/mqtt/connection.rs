@@ -182,10 +182,12 @@ async fn handle(
         reader,
         writer,
         buf,
-        out: BytesMut::with_capacity(4096),
+        out: BytesMut::new(),
         rx: connected.rx,
         stop,
         acks: FuturesOrdered::new(),
+        inbound_pending: 0,
+        batch: Vec::new(),
         awaiting_rel: connected.awaiting_rel,
         aliases_in: HashMap::new(),
         keep_alive: (accepted.keep_alive > 0)
@@ -363,12 +365,17 @@ fn check_connect(
     })
 }
 
-/// A PUBLISH waiting for its writes, with what to do once they committed.
+/// PUBLISHes read together, waiting for their writes, with what to do once they
+/// committed: (QoS, packet id) per message, in arrival order.
 struct Inbound {
-    qos: QoS,
-    pkid: u16,
+    acks: Vec<(QoS, u16)>,
     prepared: Prepared,
 }
+
+/// Publishes read and not yet submitted: consecutive small ones are prepared and
+/// written together.
+const COALESCE_MAX: usize = 256;
+const COALESCE_MAX_PAYLOAD: usize = 64 * 1024;
 
 type AckFuture = Pin<Box<dyn Future<Output = (Inbound, Result<(), WriteError>)> + Send>>;
 
@@ -413,6 +420,9 @@ struct Conn {
     rx: mpsc::UnboundedReceiver<ToConnection>,
     stop: watch::Receiver<bool>,
     acks: FuturesOrdered<AckFuture>,
+    /// Messages in `acks`.
+    inbound_pending: usize,
+    batch: Vec<(Message, QoS, u16)>,
     awaiting_rel: HashSet<u16>,
     aliases_in: HashMap<u16, String>,
     keep_alive: Option<Duration>,
@@ -443,7 +453,7 @@ impl Conn {
                 }
                 self.out.clear();
             }
-            let can_read = self.acks.len() < usize::from(self.settings.receive_maximum);
+            let can_read = self.inbound_pending < usize::from(self.settings.receive_maximum);
             let keep_alive_at = self.keep_alive.map(|k| self.last_heard + k);
             let event = tokio::select! {
                 r = self.reader.read_buf(&mut self.buf), if can_read => Event::Read(r),
@@ -541,7 +551,10 @@ impl Conn {
             let packet =
                 match codec::decode(self.version, &mut self.buf, self.settings.max_packet_size) {
                     Ok(Some(p)) => p,
-                    Ok(None) => return Ok(None),
+                    Ok(None) => {
+                        self.submit_publishes().await;
+                        return Ok(None);
+                    }
                     Err(CodecError::TooLarge { size, max }) => {
                         return Err(Violation(
                             DisconnectReasonCode::PacketTooLarge,
@@ -555,6 +568,10 @@ impl Conn {
                         ));
                     }
                 };
+            if !matches!(packet, Packet::Publish(_)) {
+                // Keep the order: what was read before this packet goes first.
+                self.submit_publishes().await;
+            }
             match packet {
                 Packet::Publish(p) => self.publish(p).await?,
                 Packet::PubAck(a) => self.completed(a.pkid),
@@ -658,7 +675,7 @@ impl Conn {
         }
         if p.qos != QoS::AtMostOnce
             && self.version == Version::V5
-            && self.acks.len() + self.awaiting_rel.len()
+            && self.inbound_pending + self.batch.len() + self.awaiting_rel.len()
                 >= usize::from(self.settings.receive_maximum)
         {
             return Err(Violation(
@@ -689,50 +706,62 @@ impl Conn {
                 .message_expiry_interval
                 .map(|s| now_ms() + i64::from(s) * 1000),
         };
-        let qos = p.qos;
-        let pkid = p.pkid;
-        let mut prepared = match self.broker.prepare(message) {
+        if message.payload.len() > COALESCE_MAX_PAYLOAD {
+            // Alone, so that a message the topic refuses (too large) fails by itself.
+            self.submit_publishes().await;
+            self.batch.push((message, p.qos, p.pkid));
+            self.submit_publishes().await;
+        } else {
+            self.batch.push((message, p.qos, p.pkid));
+            if self.batch.len() >= COALESCE_MAX {
+                self.submit_publishes().await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Prepares the publishes read so far as one write and queues their
+    /// acknowledgements behind its commit.
+    async fn submit_publishes(&mut self) {
+        if self.batch.is_empty() {
+            return;
+        }
+        let batch = std::mem::take(&mut self.batch);
+        let mut messages = Vec::with_capacity(batch.len());
+        let mut acks = Vec::with_capacity(batch.len());
+        for (message, qos, pkid) in batch {
+            messages.push(message);
+            acks.push((qos, pkid));
+        }
+        self.inbound_pending += acks.len();
+        let mut prepared = match self.broker.prepare_many(messages) {
             Ok(prepared) => prepared,
             Err(e) => {
                 let inbound = Inbound {
-                    qos,
-                    pkid,
+                    acks,
                     prepared: Prepared::default(),
                 };
                 self.acks
                     .push_back(Box::pin(async move { (inbound, Err(e)) }));
-                return Ok(());
+                return;
             }
         };
         let future: AckFuture = if prepared.needs_write() {
             match self.broker.log().submit(prepared.take_ops()).await {
                 Ok(pending) => {
-                    let inbound = Inbound {
-                        qos,
-                        pkid,
-                        prepared,
-                    };
+                    let inbound = Inbound { acks, prepared };
                     Box::pin(async move { (inbound, pending.await.map(drop)) })
                 }
                 Err(e) => {
-                    let inbound = Inbound {
-                        qos,
-                        pkid,
-                        prepared,
-                    };
+                    let inbound = Inbound { acks, prepared };
                     Box::pin(async move { (inbound, Err(e)) })
                 }
             }
         } else {
-            let inbound = Inbound {
-                qos,
-                pkid,
-                prepared,
-            };
+            let inbound = Inbound { acks, prepared };
             Box::pin(async move { (inbound, Ok(())) })
         };
         self.acks.push_back(future);
-        Ok(())
     }
 
     /// A publish's writes committed (or failed): deliver it and acknowledge.
@@ -741,12 +770,9 @@ impl Conn {
         inbound: Inbound,
         result: Result<(), WriteError>,
     ) -> Result<Option<End>, Violation> {
-        let Inbound {
-            qos,
-            pkid,
-            prepared,
-        } = inbound;
-        let unrouted = prepared.unrouted;
+        let Inbound { acks, prepared } = inbound;
+        self.inbound_pending -= acks.len();
+        let unrouted = prepared.unrouted.clone();
         let ok = match result {
             Ok(()) => {
                 self.broker.complete(prepared);
@@ -755,7 +781,8 @@ impl Conn {
             Err(e) => {
                 self.broker.metrics().ingest_errors.inc();
                 info!(client = %self.client_id, error = %e, "MQTT publish not stored");
-                if self.version == Version::V311 && qos != QoS::AtMostOnce {
+                if self.version == Version::V311 && acks.iter().any(|(q, _)| *q != QoS::AtMostOnce)
+                {
                     // 3.1.1 has no negative acknowledgement: close, so the client resends.
                     return Err(Violation(
                         DisconnectReasonCode::UnspecifiedError,
@@ -765,14 +792,17 @@ impl Conn {
                 false
             }
         };
-        match qos {
-            QoS::AtMostOnce => {}
-            QoS::AtLeastOnce => self.queue(&codec::publish_ack(qos, pkid, ok, unrouted)),
-            QoS::ExactlyOnce => {
-                if ok {
-                    self.awaiting_rel.insert(pkid);
+        for (i, (qos, pkid)) in acks.into_iter().enumerate() {
+            let unrouted = unrouted.get(i).copied().unwrap_or(false);
+            match qos {
+                QoS::AtMostOnce => {}
+                QoS::AtLeastOnce => self.queue(&codec::publish_ack(qos, pkid, ok, unrouted)),
+                QoS::ExactlyOnce => {
+                    if ok {
+                        self.awaiting_rel.insert(pkid);
+                    }
+                    self.queue(&codec::publish_ack(qos, pkid, ok, unrouted));
                 }
-                self.queue(&codec::publish_ack(qos, pkid, ok, unrouted));
             }
         }
         Ok(None)
