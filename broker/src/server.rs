@@ -16,7 +16,7 @@ use crate::config::Config;
 use crate::kafka::{self, KafkaBroker, KafkaMetrics, KafkaSettings};
 use crate::metrics::{self, StorageMetrics};
 use crate::mqtt::rules::{CompiledIngest, compile_downlink};
-use crate::mqtt::{self, MqttBroker, MqttMetrics, MqttSettings};
+use crate::mqtt::{self, MqttBroker, MqttMetrics};
 use crate::storage::{Log, now_ms};
 
 pub async fn serve(config: Config) -> anyhow::Result<()> {
@@ -127,15 +127,7 @@ async fn start_mqtt(
         tokio::task::spawn_blocking(move || MqttBroker::open(log, rules, max_queued, metrics))
             .await??
     };
-    let settings = MqttSettings {
-        max_packet_size: m.max_packet_size,
-        receive_maximum: m.receive_maximum,
-        max_inflight: m.max_inflight,
-        max_queued_messages: m.max_queued_messages,
-        max_keep_alive_secs: m.max_keep_alive_secs,
-        topic_alias_maximum: m.topic_alias_maximum,
-        connect_timeout: Duration::from_millis(m.connect_timeout_ms),
-    };
+    let settings = m.clone();
     info!(mqtt = %listener.local_addr()?, sessions = broker.session_count(), ingest_rules = m.ingest.len(),
         downlinks = m.downlink.len(), bridges = m.bridge.len(), "MQTT listening");
     let mut tasks = Vec::new();

@@ -435,3 +435,29 @@ impl Drop for Background {
         let _ = self.child.wait();
     }
 }
+
+/// mosquitto_pub (Debian) to the MQTT broker on `port`, bounded; panics if it fails.
+pub fn mosquitto_pub(port: u16, args: &[&str]) {
+    let out = run(
+        external("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+            .args(args),
+        Duration::from_secs(30),
+    );
+    assert!(
+        out.status.success(),
+        "mosquitto_pub {args:?}: {}",
+        out.stderr
+    );
+}
+
+/// mosquitto_sub (Debian) on `port` in the background, printing "topic payload" lines
+/// (-v) and giving up after `wait_secs` without a message (-W).
+pub fn mosquitto_sub(port: u16, wait_secs: u32, args: &[&str]) -> Background {
+    Background::spawn(
+        external("mosquitto_sub")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-v"])
+            .args(["-W", &wait_secs.to_string()])
+            .args(args),
+    )
+}

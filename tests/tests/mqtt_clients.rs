@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use weir_tests::{Background, Broker, external, run};
+use weir_tests::{Background, Broker, external, mosquitto_pub, mosquitto_sub, run};
 
 const RULES: &str = r#"
 [mqtt]
@@ -19,35 +19,13 @@ qos = 1
 "#;
 
 fn publish(broker: &Broker, args: &[&str]) {
-    let out = run(
-        external("mosquitto_pub")
-            .args(["-h", "127.0.0.1", "-p", &broker.mqtt_port()])
-            .args(args),
-        Duration::from_secs(30),
-    );
-    assert!(
-        out.status.success(),
-        "mosquitto_pub {args:?}: {}",
-        out.stderr
-    );
+    mosquitto_pub(broker.mqtt.port(), args);
 }
 
-/// Starts mosquitto_sub with `args` (plus -v: "topic payload" lines) and waits until
-/// the broker holds `subscriptions` subscriptions in all.
+/// Starts mosquitto_sub with `args` and waits until the broker holds
+/// `subscriptions` subscriptions in all.
 fn subscribe(broker: &Broker, args: &[&str], subscriptions: f64) -> Background {
-    let sub = Background::spawn(
-        external("mosquitto_sub")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &broker.mqtt_port(),
-                "-v",
-                "-W",
-                "30",
-            ])
-            .args(args),
-    );
+    let sub = mosquitto_sub(broker.mqtt.port(), 30, args);
     broker.wait_metric("weir_mqtt_subscriptions", subscriptions);
     sub
 }
@@ -132,21 +110,7 @@ fn persistent_session_queues_while_offline_and_across_restart() {
     // QoS 0 is not queued for an offline session.
     publish(&broker, &["-t", "jobs/9", "-m", "lost", "-q", "0"]);
     broker.restart(true, &[]);
-    let sub = Background::spawn(
-        external("mosquitto_sub")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &broker.mqtt_port(),
-                "-v",
-                "-W",
-                "5",
-                "-C",
-                "4",
-            ])
-            .args(args),
-    );
+    let sub = mosquitto_sub(broker.mqtt.port(), 5, &[&args[..], &["-C", "4"]].concat());
     let (_, out) = sub.finish(Duration::from_secs(30));
     assert_eq!(lines(&out), ["jobs/1 m1", "jobs/2 m2", "jobs/3 m3"]);
 }
@@ -156,18 +120,18 @@ fn will_is_published_when_a_client_vanishes() {
     let dir = tempfile::tempdir().unwrap();
     let broker = Broker::start(&dir.path().join("d"), &[]);
     let watcher = subscribe(&broker, &["-t", "wills/#", "-C", "1"], 1.0);
-    let mut doomed = Background::spawn(external("mosquitto_sub").args([
-        "-h",
-        "127.0.0.1",
-        "-p",
-        &broker.mqtt_port(),
-        "-t",
-        "x",
-        "--will-topic",
-        "wills/dev7",
-        "--will-payload",
-        "gone",
-    ]));
+    let mut doomed = mosquitto_sub(
+        broker.mqtt.port(),
+        30,
+        &[
+            "-t",
+            "x",
+            "--will-topic",
+            "wills/dev7",
+            "--will-payload",
+            "gone",
+        ],
+    );
     broker.wait_metric("weir_mqtt_subscriptions", 2.0);
     let _ = doomed.child.kill(); // the TCP connection drops without DISCONNECT
     let (_, out) = watcher.finish(Duration::from_secs(30));

@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-use weir_tests::{Background, Broker, external, free_addr, run, workspace_bin};
+use weir_tests::{Background, Broker, external, free_addr, mosquitto_pub, run, workspace_bin};
 
 const INGEST: &str = r#"
 [topic_defaults]
@@ -132,22 +132,9 @@ async fn next_publishes(
             Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => {
                 if let Some(broker) = publish_via {
                     for i in 0..3 {
-                        let out = run(
-                            external("mosquitto_pub").args([
-                                "-h",
-                                "127.0.0.1",
-                                "-p",
-                                &broker.mqtt_port(),
-                                "-q",
-                                "1",
-                                "-t",
-                                &format!("work/{i}"),
-                                "-m",
-                                &format!("job {i}"),
-                            ]),
-                            Duration::from_secs(30),
-                        );
-                        assert!(out.status.success());
+                        let topic = format!("work/{i}");
+                        let msg = format!("job {i}");
+                        mosquitto_pub(broker.mqtt.port(), &["-q", "1", "-t", &topic, "-m", &msg]);
                     }
                 }
             }
@@ -284,22 +271,7 @@ qos = 1
     let mut broker = Broker::start_with_config(&dir.path().join("d"), &config);
     broker.wait_log("bridge connected");
     let remote_pub = |topic: &str, msg: &str| {
-        let out = run(
-            external("mosquitto_pub").args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &remote.port().to_string(),
-                "-q",
-                "1",
-                "-t",
-                topic,
-                "-m",
-                msg,
-            ]),
-            Duration::from_secs(30),
-        );
-        assert!(out.status.success(), "{}", out.stderr);
+        mosquitto_pub(remote.port(), &["-q", "1", "-t", topic, "-m", msg]);
     };
     remote_pub("farm/cow1/temp", "38.5");
     broker.wait_metric("weir_mqtt_ingested_total", 1.0);

@@ -29,13 +29,13 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{debug, info};
 
-use super::MqttSettings;
 use super::broker::{
     Delivery, Message, MessageProperties, MqttBroker, NEVER_EXPIRES, Prepared, SubOptions,
     SubscribeRefusal, ToConnection, Will,
 };
 use super::codec::{self, CodecError, Version};
 use super::topics;
+use crate::config::MqttConfig;
 use crate::storage::{WriteError, now_ms};
 
 /// Why a connection ended.
@@ -51,7 +51,7 @@ enum End {
 
 pub(super) async fn run(
     broker: MqttBroker,
-    settings: Arc<MqttSettings>,
+    settings: Arc<MqttConfig>,
     stream: TcpStream,
     peer: SocketAddr,
     stop: watch::Receiver<bool>,
@@ -69,13 +69,13 @@ pub(super) async fn run(
 /// before the session started.
 async fn handle(
     broker: MqttBroker,
-    settings: Arc<MqttSettings>,
+    settings: Arc<MqttConfig>,
     mut stream: TcpStream,
     peer: SocketAddr,
     stop: watch::Receiver<bool>,
 ) -> Result<(), String> {
     let mut buf = BytesMut::with_capacity(1024);
-    let deadline = Instant::now() + settings.connect_timeout;
+    let deadline = Instant::now() + Duration::from_millis(settings.connect_timeout_ms);
     let version = loop {
         match codec::connect_version(&buf) {
             Ok(Some(v)) => break v,
@@ -273,7 +273,7 @@ fn check_connect(
     version: Version,
     connect: &Connect,
     will: Option<LastWill>,
-    settings: &MqttSettings,
+    settings: &MqttConfig,
 ) -> Result<Accepted, (ConnectReturnCode, String)> {
     let props = connect.properties.clone().unwrap_or_default();
     if props.authentication_method.is_some() {
@@ -409,7 +409,7 @@ impl Outbound {
 
 struct Conn {
     broker: MqttBroker,
-    settings: Arc<MqttSettings>,
+    settings: Arc<MqttConfig>,
     version: Version,
     client_id: String,
     link_id: u64,

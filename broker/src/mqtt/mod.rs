@@ -27,24 +27,13 @@ use tracing::{info, warn};
 pub use broker::{Message, MessageProperties, MqttBroker, MqttMetrics};
 use rules::{DownlinkRule, Template};
 
+use crate::config::MqttConfig;
 use crate::storage::{Log, ReadError, TopicConfig, TopicError, state_op};
-
-/// Limits and sizes of the listener (the `[mqtt]` config section).
-#[derive(Clone, Debug)]
-pub struct MqttSettings {
-    pub max_packet_size: u32,
-    pub receive_maximum: u16,
-    pub max_inflight: u16,
-    pub max_queued_messages: usize,
-    pub max_keep_alive_secs: u16,
-    pub topic_alias_maximum: u16,
-    pub connect_timeout: Duration,
-}
 
 /// Accepts connections until `stop`; then every connection says goodbye and ends.
 pub async fn serve(
     broker: MqttBroker,
-    settings: MqttSettings,
+    settings: MqttConfig,
     listener: TcpListener,
     mut stop: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
