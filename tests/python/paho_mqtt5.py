@@ -297,7 +297,24 @@ def _():
     c.c.unsubscribe("never/subscribed")
     rcs = c.unsubacks.get(timeout=TIMEOUT)
     assert rcs[0].value == 0x11, rcs
-    c.close()
+    c.sub("unsub/#")
+    c.c.unsubscribe("unsub/#")
+    rcs = c.unsubacks.get(timeout=TIMEOUT)
+    assert rcs[0].value == 0x00, rcs
+    other = Client()
+    assert other.pub("unsub/x", b"gone").value == 0x10  # nobody subscribed any more
+    c.nothing(0.5)
+    other.close(); c.close()
+
+
+@check("session takeover: the older connection gets DISCONNECT 0x8E")
+def _():
+    first = Client(client_id="twin")
+    second = Client(client_id="twin")
+    rc = first.disconnects.get(timeout=TIMEOUT)
+    assert rc.value == 0x8E, rc
+    first.c.loop_stop()
+    second.close()
 
 
 @check("will delay: sent after the delay, and not at all if the client returns")
