@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::mqtt::rules::{
     BridgeConfig, CompiledIngest, DownlinkRule, IngestRule, check_bridge, compile_downlink,
 };
+use crate::plugins::PipelineConfig;
 use crate::storage::{InvalidTopicConfig, LogOptions, TopicConfig};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -20,6 +21,7 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub kafka: KafkaConfig,
     pub mqtt: MqttConfig,
+    pub plugins: PluginsConfig,
     pub admin: AdminConfig,
     pub storage: StorageConfig,
     pub topic_defaults: TopicDefaults,
@@ -65,6 +67,30 @@ pub struct MqttConfig {
     pub downlink: Vec<DownlinkRule>,
     /// Remote MQTT brokers to subscribe to; what arrives goes through `ingest`.
     pub bridge: Vec<BridgeConfig>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PluginsConfig {
+    /// Records per plugin call, at most.
+    pub batch_size: usize,
+    /// Memory of one plugin instance, MiB.
+    pub memory_mb: usize,
+    /// Time one plugin call may take before it is stopped, ms.
+    pub call_timeout_ms: u64,
+    /// Pipelines: source topics → plugin → output topics.
+    pub pipeline: Vec<PipelineConfig>,
+}
+
+impl Default for PluginsConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 500,
+            memory_mb: 16,
+            call_timeout_ms: 1000,
+            pipeline: Vec::new(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -121,6 +147,7 @@ impl Default for Config {
             data_dir: PathBuf::from("weir-data"),
             kafka: KafkaConfig::default(),
             mqtt: MqttConfig::default(),
+            plugins: PluginsConfig::default(),
             admin: AdminConfig::default(),
             storage: StorageConfig::default(),
             topic_defaults: TopicDefaults::default(),
@@ -277,6 +304,16 @@ impl Config {
             check_bridge(bridge).map_err(|e| {
                 ConfigError::Invalid(format!("[[mqtt.bridge]] {}: {e}", bridge.address))
             })?;
+        }
+        let mut names = std::collections::HashSet::new();
+        for pipeline in &self.plugins.pipeline {
+            pipeline.validate().map_err(ConfigError::Invalid)?;
+            if !names.insert(&pipeline.name) {
+                return Err(ConfigError::Invalid(format!("two pipelines are named {}", pipeline.name)));
+            }
+        }
+        if self.plugins.memory_mb == 0 || self.plugins.call_timeout_ms == 0 || self.plugins.batch_size == 0 {
+            return Err(ConfigError::Invalid("[plugins] memory_mb, call_timeout_ms and batch_size must be > 0".into()));
         }
         if self.storage.retention_check_interval_ms == 0 || self.storage.flush_interval_ms == 0 {
             return Err(ConfigError::Invalid(

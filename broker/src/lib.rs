@@ -7,6 +7,7 @@ pub mod config;
 pub mod kafka;
 pub mod metrics;
 pub mod mqtt;
+pub mod plugins;
 pub mod record_batch;
 pub mod server;
 pub mod shell;

@@ -17,6 +17,7 @@ use crate::kafka::{self, KafkaBroker, KafkaMetrics, KafkaSettings};
 use crate::metrics::{self, StorageMetrics};
 use crate::mqtt::rules::{CompiledIngest, compile_downlink};
 use crate::mqtt::{self, MqttBroker, MqttMetrics};
+use crate::plugins::{PipelineDefaults, PipelineMetrics, PluginHost};
 use crate::storage::{Log, now_ms};
 
 pub async fn serve(config: Config) -> anyhow::Result<()> {
@@ -24,6 +25,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let storage_metrics = StorageMetrics::default();
     let kafka_metrics = KafkaMetrics::default();
     let mqtt_metrics = MqttMetrics::default();
+    let pipeline_metrics = PipelineMetrics::new();
     let options = config.log_options();
     let data_dir = config.data_dir.clone();
     let log = {
@@ -44,6 +46,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             let mut registry = metrics::registry(&storage_metrics);
             kafka_metrics.register(&mut registry);
             mqtt_metrics.register(&mut registry);
+            pipeline_metrics.register(&mut registry);
             registry
         },
         topic_defaults: config.topic_config()?,
@@ -82,6 +85,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let kafka = tokio::spawn(kafka_broker.serve(kafka_listener, stop_rx.clone()));
 
     let mqtt = start_mqtt(&config, &log, &mqtt_metrics, &stop_rx).await?;
+    let pipelines = start_pipelines(&config, &log, &pipeline_metrics, &stop_rx).await?;
     info!(admin = %admin_addr, "weir is serving");
 
     shutdown_signal().await;
@@ -97,6 +101,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     for task in mqtt {
         task.await?;
     }
+    tokio::task::spawn_blocking(move || {
+        for thread in pipelines {
+            let _ = thread.join();
+        }
+    })
+    .await?;
     log.close().await?;
     info!("stopped");
     Ok(())
@@ -159,6 +169,54 @@ async fn start_mqtt(
         }
     }));
     Ok(tasks)
+}
+
+/// Creates the pipelines' topics and starts a thread per pipeline.
+async fn start_pipelines(
+    config: &Config,
+    log: &Log,
+    metrics: &PipelineMetrics,
+    stop: &watch::Receiver<bool>,
+) -> anyhow::Result<Vec<std::thread::JoinHandle<()>>> {
+    let p = &config.plugins;
+    if p.pipeline.is_empty() {
+        return Ok(Vec::new());
+    }
+    let defaults = config.topic_config()?;
+    let partitions = config.topic_defaults.partitions;
+    let host = PluginHost::new(config.data_dir.join("plugin-cache"))?;
+    let mut threads = Vec::new();
+    for pipeline in &p.pipeline {
+        for topic in pipeline
+            .inputs
+            .iter()
+            .chain(pipeline.outputs.values())
+            .chain([&pipeline.dead_letter_topic()])
+        {
+            mqtt::ensure_topic(log, topic, partitions, &defaults).await?;
+        }
+        let (log, host, pipeline, metrics, stop) = (
+            log.clone(),
+            host.clone(),
+            pipeline.clone(),
+            metrics.clone(),
+            stop.clone(),
+        );
+        let pipeline_defaults = PipelineDefaults {
+            batch_size: p.batch_size,
+            memory_mb: p.memory_mb,
+            call_timeout_ms: p.call_timeout_ms,
+        };
+        let runtime = tokio::runtime::Handle::current();
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("pipeline-{}", pipeline.name))
+                .spawn(move || {
+                    crate::plugins::pipeline::run(log, host, pipeline, pipeline_defaults, metrics, runtime, stop)
+                })?,
+        );
+    }
+    Ok(threads)
 }
 
 async fn run_retention(log: Log, every: Duration, mut stop: watch::Receiver<bool>) {

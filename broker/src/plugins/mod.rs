@@ -1,0 +1,8 @@
+//! WebAssembly plugins (decision 4): the host (`host.rs`, the only module that knows
+//! wasmtime) and the pipelines that run plugins over topics (`pipeline.rs`).
+
+pub mod host;
+pub mod pipeline;
+
+pub use host::{Limits, PluginError, PluginHost};
+pub use pipeline::{PipelineConfig, PipelineDefaults, PipelineMetrics};
