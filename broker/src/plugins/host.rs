@@ -205,13 +205,14 @@ impl PluginHost {
         match plugin.call_init(&mut store, params) {
             Ok(Ok(())) => {}
             Ok(Err(message)) => return Err(PluginError::Init(message)),
-            Err(trap) => return Err(PluginError::Trap(format!("{trap:#}"))),
+            Err(trap) => return Err(PluginError::Trap(describe(&trap, limits))),
         }
         let _ = &self.ticker;
         Ok(Instance {
             store,
             plugin,
             ticks,
+            limits,
         })
     }
 }
@@ -221,6 +222,7 @@ pub struct Instance {
     store: Store<State>,
     plugin: bindings::Plugin,
     ticks: u64,
+    limits: Limits,
 }
 
 impl Instance {
@@ -228,7 +230,27 @@ impl Instance {
         self.store.set_epoch_deadline(self.ticks);
         self.plugin
             .call_process(&mut self.store, records)
-            .map_err(|trap| PluginError::Trap(format!("{trap:#}")))
+            .map_err(|trap| PluginError::Trap(describe(&trap, self.limits)))
+    }
+}
+
+/// The reason a call failed, in the words a plugin author needs: the trap itself,
+/// not wasmtime's backtrace of unnamed functions.
+fn describe(error: &wasmtime::Error, limits: Limits) -> String {
+    match error.downcast_ref::<wasmtime::Trap>() {
+        Some(wasmtime::Trap::Interrupt) => format!(
+            "the call ran longer than its limit of {} ms",
+            limits.call_timeout.as_millis()
+        ),
+        Some(trap) => format!("trap: {trap}"),
+        None => {
+            let root = error.root_cause().to_string();
+            if root.contains("growing memory") {
+                format!("memory limit of {} MiB reached ({root})", limits.memory_bytes >> 20)
+            } else {
+                root
+            }
+        }
     }
 }
 

@@ -1,0 +1,45 @@
+//! Misbehaves on purpose, by record value: `loop` never returns, `grow` allocates
+//! without end, `trap` panics, `huge` returns 80 MiB of output, `nowhere` names an
+//! output the pipeline does not have. Anything else passes through to `out`.
+
+use weir_plugin::{BatchResult, InputRecord, Output, Plugin};
+
+struct Hostile;
+
+impl Plugin for Hostile {
+    fn init(_params: Vec<(String, String)>) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn process(records: Vec<InputRecord>) -> BatchResult {
+        let mut result = BatchResult::default();
+        for (i, r) in records.iter().enumerate() {
+            match r.text().unwrap_or_default() {
+                "loop" => {
+                    let mut n: u64 = 0;
+                    loop {
+                        n = std::hint::black_box(n.wrapping_add(1));
+                    }
+                }
+                "grow" => {
+                    let mut hoard: Vec<Vec<u8>> = Vec::new();
+                    loop {
+                        hoard.push(vec![1u8; 1024 * 1024]);
+                        std::hint::black_box(&hoard);
+                    }
+                }
+                "trap" => panic!("record {} asked for it", r.offset),
+                "huge" => {
+                    for _ in 0..80 {
+                        result.emit(Output::to("out", i).value(vec![b'x'; 1024 * 1024]));
+                    }
+                }
+                "nowhere" => result.emit(Output::to("nowhere", i).value("lost")),
+                _ => result.emit(Output::to("out", i).key(r.key.clone()).value(r.value.clone().unwrap_or_default())),
+            }
+        }
+        result
+    }
+}
+
+weir_plugin::plugin!(Hostile);
