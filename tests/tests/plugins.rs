@@ -1,0 +1,150 @@
+//! WebAssembly pipelines in a real broker: the json-filter example's outputs, hostile
+//! plugins contained, and exactly-once outputs across a SIGKILL.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use weir_tests::{Broker, run, run_with_stdin, weir_bin};
+
+/// A component built by `cargo build --release --target wasm32-wasip2` in `plugins/`
+/// (the README's test command does it).
+fn plugin_wasm(name: &str) -> PathBuf {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../plugins/target/wasm32-wasip2/release")
+        .join(format!("{name}.wasm"));
+    assert!(path.exists(), "{} is missing: build the plugins first (./scripts/test does)", path.display());
+    path
+}
+
+fn clean_pipeline() -> String {
+    format!(
+        r#"
+[[plugins.pipeline]]
+name = "clean"
+plugin = "{}"
+inputs = ["readings"]
+outputs = {{ kept = "readings-clean", alarms = "alarms" }}
+batch_size = 100
+params = {{ field = "temperature", min = "0", alarm_above = "40", "rename.temperature" = "temp_f", to_fahrenheit = "true", "enrich.site" = "north" }}
+"#,
+        plugin_wasm("json_filter").display()
+    )
+}
+
+fn produce(broker: &Broker, topic: &str, lines: &str) {
+    assert!(run_with_stdin(
+        Command::new(weir_bin()).args(["produce", "-b", &broker.bootstrap(), topic, "-K", ":"]),
+        lines
+    ));
+}
+
+fn consume(broker: &Broker, topic: &str) -> Vec<String> {
+    let out = run(
+        Command::new(weir_bin()).args(["consume", "-b", &broker.bootstrap(), topic, "-e", "-K", ":"]),
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success(), "{}", out.stderr);
+    out.stdout.lines().map(String::from).collect()
+}
+
+fn metric(pipeline: &str, name: &str) -> String {
+    format!("weir_pipeline_{name}{{pipeline=\"{pipeline}\"}}")
+}
+
+#[test]
+fn json_filter_keeps_converts_enriches_and_routes() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start_with_config(&dir.path().join("d"), &clean_pipeline());
+    produce(
+        &broker,
+        "readings",
+        "a:{\"temperature\":20,\"x\":1}\nb:{\"temperature\":-5}\nc:{\"temperature\":45}\nd:not json\ne:{\"humidity\":3}\n",
+    );
+    broker.wait_metric(&metric("clean", "records_in_total"), 5.0);
+    broker.wait_metric(&metric("clean", "failed_total"), 2.0);
+    assert_eq!(consume(&broker, "readings-clean"), ["a:{\"site\":\"north\",\"temp_f\":68.0,\"x\":1}"]);
+    assert_eq!(consume(&broker, "alarms"), ["c:{\"site\":\"north\",\"temp_f\":113.0}"]);
+    assert_eq!(consume(&broker, "clean-dlq"), ["d:not json", "e:{\"humidity\":3}"]);
+    assert_eq!(broker.metric(&metric("clean", "dropped_total")), 1.0);
+}
+
+#[test]
+fn hostile_plugins_are_contained() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        r#"{}
+[[plugins.pipeline]]
+name = "hostile"
+plugin = "{}"
+inputs = ["hostile-in"]
+outputs = {{ out = "hostile-out" }}
+memory_mb = 64
+call_timeout_ms = 300
+"#,
+        clean_pipeline(),
+        plugin_wasm("hostile").display()
+    );
+    let broker = Broker::start_with_config(&dir.path().join("d"), &config);
+    produce(&broker, "hostile-in", "a\nloop\nb\ngrow\nc\ntrap\nd\nhuge\ne\nnowhere\nf\n");
+    // The other pipeline keeps running meanwhile.
+    produce(&broker, "readings", "k:{\"temperature\":21}\n");
+    broker.wait_metric(&metric("hostile", "failed_total"), 5.0);
+    broker.wait_metric(&metric("hostile", "records_out_total"), 6.0);
+    broker.wait_metric(&metric("clean", "records_out_total"), 1.0);
+    let out: Vec<String> = consume(&broker, "hostile-out");
+    assert_eq!(out, [":a", ":b", ":c", ":d", ":e", ":f"]);
+    let dlq = run(
+        weir_tests::external("kcat").args(["-b", &broker.bootstrap(), "-C", "-t", "hostile-dlq", "-e", "-f", "%s|%h\n"]),
+        Duration::from_secs(60),
+    );
+    let lines: Vec<&str> = dlq.stdout.lines().collect();
+    assert_eq!(lines.len(), 5, "{}", dlq.stdout);
+    let reason = |value: &str| {
+        lines
+            .iter()
+            .find(|l| l.starts_with(&format!("{value}|")))
+            .unwrap_or_else(|| panic!("{value} not in the dead-letter topic: {lines:?}"))
+            .to_string()
+    };
+    assert!(reason("loop").contains("longer than its limit of 300 ms"), "{}", reason("loop"));
+    assert!(reason("grow").contains("memory limit of 64 MiB"), "{}", reason("grow"));
+    assert!(reason("trap").contains("trap: wasm `unreachable`"), "{}", reason("trap"));
+    assert!(reason("nowhere").contains("does not have"), "{}", reason("nowhere"));
+    let huge = reason("huge");
+    assert!(huge.contains("exceed") || huge.contains("limit"), "{huge}");
+    for value in ["loop", "grow", "trap", "huge", "nowhere"] {
+        assert!(reason(value).contains("weir.source=hostile-in/0/"), "{}", reason(value));
+    }
+    assert!(broker.metric(&metric("hostile", "traps_total")) >= 4.0);
+    assert_eq!(consume(&broker, "readings-clean").len(), 1);
+}
+
+#[test]
+fn outputs_hold_each_result_exactly_once_across_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let config_path = dir.path().join("d.toml");
+    let mut broker = Broker::start_with_config(&dir.path().join("d"), &clean_pipeline());
+    let total = 20_000;
+    let input: String = (0..total).map(|i| format!("k{i}:{{\"temperature\":{}}}\n", i % 50)).collect();
+    produce(&broker, "readings", &input);
+    broker.wait_metric(&metric("clean", "records_in_total"), 2_000.0);
+    broker.restart(true, &["--config", config_path.to_str().unwrap()]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let (kept, alarms) = loop {
+        let kept = consume(&broker, "readings-clean");
+        let alarms = consume(&broker, "alarms");
+        if kept.len() + alarms.len() >= total || std::time::Instant::now() > deadline {
+            break (kept, alarms);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let keys: Vec<&str> = kept.iter().chain(&alarms).map(|l| l.split(':').next().unwrap()).collect();
+    let distinct: HashSet<&&str> = keys.iter().collect();
+    assert_eq!(keys.len(), total, "every input's result, once (no duplicates after the kill)");
+    assert_eq!(distinct.len(), total);
+    assert_eq!(alarms.len(), total / 50 * 9, "temperatures 41..=49 are alarms");
+    // The kill came mid-run: the restarted broker had work left.
+    assert!(broker.metric(&metric("clean", "records_in_total")) > 0.0);
+}
