@@ -35,7 +35,11 @@ impl Plugin for Hostile {
                     }
                 }
                 "nowhere" => result.emit(Output::to("nowhere", i).value("lost")),
-                _ => result.emit(Output::to("out", i).key(r.key.clone()).value(r.value.clone().unwrap_or_default())),
+                _ => result.emit(
+                    Output::to("out", i)
+                        .key(r.key.clone())
+                        .value(r.value.clone().unwrap_or_default()),
+                ),
             }
         }
         result

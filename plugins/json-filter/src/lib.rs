@@ -34,15 +34,22 @@ struct JsonFilter;
 impl Plugin for JsonFilter {
     fn init(params: Vec<(String, String)>) -> Result<(), String> {
         let mut s = Settings::default();
-        let number = |k: &str, v: &str| v.parse::<f64>().map_err(|_| format!("{k} = {v:?} is not a number"));
+        let number = |k: &str, v: &str| {
+            v.parse::<f64>()
+                .map_err(|_| format!("{k} = {v:?} is not a number"))
+        };
         for (k, v) in params {
             match k.as_str() {
                 "field" => s.field = v,
                 "min" => s.min = Some(number(&k, &v)?),
                 "alarm_above" => s.alarm_above = Some(number(&k, &v)?),
                 "to_fahrenheit" => s.to_fahrenheit = v == "true",
-                _ if k.starts_with("rename.") => s.renames.push((k["rename.".len()..].to_string(), v)),
-                _ if k.starts_with("enrich.") => s.enrich.push((k["enrich.".len()..].to_string(), v)),
+                _ if k.starts_with("rename.") => {
+                    s.renames.push((k["rename.".len()..].to_string(), v))
+                }
+                _ if k.starts_with("enrich.") => {
+                    s.enrich.push((k["enrich.".len()..].to_string(), v))
+                }
                 _ => return Err(format!("unknown param {k}")),
             }
         }
@@ -72,7 +79,10 @@ impl Plugin for JsonFilter {
     }
 }
 
-fn transform(s: &Settings, record: &InputRecord) -> Result<Option<(&'static str, Vec<u8>)>, String> {
+fn transform(
+    s: &Settings,
+    record: &InputRecord,
+) -> Result<Option<(&'static str, Vec<u8>)>, String> {
     let value = record.value.as_deref().ok_or("no value")?;
     let mut object: Map<String, Value> = match serde_json::from_slice(value) {
         Ok(Value::Object(o)) => o,
@@ -86,7 +96,11 @@ fn transform(s: &Settings, record: &InputRecord) -> Result<Option<(&'static str,
     if s.min.is_some_and(|min| reading < min) {
         return Ok(None);
     }
-    let target = if s.alarm_above.is_some_and(|a| reading > a) { "alarms" } else { "kept" };
+    let target = if s.alarm_above.is_some_and(|a| reading > a) {
+        "alarms"
+    } else {
+        "kept"
+    };
     if s.to_fahrenheit {
         let f = reading * 9.0 / 5.0 + 32.0;
         object.insert(s.field.clone(), Value::from((f * 10.0).round() / 10.0));
@@ -99,7 +113,10 @@ fn transform(s: &Settings, record: &InputRecord) -> Result<Option<(&'static str,
     for (k, v) in &s.enrich {
         object.insert(k.clone(), Value::from(v.clone()));
     }
-    Ok(Some((target, serde_json::to_vec(&Value::Object(object)).map_err(|e| e.to_string())?)))
+    Ok(Some((
+        target,
+        serde_json::to_vec(&Value::Object(object)).map_err(|e| e.to_string())?,
+    )))
 }
 
 weir_plugin::plugin!(JsonFilter);

@@ -121,7 +121,9 @@ impl OutputRecord {
 impl InputRecord {
     /// The value as UTF-8 text, if it is.
     pub fn text(&self) -> Option<&str> {
-        self.value.as_deref().and_then(|v| std::str::from_utf8(v).ok())
+        self.value
+            .as_deref()
+            .and_then(|v| std::str::from_utf8(v).ok())
     }
 
     /// A header's value.
