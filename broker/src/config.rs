@@ -309,11 +309,19 @@ impl Config {
         for pipeline in &self.plugins.pipeline {
             pipeline.validate().map_err(ConfigError::Invalid)?;
             if !names.insert(&pipeline.name) {
-                return Err(ConfigError::Invalid(format!("two pipelines are named {}", pipeline.name)));
+                return Err(ConfigError::Invalid(format!(
+                    "two pipelines are named {}",
+                    pipeline.name
+                )));
             }
         }
-        if self.plugins.memory_mb == 0 || self.plugins.call_timeout_ms == 0 || self.plugins.batch_size == 0 {
-            return Err(ConfigError::Invalid("[plugins] memory_mb, call_timeout_ms and batch_size must be > 0".into()));
+        if self.plugins.memory_mb == 0
+            || self.plugins.call_timeout_ms == 0
+            || self.plugins.batch_size == 0
+        {
+            return Err(ConfigError::Invalid(
+                "[plugins] memory_mb, call_timeout_ms and batch_size must be > 0".into(),
+            ));
         }
         if self.storage.retention_check_interval_ms == 0 || self.storage.flush_interval_ms == 0 {
             return Err(ConfigError::Invalid(

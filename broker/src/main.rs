@@ -78,6 +78,11 @@ enum Command {
         #[arg(long, short)]
         exit: bool,
     },
+    /// Work with WebAssembly plugins.
+    Plugin {
+        #[command(subcommand)]
+        command: PluginCommand,
+    },
     /// Measure the broker's parts on this machine.
     Bench {
         #[command(subcommand)]
@@ -85,6 +90,26 @@ enum Command {
     },
     /// Print the configuration `serve` would run with (defaults, file, flags), as TOML.
     Config(ServeArgs),
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Run a component on sample records (JSON lines) without a broker; print what it
+    /// outputs, fails and drops, as JSON lines.
+    Test {
+        /// The component (.wasm).
+        file: PathBuf,
+        /// Sample records: {"key": …, "value": …, "headers": {…}} per line; - for stdin.
+        #[arg(long, short)]
+        input: PathBuf,
+        /// A param for init, NAME=VALUE (repeat).
+        #[arg(long = "param", short = 'p', value_parser = parse_key_value)]
+        params: Vec<(String, String)>,
+        #[arg(long, default_value_t = 16)]
+        memory_mb: usize,
+        #[arg(long, default_value_t = 1000)]
+        call_timeout_ms: u64,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -281,6 +306,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 exit_at_end: exit,
             };
             weir::shell::consume(args, &mut std::io::stdout().lock()).await?;
+            Ok(())
+        }
+        Command::Plugin {
+            command:
+                PluginCommand::Test {
+                    file,
+                    input,
+                    params,
+                    memory_mb,
+                    call_timeout_ms,
+                },
+        } => {
+            let wasm = std::fs::read(&file)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+            let jsonl = if input.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin())?
+            } else {
+                std::fs::read_to_string(&input)
+                    .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", input.display()))?
+            };
+            let limits = weir::plugins::harness::default_limits(memory_mb, call_timeout_ms);
+            for line in weir::plugins::harness::run(&wasm, &jsonl, &params, limits)? {
+                println!("{line}");
+            }
             Ok(())
         }
         Command::Bench {

@@ -212,7 +212,15 @@ async fn start_pipelines(
             std::thread::Builder::new()
                 .name(format!("pipeline-{}", pipeline.name))
                 .spawn(move || {
-                    crate::plugins::pipeline::run(log, host, pipeline, pipeline_defaults, metrics, runtime, stop)
+                    crate::plugins::pipeline::run(
+                        log,
+                        host,
+                        pipeline,
+                        pipeline_defaults,
+                        metrics,
+                        runtime,
+                        stop,
+                    )
                 })?,
         );
     }

@@ -14,7 +14,11 @@ fn plugin_wasm(name: &str) -> PathBuf {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../plugins/target/wasm32-wasip2/release")
         .join(format!("{name}.wasm"));
-    assert!(path.exists(), "{} is missing: build the plugins first (./scripts/test does)", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: build the plugins first (./scripts/test does)",
+        path.display()
+    );
     path
 }
 
@@ -42,7 +46,15 @@ fn produce(broker: &Broker, topic: &str, lines: &str) {
 
 fn consume(broker: &Broker, topic: &str) -> Vec<String> {
     let out = run(
-        Command::new(weir_bin()).args(["consume", "-b", &broker.bootstrap(), topic, "-e", "-K", ":"]),
+        Command::new(weir_bin()).args([
+            "consume",
+            "-b",
+            &broker.bootstrap(),
+            topic,
+            "-e",
+            "-K",
+            ":",
+        ]),
         Duration::from_secs(60),
     );
     assert!(out.status.success(), "{}", out.stderr);
@@ -64,9 +76,18 @@ fn json_filter_keeps_converts_enriches_and_routes() {
     );
     broker.wait_metric(&metric("clean", "records_in_total"), 5.0);
     broker.wait_metric(&metric("clean", "failed_total"), 2.0);
-    assert_eq!(consume(&broker, "readings-clean"), ["a:{\"site\":\"north\",\"temp_f\":68.0,\"x\":1}"]);
-    assert_eq!(consume(&broker, "alarms"), ["c:{\"site\":\"north\",\"temp_f\":113.0}"]);
-    assert_eq!(consume(&broker, "clean-dlq"), ["d:not json", "e:{\"humidity\":3}"]);
+    assert_eq!(
+        consume(&broker, "readings-clean"),
+        ["a:{\"site\":\"north\",\"temp_f\":68.0,\"x\":1}"]
+    );
+    assert_eq!(
+        consume(&broker, "alarms"),
+        ["c:{\"site\":\"north\",\"temp_f\":113.0}"]
+    );
+    assert_eq!(
+        consume(&broker, "clean-dlq"),
+        ["d:not json", "e:{\"humidity\":3}"]
+    );
     assert_eq!(broker.metric(&metric("clean", "dropped_total")), 1.0);
 }
 
@@ -87,7 +108,11 @@ call_timeout_ms = 300
         plugin_wasm("hostile").display()
     );
     let broker = Broker::start_with_config(&dir.path().join("d"), &config);
-    produce(&broker, "hostile-in", "a\nloop\nb\ngrow\nc\ntrap\nd\nhuge\ne\nnowhere\nf\n");
+    produce(
+        &broker,
+        "hostile-in",
+        "a\nloop\nb\ngrow\nc\ntrap\nd\nhuge\ne\nnowhere\nf\n",
+    );
     // The other pipeline keeps running meanwhile.
     produce(&broker, "readings", "k:{\"temperature\":21}\n");
     broker.wait_metric(&metric("hostile", "failed_total"), 5.0);
@@ -96,7 +121,16 @@ call_timeout_ms = 300
     let out: Vec<String> = consume(&broker, "hostile-out");
     assert_eq!(out, [":a", ":b", ":c", ":d", ":e", ":f"]);
     let dlq = run(
-        weir_tests::external("kcat").args(["-b", &broker.bootstrap(), "-C", "-t", "hostile-dlq", "-e", "-f", "%s|%h\n"]),
+        weir_tests::external("kcat").args([
+            "-b",
+            &broker.bootstrap(),
+            "-C",
+            "-t",
+            "hostile-dlq",
+            "-e",
+            "-f",
+            "%s|%h\n",
+        ]),
         Duration::from_secs(60),
     );
     let lines: Vec<&str> = dlq.stdout.lines().collect();
@@ -108,14 +142,34 @@ call_timeout_ms = 300
             .unwrap_or_else(|| panic!("{value} not in the dead-letter topic: {lines:?}"))
             .to_string()
     };
-    assert!(reason("loop").contains("longer than its limit of 300 ms"), "{}", reason("loop"));
-    assert!(reason("grow").contains("memory limit of 64 MiB"), "{}", reason("grow"));
-    assert!(reason("trap").contains("trap: wasm `unreachable`"), "{}", reason("trap"));
-    assert!(reason("nowhere").contains("does not have"), "{}", reason("nowhere"));
+    assert!(
+        reason("loop").contains("longer than its limit of 300 ms"),
+        "{}",
+        reason("loop")
+    );
+    assert!(
+        reason("grow").contains("memory limit of 64 MiB"),
+        "{}",
+        reason("grow")
+    );
+    assert!(
+        reason("trap").contains("trap: wasm `unreachable`"),
+        "{}",
+        reason("trap")
+    );
+    assert!(
+        reason("nowhere").contains("does not have"),
+        "{}",
+        reason("nowhere")
+    );
     let huge = reason("huge");
     assert!(huge.contains("exceed") || huge.contains("limit"), "{huge}");
     for value in ["loop", "grow", "trap", "huge", "nowhere"] {
-        assert!(reason(value).contains("weir.source=hostile-in/0/"), "{}", reason(value));
+        assert!(
+            reason(value).contains("weir.source=hostile-in/0/"),
+            "{}",
+            reason(value)
+        );
     }
     assert!(broker.metric(&metric("hostile", "traps_total")) >= 4.0);
     assert_eq!(consume(&broker, "readings-clean").len(), 1);
@@ -127,7 +181,9 @@ fn outputs_hold_each_result_exactly_once_across_sigkill() {
     let config_path = dir.path().join("d.toml");
     let mut broker = Broker::start_with_config(&dir.path().join("d"), &clean_pipeline());
     let total = 20_000;
-    let input: String = (0..total).map(|i| format!("k{i}:{{\"temperature\":{}}}\n", i % 50)).collect();
+    let input: String = (0..total)
+        .map(|i| format!("k{i}:{{\"temperature\":{}}}\n", i % 50))
+        .collect();
     produce(&broker, "readings", &input);
     broker.wait_metric(&metric("clean", "records_in_total"), 2_000.0);
     broker.restart(true, &["--config", config_path.to_str().unwrap()]);
@@ -140,11 +196,74 @@ fn outputs_hold_each_result_exactly_once_across_sigkill() {
         }
         std::thread::sleep(Duration::from_millis(500));
     };
-    let keys: Vec<&str> = kept.iter().chain(&alarms).map(|l| l.split(':').next().unwrap()).collect();
+    let keys: Vec<&str> = kept
+        .iter()
+        .chain(&alarms)
+        .map(|l| l.split(':').next().unwrap())
+        .collect();
     let distinct: HashSet<&&str> = keys.iter().collect();
-    assert_eq!(keys.len(), total, "every input's result, once (no duplicates after the kill)");
+    assert_eq!(
+        keys.len(),
+        total,
+        "every input's result, once (no duplicates after the kill)"
+    );
     assert_eq!(distinct.len(), total);
-    assert_eq!(alarms.len(), total / 50 * 9, "temperatures 41..=49 are alarms");
+    assert_eq!(
+        alarms.len(),
+        total / 50 * 9,
+        "temperatures 41..=49 are alarms"
+    );
     // The kill came mid-run: the restarted broker had work left.
     assert!(broker.metric(&metric("clean", "records_in_total")) > 0.0);
+}
+
+#[test]
+fn plugin_test_runs_a_component_on_sample_records_without_a_broker() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("records.jsonl");
+    std::fs::write(
+        &input,
+        "{\"key\":\"a\",\"value\":\"{\\\"temperature\\\":50}\"}\n{\"value\":\"oops\"}\n{\"value\":\"{\\\"temperature\\\":-1}\"}\n",
+    )
+    .unwrap();
+    let wasm = plugin_wasm("json_filter");
+    let out = weir_tests::run_weir(&[
+        "plugin",
+        "test",
+        wasm.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "-p",
+        "field=temperature",
+        "-p",
+        "min=0",
+        "-p",
+        "alarm_above=40",
+    ]);
+    assert!(out.status.success(), "{}", out.stderr);
+    let lines: Vec<serde_json::Value> = out
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines[0]["target"], "alarms");
+    assert_eq!(lines[0]["key"], "a");
+    assert_eq!(lines[0]["value"], "{\"temperature\":50}");
+    assert_eq!(lines[1]["input"], 1);
+    assert!(lines[1]["error"].as_str().unwrap().starts_with("not JSON"));
+    assert_eq!(lines[2], serde_json::json!({"input": 2, "dropped": true}));
+    // A param the plugin refuses is an error, with the plugin's message.
+    let out = weir_tests::run_weir(&[
+        "plugin",
+        "test",
+        wasm.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        out.stderr.contains("param `field` is required"),
+        "{}",
+        out.stderr
+    );
 }

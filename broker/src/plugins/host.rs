@@ -156,17 +156,28 @@ impl PluginHost {
             self.engine.precompile_compatibility_hash().hash(&mut h);
             h.finish()
         };
-        let path = self.cache_dir.join(format!("{hash}-{engine_hash:016x}.cwasm"));
+        let path = self
+            .cache_dir
+            .join(format!("{hash}-{engine_hash:016x}.cwasm"));
         if path.exists() {
             match load_cached(&self.engine, &path) {
                 Ok(component) => return Ok(Module { component, hash }),
-                Err(e) => warn!(path = %path.display(), error = %e, "plugin cache entry unusable; compiling again"),
+                Err(e) => {
+                    warn!(path = %path.display(), error = %e, "plugin cache entry unusable; compiling again")
+                }
             }
         }
         let started = Instant::now();
-        let component = Component::new(&self.engine, wasm).map_err(|e| PluginError::Compile(format!("{e:#}")))?;
-        info!(hash = &hash[..12], ms = started.elapsed().as_millis() as u64, "plugin compiled");
-        let bytes = component.serialize().map_err(|e| PluginError::Cache(e.to_string()))?;
+        let component = Component::new(&self.engine, wasm)
+            .map_err(|e| PluginError::Compile(format!("{e:#}")))?;
+        info!(
+            hash = &hash[..12],
+            ms = started.elapsed().as_millis() as u64,
+            "plugin compiled"
+        );
+        let bytes = component
+            .serialize()
+            .map_err(|e| PluginError::Cache(e.to_string()))?;
         std::fs::create_dir_all(&self.cache_dir).map_err(|e| PluginError::Cache(e.to_string()))?;
         let tmp = path.with_extension("tmp");
         std::fs::write(&tmp, bytes)
@@ -246,7 +257,10 @@ fn describe(error: &wasmtime::Error, limits: Limits) -> String {
         None => {
             let root = error.root_cause().to_string();
             if root.contains("growing memory") {
-                format!("memory limit of {} MiB reached ({root})", limits.memory_bytes >> 20)
+                format!(
+                    "memory limit of {} MiB reached ({root})",
+                    limits.memory_bytes >> 20
+                )
             } else {
                 root
             }

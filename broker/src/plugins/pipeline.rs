@@ -78,7 +78,10 @@ impl PipelineConfig {
 
     pub fn validate(&self) -> Result<(), String> {
         if self.name.is_empty() || self.name.contains(['/', ' ']) {
-            return Err(format!("pipeline name {:?} is empty or has '/' or ' '", self.name));
+            return Err(format!(
+                "pipeline name {:?} is empty or has '/' or ' '",
+                self.name
+            ));
         }
         if self.inputs.is_empty() || self.outputs.is_empty() {
             return Err(format!("pipeline {}: needs inputs and outputs", self.name));
@@ -86,10 +89,21 @@ impl PipelineConfig {
         match self.start.as_str() {
             "earliest" | "latest" => {}
             s if s.parse::<u64>().is_ok() => {}
-            s => return Err(format!("pipeline {}: start {s:?} is not earliest, latest or an offset", self.name)),
+            s => {
+                return Err(format!(
+                    "pipeline {}: start {s:?} is not earliest, latest or an offset",
+                    self.name
+                ));
+            }
         }
-        for topic in self.inputs.iter().chain(self.outputs.values()).chain([&self.dead_letter_topic()]) {
-            crate::storage::TopicName::new(topic.clone()).map_err(|e| format!("pipeline {}: {e}", self.name))?;
+        for topic in self
+            .inputs
+            .iter()
+            .chain(self.outputs.values())
+            .chain([&self.dead_letter_topic()])
+        {
+            crate::storage::TopicName::new(topic.clone())
+                .map_err(|e| format!("pipeline {}: {e}", self.name))?;
         }
         Ok(())
     }
@@ -130,13 +144,41 @@ impl PipelineMetrics {
 
     pub fn register(&self, registry: &mut Registry) {
         let r = registry.sub_registry_with_prefix("pipeline");
-        r.register("records_in", "Records given to the plugin", self.records_in.clone());
-        r.register("records_out", "Records the plugin emitted, appended to outputs", self.records_out.clone());
-        r.register("dropped", "Records the plugin filtered out", self.dropped.clone());
-        r.register("failed", "Records sent to the dead-letter topic", self.failed.clone());
-        r.register("traps", "Instances thrown away after a trap, timeout or memory limit", self.traps.clone());
-        r.register("lag", "Records in the sources not processed yet", self.lag.clone());
-        r.register("call_seconds", "Duration of one plugin call", self.call_seconds.clone());
+        r.register(
+            "records_in",
+            "Records given to the plugin",
+            self.records_in.clone(),
+        );
+        r.register(
+            "records_out",
+            "Records the plugin emitted, appended to outputs",
+            self.records_out.clone(),
+        );
+        r.register(
+            "dropped",
+            "Records the plugin filtered out",
+            self.dropped.clone(),
+        );
+        r.register(
+            "failed",
+            "Records sent to the dead-letter topic",
+            self.failed.clone(),
+        );
+        r.register(
+            "traps",
+            "Instances thrown away after a trap, timeout or memory limit",
+            self.traps.clone(),
+        );
+        r.register(
+            "lag",
+            "Records in the sources not processed yet",
+            self.lag.clone(),
+        );
+        r.register(
+            "call_seconds",
+            "Duration of one plugin call",
+            self.call_seconds.clone(),
+        );
     }
 }
 
@@ -159,7 +201,9 @@ pub fn run(
     stop: watch::Receiver<bool>,
 ) {
     let name = config.name.clone();
-    if let Err(e) = Runner::new(log, host, config, defaults, metrics, runtime, stop).and_then(|mut r| r.run()) {
+    if let Err(e) =
+        Runner::new(log, host, config, defaults, metrics, runtime, stop).and_then(|mut r| r.run())
+    {
         error!(pipeline = %name, error = %e, "pipeline stopped");
     }
 }
@@ -191,7 +235,13 @@ struct Runner {
 /// What a batch became.
 struct Outcome {
     /// (input index, target topic, key, value, headers)
-    outputs: Vec<(usize, String, Option<Bytes>, Option<Bytes>, Vec<(String, Bytes)>)>,
+    outputs: Vec<(
+        usize,
+        String,
+        Option<Bytes>,
+        Option<Bytes>,
+        Vec<(String, Bytes)>,
+    )>,
     failures: Vec<(usize, String)>,
 }
 
@@ -210,30 +260,49 @@ impl Runner {
         let module = host.load(&wasm).map_err(|e| e.to_string())?;
         let limits = Limits {
             memory_bytes: config.memory_mb.unwrap_or(defaults.memory_mb) * 1024 * 1024,
-            call_timeout: Duration::from_millis(config.call_timeout_ms.unwrap_or(defaults.call_timeout_ms)),
+            call_timeout: Duration::from_millis(
+                config.call_timeout_ms.unwrap_or(defaults.call_timeout_ms),
+            ),
         };
-        let params: Vec<(String, String)> = config.params.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let params: Vec<(String, String)> = config
+            .params
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         let instance = host
             .instantiate(&module, limits, &config.name, &params)
             .map_err(|e| e.to_string())?;
         let mut sources = Vec::new();
         for topic in &config.inputs {
-            let info = log.topic(topic).ok_or_else(|| format!("input topic {topic} does not exist"))?;
+            let info = log
+                .topic(topic)
+                .ok_or_else(|| format!("input topic {topic} does not exist"))?;
             for partition in 0..info.partitions {
                 let changes = log.watch(topic, partition).map_err(|e| e.to_string())?;
                 let key = cursor_key(&config.name, topic, partition);
-                let next = match log.get_state::<u64>(NS_CURSOR, &key).map_err(|e| e.to_string())? {
+                let next = match log
+                    .get_state::<u64>(NS_CURSOR, &key)
+                    .map_err(|e| e.to_string())?
+                {
                     Some(offset) => offset,
                     None => {
                         let offsets = *changes.borrow();
                         match config.start.as_str() {
                             "latest" => offsets.high_watermark,
                             "earliest" => offsets.log_start,
-                            n => n.parse::<u64>().unwrap_or(0).clamp(offsets.log_start, offsets.high_watermark),
+                            n => n
+                                .parse::<u64>()
+                                .unwrap_or(0)
+                                .clamp(offsets.log_start, offsets.high_watermark),
                         }
                     }
                 };
-                sources.push(Source { topic: topic.clone(), partition, next, changes });
+                sources.push(Source {
+                    topic: topic.clone(),
+                    partition,
+                    next,
+                    changes,
+                });
             }
         }
         info!(pipeline = %config.name, plugin = %config.plugin.display(), hash = &module.hash[..12],
@@ -320,7 +389,8 @@ impl Runner {
         'batches: for stored in read.batches {
             let batch_end = stored.base_offset() as u64 + stored.last_offset_delta() as u64 + 1;
             let mut bytes = stored.into_bytes();
-            let set = RecordBatchDecoder::decode(&mut bytes).map_err(|e| format!("cannot decode {topic}/{partition}: {e}"))?;
+            let set = RecordBatchDecoder::decode(&mut bytes)
+                .map_err(|e| format!("cannot decode {topic}/{partition}: {e}"))?;
             for r in set.records {
                 let offset = r.offset as u64;
                 if offset < next {
@@ -367,9 +437,15 @@ impl Runner {
 
     /// Calls the plugin on the batch; after a trap, record by record on fresh instances.
     fn process(&mut self, inputs: &[InputRecord]) -> Result<Outcome, String> {
-        self.metrics.records_in.get_or_create(&self.labels).inc_by(inputs.len() as u64);
+        self.metrics
+            .records_in
+            .get_or_create(&self.labels)
+            .inc_by(inputs.len() as u64);
         if inputs.is_empty() {
-            return Ok(Outcome { outputs: Vec::new(), failures: Vec::new() });
+            return Ok(Outcome {
+                outputs: Vec::new(),
+                failures: Vec::new(),
+            });
         }
         match self.call(inputs) {
             Ok(outcome) => Ok(outcome),
@@ -377,7 +453,10 @@ impl Runner {
                 warn!(pipeline = %self.config.name, error = %reason, records = inputs.len(),
                     "plugin failed on a batch; isolating the record that breaks it");
                 self.renew()?;
-                let mut all = Outcome { outputs: Vec::new(), failures: Vec::new() };
+                let mut all = Outcome {
+                    outputs: Vec::new(),
+                    failures: Vec::new(),
+                };
                 for (i, input) in inputs.iter().enumerate() {
                     match self.call(std::slice::from_ref(input)) {
                         Ok(one) => {
@@ -385,7 +464,8 @@ impl Runner {
                                 o.0 = i;
                                 o
                             }));
-                            all.failures.extend(one.failures.into_iter().map(|(_, r)| (i, r)));
+                            all.failures
+                                .extend(one.failures.into_iter().map(|(_, r)| (i, r)));
                         }
                         Err(reason) => {
                             all.failures.push((i, reason));
@@ -422,9 +502,14 @@ impl Runner {
             .sum();
         if size > MAX_OUTPUT_BYTES {
             self.renew()?;
-            return Err(format!("outputs of {size} bytes exceed the limit of {MAX_OUTPUT_BYTES}"));
+            return Err(format!(
+                "outputs of {size} bytes exceed the limit of {MAX_OUTPUT_BYTES}"
+            ));
         }
-        let mut outcome = Outcome { outputs: Vec::new(), failures: Vec::new() };
+        let mut outcome = Outcome {
+            outputs: Vec::new(),
+            failures: Vec::new(),
+        };
         for f in result.failures {
             if (f.input as usize) < inputs.len() {
                 outcome.failures.push((f.input as usize, f.reason));
@@ -433,7 +518,10 @@ impl Runner {
         for o in result.outputs {
             let input = o.input as usize;
             if input >= inputs.len() {
-                return Err(format!("an output names input {input} of a batch of {}", inputs.len()));
+                return Err(format!(
+                    "an output names input {input} of a batch of {}",
+                    inputs.len()
+                ));
             }
             match self.config.outputs.get(&o.target) {
                 Some(topic) => outcome.outputs.push((
@@ -441,15 +529,23 @@ impl Runner {
                     topic.clone(),
                     o.key.map(Bytes::from),
                     o.value.map(Bytes::from),
-                    o.headers.into_iter().map(|h| (h.key, Bytes::from(h.value))).collect(),
+                    o.headers
+                        .into_iter()
+                        .map(|h| (h.key, Bytes::from(h.value)))
+                        .collect(),
                 )),
-                None => outcome
-                    .failures
-                    .push((input, format!("the plugin named output {:?}, which this pipeline does not have", o.target))),
+                None => outcome.failures.push((
+                    input,
+                    format!(
+                        "the plugin named output {:?}, which this pipeline does not have",
+                        o.target
+                    ),
+                )),
             }
         }
         // An input that failed emits nothing: all of its outputs or none.
-        let failed: std::collections::HashSet<usize> = outcome.failures.iter().map(|(i, _)| *i).collect();
+        let failed: std::collections::HashSet<usize> =
+            outcome.failures.iter().map(|(i, _)| *i).collect();
         outcome.outputs.retain(|o| !failed.contains(&o.0));
         Ok(outcome)
     }
@@ -483,23 +579,38 @@ impl Runner {
                 Some(k) => partition_for_key(k, partitions),
                 None => partition % partitions,
             };
-            per_partition.entry((target, p)).or_default().push(NewRecord {
-                key,
-                value,
-                timestamp_ms: inputs[input].timestamp_ms.max(0).min(now),
-                headers,
-            });
+            per_partition
+                .entry((target, p))
+                .or_default()
+                .push(NewRecord {
+                    key,
+                    value,
+                    timestamp_ms: inputs[input].timestamp_ms.max(0).min(now),
+                    headers,
+                });
         }
         let failed_count = outcome.failures.len() as u64;
-        let dlq_partitions = self.log.topic(&self.dead_letter).map_or(1, |t| t.partitions);
+        let dlq_partitions = self
+            .log
+            .topic(&self.dead_letter)
+            .map_or(1, |t| t.partitions);
         for (input, reason) in outcome.failures {
             emitted.insert(input);
             let r = &inputs[input];
-            let mut headers: Vec<(String, Bytes)> =
-                r.headers.iter().map(|h| (h.key.clone(), Bytes::from(h.value.clone()))).collect();
+            let mut headers: Vec<(String, Bytes)> = r
+                .headers
+                .iter()
+                .map(|h| (h.key.clone(), Bytes::from(h.value.clone())))
+                .collect();
             headers.push(("weir.error".into(), Bytes::from(reason)));
-            headers.push(("weir.pipeline".into(), Bytes::from(self.config.name.clone())));
-            headers.push(("weir.source".into(), Bytes::from(format!("{}/{}/{}", r.topic, r.partition, r.offset))));
+            headers.push((
+                "weir.pipeline".into(),
+                Bytes::from(self.config.name.clone()),
+            ));
+            headers.push((
+                "weir.source".into(),
+                Bytes::from(format!("{}/{}/{}", r.topic, r.partition, r.offset)),
+            ));
             per_partition
                 .entry((self.dead_letter.clone(), partition % dlq_partitions))
                 .or_default()
@@ -511,14 +622,24 @@ impl Runner {
                 });
         }
         let dropped = inputs.len() - emitted.len();
-        self.metrics.records_out.get_or_create(&self.labels).inc_by(out_count);
-        self.metrics.failed.get_or_create(&self.labels).inc_by(failed_count);
-        self.metrics.dropped.get_or_create(&self.labels).inc_by(dropped as u64);
+        self.metrics
+            .records_out
+            .get_or_create(&self.labels)
+            .inc_by(out_count);
+        self.metrics
+            .failed
+            .get_or_create(&self.labels)
+            .inc_by(failed_count);
+        self.metrics
+            .dropped
+            .get_or_create(&self.labels)
+            .inc_by(dropped as u64);
         let mut ops = Vec::new();
         for ((target, p), records) in per_partition {
             // Batches of at most 1,000 records, well under the default max.message.bytes.
             for chunk in records.chunks(1000) {
-                let bytes = batch(chunk, kafka_protocol::records::Compression::None).map_err(|e| e.to_string())?;
+                let bytes = batch(chunk, kafka_protocol::records::Compression::None)
+                    .map_err(|e| e.to_string())?;
                 ops.push(WriteOp::Append {
                     topic: target.clone(),
                     partition: p,
@@ -527,7 +648,11 @@ impl Runner {
             }
         }
         let key = cursor_key(&self.config.name, topic, partition);
-        ops.push(state_op(NS_CURSOR, &key, Some(postcard::to_stdvec(&end).map_err(|e| e.to_string())?)));
+        ops.push(state_op(
+            NS_CURSOR,
+            &key,
+            Some(postcard::to_stdvec(&end).map_err(|e| e.to_string())?),
+        ));
         Ok(ops)
     }
 }
