@@ -204,6 +204,16 @@ enum BenchCommand {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
+    /// Per-record cost of the pass-through and json-filter plugins, WebAssembly against
+    /// the same logic compiled natively, at batch sizes 1, 100 and 1,000.
+    Plugins {
+        /// Where passthrough.wasm and json_filter.wasm are.
+        #[arg(long, default_value = "plugins/target/wasm32-wasip2/release")]
+        dir: PathBuf,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 2.0)]
+        seconds: f64,
+    },
 }
 
 fn parse_acks(s: &str) -> Result<i16, String> {
@@ -329,6 +339,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let limits = weir::plugins::harness::default_limits(memory_mb, call_timeout_ms);
             for line in weir::plugins::harness::run(&wasm, &jsonl, &params, limits)? {
                 println!("{line}");
+            }
+            Ok(())
+        }
+        Command::Bench {
+            command: BenchCommand::Plugins { dir, seconds },
+        } => {
+            println!("| plugin | batch | WASM records/s | native records/s | WASM/native cost |");
+            println!("|---|---|---|---|---|");
+            for row in weir::plugins::bench::run(&dir, seconds)? {
+                println!(
+                    "| {} | {} | {:.0} | {:.0} | {:.2} |",
+                    row.plugin,
+                    row.batch,
+                    row.wasm_per_sec,
+                    row.native_per_sec,
+                    row.native_per_sec / row.wasm_per_sec
+                );
             }
             Ok(())
         }

@@ -14,7 +14,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::host::{Header, InputRecord, Limits, PluginHost};
+use super::host::{Header, InputRecord, Limits, PluginHost, Source};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -69,12 +69,14 @@ pub fn run(
                 })
                 .collect(),
             timestamp_ms: r.timestamp_ms,
-            topic: "test".into(),
-            partition: 0,
             offset: records.len() as u64,
         });
     }
-    let result = instance.process(&records)?;
+    let source = Source {
+        topic: "test".into(),
+        partition: 0,
+    };
+    let result = instance.process(&source, &records)?;
     let mut lines = Vec::new();
     let mut seen = vec![false; records.len()];
     for o in result.outputs {
@@ -130,7 +132,7 @@ fn put_bytes(line: &mut Value, name: &str, bytes: Option<&[u8]>) {
 }
 
 fn from_hex(hex: &str) -> Option<Vec<u8>> {
-    if hex.len() % 2 != 0 {
+    if !hex.len().is_multiple_of(2) {
         return None;
     }
     (0..hex.len())

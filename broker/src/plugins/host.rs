@@ -25,7 +25,7 @@ mod bindings {
 }
 
 pub use bindings::weir::plugin::types::{
-    BatchResult, Failure, Header, InputRecord, Level, OutputRecord,
+    BatchResult, Failure, Header, InputRecord, Level, OutputRecord, Source,
 };
 
 /// How often the epoch advances; call time limits are counted in these ticks.
@@ -237,10 +237,14 @@ pub struct Instance {
 }
 
 impl Instance {
-    pub fn process(&mut self, records: &[InputRecord]) -> Result<BatchResult, PluginError> {
+    pub fn process(
+        &mut self,
+        source: &Source,
+        records: &[InputRecord],
+    ) -> Result<BatchResult, PluginError> {
         self.store.set_epoch_deadline(self.ticks);
         self.plugin
-            .call_process(&mut self.store, records)
+            .call_process(&mut self.store, source, records)
             .map_err(|trap| PluginError::Trap(describe(&trap, self.limits)))
     }
 }

@@ -1,6 +1,7 @@
 //! WebAssembly plugins (decision 4): the host (`host.rs`, the only module that knows
 //! wasmtime) and the pipelines that run plugins over topics (`pipeline.rs`).
 
+pub mod bench;
 pub mod harness;
 pub mod host;
 pub mod pipeline;

@@ -26,7 +26,7 @@ use tokio::runtime::Handle;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
-use super::host::{Header, InputRecord, Instance, Limits, Module, PluginError, PluginHost};
+use super::host::{Header, InputRecord, Instance, Limits, Module, PluginError, PluginHost, Source};
 use crate::record_batch::RecordBatch;
 use crate::record_batch::build::{NewRecord, batch};
 use crate::shell::partition_for_key;
@@ -109,16 +109,28 @@ impl PipelineConfig {
     }
 }
 
+/// A metric's labels: `pipeline="…"`.
+type Labels = Vec<(String, String)>;
+
+/// An output on its way to a topic: (input index, topic, key, value, headers).
+type Emitted = (
+    usize,
+    String,
+    Option<Bytes>,
+    Option<Bytes>,
+    Vec<(String, Bytes)>,
+);
+
 /// Per-pipeline metrics (`weir_pipeline_*{pipeline="…"}`).
 #[derive(Clone, Debug)]
 pub struct PipelineMetrics {
-    pub records_in: Family<Vec<(String, String)>, Counter>,
-    pub records_out: Family<Vec<(String, String)>, Counter>,
-    pub dropped: Family<Vec<(String, String)>, Counter>,
-    pub failed: Family<Vec<(String, String)>, Counter>,
-    pub traps: Family<Vec<(String, String)>, Counter>,
-    pub lag: Family<Vec<(String, String)>, Gauge>,
-    pub call_seconds: Family<Vec<(String, String)>, Histogram, fn() -> Histogram>,
+    pub records_in: Family<Labels, Counter>,
+    pub records_out: Family<Labels, Counter>,
+    pub dropped: Family<Labels, Counter>,
+    pub failed: Family<Labels, Counter>,
+    pub traps: Family<Labels, Counter>,
+    pub lag: Family<Labels, Gauge>,
+    pub call_seconds: Family<Labels, Histogram, fn() -> Histogram>,
 }
 
 impl Default for PipelineMetrics {
@@ -208,7 +220,7 @@ pub fn run(
     }
 }
 
-struct Source {
+struct Partition {
     topic: String,
     partition: u32,
     next: u64,
@@ -228,20 +240,13 @@ struct Runner {
     metrics: PipelineMetrics,
     runtime: Handle,
     stop: watch::Receiver<bool>,
-    sources: Vec<Source>,
+    sources: Vec<Partition>,
     dead_letter: String,
 }
 
 /// What a batch became.
 struct Outcome {
-    /// (input index, target topic, key, value, headers)
-    outputs: Vec<(
-        usize,
-        String,
-        Option<Bytes>,
-        Option<Bytes>,
-        Vec<(String, Bytes)>,
-    )>,
+    outputs: Vec<Emitted>,
     failures: Vec<(usize, String)>,
 }
 
@@ -297,7 +302,7 @@ impl Runner {
                         }
                     }
                 };
-                sources.push(Source {
+                sources.push(Partition {
                     topic: topic.clone(),
                     partition,
                     next,
@@ -411,8 +416,6 @@ impl Runner {
                         })
                         .collect(),
                     timestamp_ms: r.timestamp,
-                    topic: topic.clone(),
-                    partition,
                     offset,
                 });
                 end = offset + 1;
@@ -423,7 +426,11 @@ impl Runner {
         if end == next {
             return Ok(false);
         }
-        let outcome = self.process(&inputs)?;
+        let source = Source {
+            topic: topic.clone(),
+            partition,
+        };
+        let outcome = self.process(&source, &inputs)?;
         let ops = self.ops(&inputs, outcome, &topic, partition, end)?;
         if let Err(e) = self.runtime.block_on(self.log.write(ops)) {
             // Not committed: the cursor stays, the batch runs again.
@@ -436,7 +443,7 @@ impl Runner {
     }
 
     /// Calls the plugin on the batch; after a trap, record by record on fresh instances.
-    fn process(&mut self, inputs: &[InputRecord]) -> Result<Outcome, String> {
+    fn process(&mut self, source: &Source, inputs: &[InputRecord]) -> Result<Outcome, String> {
         self.metrics
             .records_in
             .get_or_create(&self.labels)
@@ -447,7 +454,7 @@ impl Runner {
                 failures: Vec::new(),
             });
         }
-        match self.call(inputs) {
+        match self.call(source, inputs) {
             Ok(outcome) => Ok(outcome),
             Err(reason) => {
                 warn!(pipeline = %self.config.name, error = %reason, records = inputs.len(),
@@ -458,7 +465,7 @@ impl Runner {
                     failures: Vec::new(),
                 };
                 for (i, input) in inputs.iter().enumerate() {
-                    match self.call(std::slice::from_ref(input)) {
+                    match self.call(source, std::slice::from_ref(input)) {
                         Ok(one) => {
                             all.outputs.extend(one.outputs.into_iter().map(|mut o| {
                                 o.0 = i;
@@ -480,9 +487,9 @@ impl Runner {
 
     /// One call, its result checked: `Err` means the instance is gone (trap) or the
     /// result was unusable as a whole (too large).
-    fn call(&mut self, inputs: &[InputRecord]) -> Result<Outcome, String> {
+    fn call(&mut self, source: &Source, inputs: &[InputRecord]) -> Result<Outcome, String> {
         let started = Instant::now();
-        let result = self.instance.process(inputs);
+        let result = self.instance.process(source, inputs);
         self.metrics
             .call_seconds
             .get_or_create(&self.labels)
@@ -609,7 +616,7 @@ impl Runner {
             ));
             headers.push((
                 "weir.source".into(),
-                Bytes::from(format!("{}/{}/{}", r.topic, r.partition, r.offset)),
+                Bytes::from(format!("{topic}/{partition}/{}", r.offset)),
             ));
             per_partition
                 .entry((self.dead_letter.clone(), partition % dlq_partitions))

@@ -2,7 +2,7 @@
 //! without end, `trap` panics, `huge` returns 80 MiB of output, `nowhere` names an
 //! output the pipeline does not have. Anything else passes through to `out`.
 
-use weir_plugin::{BatchResult, InputRecord, Output, Plugin};
+use weir_plugin::{BatchResult, InputRecord, Output, Plugin, Source};
 
 struct Hostile;
 
@@ -11,7 +11,7 @@ impl Plugin for Hostile {
         Ok(())
     }
 
-    fn process(records: Vec<InputRecord>) -> BatchResult {
+    fn process(_source: Source, records: Vec<InputRecord>) -> BatchResult {
         let mut result = BatchResult::default();
         for (i, r) in records.iter().enumerate() {
             match r.text().unwrap_or_default() {

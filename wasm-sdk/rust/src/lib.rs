@@ -5,7 +5,7 @@
 //! `wasm32-wasip2`:
 //!
 //! ```ignore
-//! use weir_plugin::{BatchResult, InputRecord, Output, Plugin};
+//! use weir_plugin::{BatchResult, InputRecord, Output, Plugin, Source};
 //!
 //! struct Upper;
 //!
@@ -13,7 +13,7 @@
 //!     fn init(_params: Vec<(String, String)>) -> Result<(), String> {
 //!         Ok(())
 //!     }
-//!     fn process(records: Vec<InputRecord>) -> BatchResult {
+//!     fn process(_source: Source, records: Vec<InputRecord>) -> BatchResult {
 //!         let mut result = BatchResult::default();
 //!         for (i, r) in records.iter().enumerate() {
 //!             let value = r.value.clone().unwrap_or_default().to_ascii_uppercase();
@@ -38,7 +38,7 @@ pub mod bindings {
 }
 
 pub use bindings::weir::plugin::types::{
-    BatchResult, Failure, Header, InputRecord, Level, OutputRecord,
+    BatchResult, Failure, Header, InputRecord, Level, OutputRecord, Source,
 };
 
 /// What a plugin implements: the world's exports.
