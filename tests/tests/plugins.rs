@@ -11,8 +11,14 @@ use weir_tests::{Broker, run, run_with_stdin, weir_bin};
 /// A component built by `cargo build --release --target wasm32-wasip2` in `plugins/`
 /// (the README's test command does it).
 fn plugin_wasm(name: &str) -> PathBuf {
+    let dir = if name.starts_with("python_") {
+        "python"
+    } else {
+        "wasm32-wasip2/release"
+    };
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../plugins/target/wasm32-wasip2/release")
+        .join("../plugins/target")
+        .join(dir)
         .join(format!("{name}.wasm"));
     assert!(
         path.exists(),
@@ -266,4 +272,34 @@ fn plugin_test_runs_a_component_on_sample_records_without_a_broker() {
         "{}",
         out.stderr
     );
+}
+
+#[test]
+fn a_python_plugin_runs_in_a_pipeline() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        r#"
+[[plugins.pipeline]]
+name = "redact"
+plugin = "{}"
+inputs = ["people"]
+outputs = {{ out = "people-clean" }}
+memory_mb = 64
+params = {{ fields = "name,email" }}
+"#,
+        plugin_wasm("python_redact").display()
+    );
+    let broker = Broker::start_with_config(&dir.path().join("d"), &config);
+    produce(
+        &broker,
+        "people",
+        "p1:{\"name\":\"Ann\",\"email\":\"a@x\",\"t\":21.5}\np2:[1,2]\np3:{\"t\":3}\n",
+    );
+    broker.wait_metric(&metric("redact", "records_in_total"), 3.0);
+    broker.wait_metric(&metric("redact", "records_out_total"), 2.0);
+    assert_eq!(
+        consume(&broker, "people-clean"),
+        ["p1:{\"t\":21.5}", "p3:{\"t\":3}"]
+    );
+    assert_eq!(consume(&broker, "redact-dlq"), ["p2:[1,2]"]);
 }
