@@ -17,7 +17,7 @@ use crate::kafka::{self, KafkaBroker, KafkaMetrics, KafkaSettings};
 use crate::metrics::{self, StorageMetrics};
 use crate::mqtt::rules::{CompiledIngest, compile_downlink};
 use crate::mqtt::{self, MqttBroker, MqttMetrics};
-use crate::plugins::{PipelineDefaults, PipelineMetrics, PluginHost};
+use crate::plugins::{PipelineContext, PipelineDefaults, PipelineMetrics, PluginHost};
 use crate::storage::{Log, now_ms};
 
 pub async fn serve(config: Config) -> anyhow::Result<()> {
@@ -184,7 +184,18 @@ async fn start_pipelines(
     }
     let defaults = config.topic_config()?;
     let partitions = config.topic_defaults.partitions;
-    let host = PluginHost::new(config.data_dir.join("plugin-cache"))?;
+    let context = PipelineContext {
+        log: log.clone(),
+        host: PluginHost::new(config.data_dir.join("plugin-cache"))?,
+        defaults: PipelineDefaults {
+            batch_size: p.batch_size,
+            memory_mb: p.memory_mb,
+            call_timeout_ms: p.call_timeout_ms,
+        },
+        metrics: metrics.clone(),
+        runtime: tokio::runtime::Handle::current(),
+        stop: stop.clone(),
+    };
     let mut threads = Vec::new();
     for pipeline in &p.pipeline {
         for topic in pipeline
@@ -195,33 +206,11 @@ async fn start_pipelines(
         {
             mqtt::ensure_topic(log, topic, partitions, &defaults).await?;
         }
-        let (log, host, pipeline, metrics, stop) = (
-            log.clone(),
-            host.clone(),
-            pipeline.clone(),
-            metrics.clone(),
-            stop.clone(),
-        );
-        let pipeline_defaults = PipelineDefaults {
-            batch_size: p.batch_size,
-            memory_mb: p.memory_mb,
-            call_timeout_ms: p.call_timeout_ms,
-        };
-        let runtime = tokio::runtime::Handle::current();
+        let (pipeline, context) = (pipeline.clone(), context.clone());
         threads.push(
             std::thread::Builder::new()
                 .name(format!("pipeline-{}", pipeline.name))
-                .spawn(move || {
-                    crate::plugins::pipeline::run(
-                        log,
-                        host,
-                        pipeline,
-                        pipeline_defaults,
-                        metrics,
-                        runtime,
-                        stop,
-                    )
-                })?,
+                .spawn(move || crate::plugins::pipeline::run(pipeline, context))?,
         );
     }
     Ok(threads)

@@ -394,6 +394,24 @@ impl Broker {
         }
     }
 
+    /// Every record of `topic` as "key SEP value" lines, read with `weir consume -e`.
+    pub fn consume_lines(&self, topic: &str, separator: &str) -> Vec<String> {
+        let out = run(
+            Command::new(weir_bin()).args([
+                "consume",
+                "-b",
+                &self.bootstrap(),
+                topic,
+                "-e",
+                "-K",
+                separator,
+            ]),
+            Duration::from_secs(120),
+        );
+        assert!(out.status.success(), "weir consume {topic}: {}", out.stderr);
+        out.stdout.lines().map(String::from).collect()
+    }
+
     pub fn mqtt_port(&self) -> String {
         self.mqtt.port().to_string()
     }

@@ -21,20 +21,11 @@ key = "{device}"
 /// (device, seq) of every record of `topic`, read with `weir consume`, in log order
 /// per partition; the value is weir-sim's JSON reading.
 fn stored_readings(broker: &Broker, topic: &str) -> Vec<(String, u64)> {
-    let out = run(
-        Command::new(weir_tests::weir_bin()).args([
-            "consume",
-            "-b",
-            &broker.bootstrap(),
-            topic,
-            "-e",
-            "-K",
-            "\t",
-        ]),
-        Duration::from_secs(120),
-    );
-    assert!(out.status.success(), "{}", out.stderr);
-    out.stdout.lines().map(reading).collect()
+    broker
+        .consume_lines(topic, "\t")
+        .iter()
+        .map(|l| reading(l))
+        .collect()
 }
 
 fn reading(line: &str) -> (String, u64) {
@@ -284,19 +275,7 @@ qos = 1
         &["--config", dir.path().join("d.toml").to_str().unwrap()],
     );
     broker.wait_metric("weir_mqtt_ingested_total", 2.0);
-    let out = run(
-        Command::new(weir_tests::weir_bin()).args([
-            "consume",
-            "-b",
-            &broker.bootstrap(),
-            "bridged",
-            "-e",
-            "-K",
-            "=",
-        ]),
-        Duration::from_secs(60),
-    );
-    let mut records: Vec<&str> = out.stdout.lines().collect();
+    let mut records = broker.consume_lines("bridged", "=");
     records.sort();
     assert_eq!(records, ["cow1=38.5", "cow1=38.7", "cow2=39.1"]);
 }

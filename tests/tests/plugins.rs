@@ -51,20 +51,7 @@ fn produce(broker: &Broker, topic: &str, lines: &str) {
 }
 
 fn consume(broker: &Broker, topic: &str) -> Vec<String> {
-    let out = run(
-        Command::new(weir_bin()).args([
-            "consume",
-            "-b",
-            &broker.bootstrap(),
-            topic,
-            "-e",
-            "-K",
-            ":",
-        ]),
-        Duration::from_secs(60),
-    );
-    assert!(out.status.success(), "{}", out.stderr);
-    out.stdout.lines().map(String::from).collect()
+    broker.consume_lines(topic, ":")
 }
 
 fn metric(pipeline: &str, name: &str) -> String {

@@ -7,4 +7,4 @@ pub mod host;
 pub mod pipeline;
 
 pub use host::{Limits, PluginError, PluginHost};
-pub use pipeline::{PipelineConfig, PipelineDefaults, PipelineMetrics};
+pub use pipeline::{PipelineConfig, PipelineContext, PipelineDefaults, PipelineMetrics};

@@ -202,20 +202,22 @@ pub struct PipelineDefaults {
     pub call_timeout_ms: u64,
 }
 
+/// What every pipeline of a broker shares.
+#[derive(Clone)]
+pub struct PipelineContext {
+    pub log: Log,
+    pub host: PluginHost,
+    pub defaults: PipelineDefaults,
+    pub metrics: PipelineMetrics,
+    /// The broker's runtime: the pipeline's thread blocks on it for writes and waits.
+    pub runtime: Handle,
+    pub stop: watch::Receiver<bool>,
+}
+
 /// Runs one pipeline until `stop`; returns when it stopped or failed for good.
-pub fn run(
-    log: Log,
-    host: PluginHost,
-    config: PipelineConfig,
-    defaults: PipelineDefaults,
-    metrics: PipelineMetrics,
-    runtime: Handle,
-    stop: watch::Receiver<bool>,
-) {
+pub fn run(config: PipelineConfig, context: PipelineContext) {
     let name = config.name.clone();
-    if let Err(e) =
-        Runner::new(log, host, config, defaults, metrics, runtime, stop).and_then(|mut r| r.run())
-    {
+    if let Err(e) = Runner::new(config, context).and_then(|mut r| r.run()) {
         error!(pipeline = %name, error = %e, "pipeline stopped");
     }
 }
@@ -251,15 +253,15 @@ struct Outcome {
 }
 
 impl Runner {
-    fn new(
-        log: Log,
-        host: PluginHost,
-        config: PipelineConfig,
-        defaults: PipelineDefaults,
-        metrics: PipelineMetrics,
-        runtime: Handle,
-        stop: watch::Receiver<bool>,
-    ) -> Result<Self, String> {
+    fn new(config: PipelineConfig, context: PipelineContext) -> Result<Self, String> {
+        let PipelineContext {
+            log,
+            host,
+            defaults,
+            metrics,
+            runtime,
+            stop,
+        } = context;
         let wasm = std::fs::read(&config.plugin)
             .map_err(|e| format!("cannot read {}: {e}", config.plugin.display()))?;
         let module = host.load(&wasm).map_err(|e| e.to_string())?;
