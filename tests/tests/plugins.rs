@@ -290,3 +290,63 @@ params = {{ fields = "name,email" }}
     );
     assert_eq!(consume(&broker, "redact-dlq"), ["p2:[1,2]"]);
 }
+
+#[test]
+fn device_frames_over_mqtt_become_json_readings() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        r#"
+[[mqtt.ingest]]
+filter = "sensors/{{device}}/#"
+topic = "frames"
+key = "{{device}}"
+
+[[plugins.pipeline]]
+name = "decode"
+plugin = "{}"
+inputs = ["frames"]
+outputs = {{ json = "readings-json" }}
+"#,
+        plugin_wasm("frame_decode").display()
+    );
+    let broker = Broker::start_with_config(&dir.path().join("d"), &config);
+    let sim = run(
+        Command::new(weir_tests::workspace_bin("weir-sim")).args([
+            "--broker",
+            &broker.mqtt.to_string(),
+            "--quiet",
+            "--devices",
+            "5",
+            "--messages",
+            "10",
+            "--rate",
+            "50",
+            "--payload",
+            "frame",
+            "--qos",
+            "1",
+        ]),
+        Duration::from_secs(60),
+    );
+    assert!(sim.status.success(), "{}{}", sim.stdout, sim.stderr);
+    produce(&broker, "frames", "dev-x:not a frame\n");
+    broker.wait_metric(&metric("decode", "records_in_total"), 51.0);
+    let lines = consume(&broker, "readings-json");
+    assert_eq!(lines.len(), 50);
+    let mut per_device: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
+    for line in &lines {
+        let (key, value) = line.split_once(':').unwrap();
+        let v: serde_json::Value = serde_json::from_str(value).unwrap();
+        assert!(v["temperature_c"].as_f64().unwrap() >= 18.0, "{v}");
+        assert!(v["battery_v"].as_f64().unwrap() > 3.0, "{v}");
+        per_device
+            .entry(key.to_string())
+            .or_default()
+            .push(v["seq"].as_u64().unwrap());
+    }
+    assert_eq!(per_device.len(), 5);
+    for seqs in per_device.values() {
+        assert_eq!(seqs, &(0..10).collect::<Vec<u64>>());
+    }
+    assert_eq!(consume(&broker, "decode-dlq"), ["dev-x:not a frame"]);
+}
