@@ -17,7 +17,9 @@ use crate::kafka::{self, KafkaBroker, KafkaMetrics, KafkaSettings};
 use crate::metrics::{self, StorageMetrics};
 use crate::mqtt::rules::{CompiledIngest, compile_downlink};
 use crate::mqtt::{self, MqttBroker, MqttMetrics};
-use crate::plugins::{PipelineContext, PipelineDefaults, PipelineMetrics, PluginHost};
+use crate::plugins::{
+    IngestPlugin, Limits, PipelineContext, PipelineDefaults, PipelineMetrics, PluginHost,
+};
 use crate::storage::{Log, now_ms};
 
 pub async fn serve(config: Config) -> anyhow::Result<()> {
@@ -123,9 +125,33 @@ async fn start_mqtt(
     let defaults = config.topic_config()?;
     let partitions = config.topic_defaults.partitions;
     let mut rules = Vec::new();
+    let mut host = None;
     for rule in &m.ingest {
         mqtt::ensure_topic(log, &rule.topic, partitions, &defaults).await?;
-        rules.push(CompiledIngest::compile(rule)?);
+        let mut compiled = CompiledIngest::compile(rule)?;
+        if let Some(path) = &rule.plugin {
+            mqtt::ensure_topic(log, &format!("{}-dlq", rule.topic), partitions, &defaults).await?;
+            let host = match &host {
+                Some(h) => h,
+                None => host.insert(PluginHost::new(config.data_dir.join("plugin-cache"))?),
+            };
+            let wasm = std::fs::read(path)
+                .map_err(|e| anyhow::anyhow!("[[mqtt.ingest]] plugin {}: {e}", path.display()))?;
+            let params = rule
+                .params
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            let limits = Limits {
+                memory_bytes: config.plugins.memory_mb << 20,
+                call_timeout: Duration::from_millis(config.plugins.call_timeout_ms),
+            };
+            let name = format!("ingest:{}", rule.filter);
+            let plugin = IngestPlugin::load(host, &name, &wasm, params, limits)
+                .map_err(|e| anyhow::anyhow!("[[mqtt.ingest]] {}: {e}", rule.filter))?;
+            compiled.plugin = Some(Arc::new(plugin));
+        }
+        rules.push(compiled);
     }
     let listener = TcpListener::bind(m.listen)
         .await

@@ -350,3 +350,78 @@ outputs = {{ json = "readings-json" }}
     }
     assert_eq!(consume(&broker, "decode-dlq"), ["dev-x:not a frame"]);
 }
+
+#[test]
+fn an_ingest_plugin_decodes_frames_before_they_are_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        r#"
+[[mqtt.ingest]]
+filter = "sensors/{{device}}/#"
+topic = "telemetry"
+key = "{{device}}"
+plugin = "{}"
+"#,
+        plugin_wasm("frame_decode").display()
+    );
+    let broker = Broker::start_with_config(&dir.path().join("d"), &config);
+    let sim = run(
+        Command::new(weir_tests::workspace_bin("weir-sim")).args([
+            "--broker",
+            &broker.mqtt.to_string(),
+            "--quiet",
+            "--devices",
+            "3",
+            "--messages",
+            "5",
+            "--rate",
+            "50",
+            "--payload",
+            "frame",
+            "--qos",
+            "1",
+        ]),
+        Duration::from_secs(60),
+    );
+    assert!(sim.status.success(), "{}{}", sim.stdout, sim.stderr);
+    weir_tests::mosquitto_pub(
+        broker.mqtt.port(),
+        &["-t", "sensors/dev-y/raw", "-m", "garbage", "-q", "1"],
+    );
+    // Stored already decoded: JSON in the topic, in each device's order.
+    let lines = consume(&broker, "telemetry");
+    assert_eq!(lines.len(), 15, "{lines:?}");
+    for device in ["dev-00000", "dev-00001", "dev-00002"] {
+        let seqs: Vec<u64> = lines
+            .iter()
+            .filter_map(|l| l.strip_prefix(&format!("{device}:")))
+            .map(|v| {
+                serde_json::from_str::<serde_json::Value>(v).unwrap()["seq"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(seqs, [0, 1, 2, 3, 4], "{device}");
+    }
+    let dlq = run(
+        weir_tests::external("kcat").args([
+            "-b",
+            &broker.bootstrap(),
+            "-C",
+            "-t",
+            "telemetry-dlq",
+            "-e",
+            "-f",
+            "%k|%s|%h\n",
+        ]),
+        Duration::from_secs(60),
+    );
+    assert!(dlq.stdout.starts_with("dev-y|garbage|"), "{}", dlq.stdout);
+    assert!(
+        dlq.stdout
+            .contains("weir.error=sensor frame version 103 is unknown"),
+        "{}",
+        dlq.stdout
+    );
+    assert_eq!(broker.metric("weir_mqtt_ingest_plugin_failures_total"), 1.0);
+}

@@ -26,6 +26,8 @@ use tracing::{debug, warn};
 
 use super::rules::CompiledIngest;
 use super::topics::{SubscriptionFilter, SubscriptionTree};
+use crate::plugins::IngestPlugin;
+use crate::plugins::host::{Header, InputRecord, Source};
 use crate::record_batch::RecordBatch;
 use crate::record_batch::build::{NewRecord, batch};
 use crate::shell::partition_for_key;
@@ -190,6 +192,7 @@ pub struct MqttMetrics {
     pub ingested: Counter,
     pub dropped: Counter,
     pub ingest_errors: Counter,
+    pub ingest_plugin_failures: Counter,
 }
 
 impl MqttMetrics {
@@ -246,6 +249,11 @@ impl MqttMetrics {
             "ingest_errors",
             "Publishes whose log write failed",
             self.ingest_errors.clone(),
+        );
+        r.register(
+            "ingest_plugin_failures",
+            "Messages an ingest plugin failed, stored in the rule's {topic}-dlq",
+            self.ingest_plugin_failures.clone(),
         );
     }
 }
@@ -630,27 +638,42 @@ impl MqttBroker {
     /// publishes): their ingest records share one batch per partition, in order.
     pub fn prepare_many(&self, messages: Vec<Message>) -> Result<Prepared, WriteError> {
         let mut prepared = Prepared::default();
-        let mut batches: Vec<(&str, u32, Vec<NewRecord>)> = Vec::new();
+        let mut batches: Vec<(String, u32, Vec<NewRecord>)> = Vec::new();
+        let mut add = |topic: &str, partition: u32, record: NewRecord| match batches
+            .iter_mut()
+            .find(|(t, p, _)| t == topic && *p == partition)
+        {
+            Some((_, _, records)) => records.push(record),
+            None => batches.push((topic.to_string(), partition, vec![record])),
+        };
         let mut ingested = vec![false; messages.len()];
+        // Per rule with a plugin: the records that go through it together.
+        let mut through_plugin: Vec<Vec<(u32, NewRecord)>> =
+            vec![Vec::new(); self.inner.rules.len()];
         for (i, message) in messages.iter().enumerate() {
-            for rule in &self.inner.rules {
+            for (r, rule) in self.inner.rules.iter().enumerate() {
                 let Some(key) = rule.key_for(&message.topic, &message.from) else {
                     continue;
                 };
                 let (partition, record) = self.record(rule, key, message)?;
-                match batches
-                    .iter_mut()
-                    .find(|(t, p, _)| *t == rule.topic && *p == partition)
-                {
-                    Some((_, _, records)) => records.push(record),
-                    None => batches.push((&rule.topic, partition, vec![record])),
-                }
-                prepared.appends += 1;
                 ingested[i] = true;
+                if rule.plugin.is_some() {
+                    through_plugin[r].push((partition, record));
+                    continue;
+                }
+                add(&rule.topic, partition, record);
+                prepared.appends += 1;
+            }
+        }
+        for (rule, records) in self.inner.rules.iter().zip(through_plugin) {
+            if let Some(plugin) = &rule.plugin
+                && !records.is_empty()
+            {
+                prepared.appends += self.through_plugin(rule, plugin, records, &mut add);
             }
         }
         for (topic, partition, records) in batches {
-            prepared.ops.push(append_op(topic, partition, &records)?);
+            prepared.ops.push(append_op(&topic, partition, &records)?);
         }
         let mut st = self.inner.state.lock();
         for (i, message) in messages.into_iter().enumerate() {
@@ -816,6 +839,83 @@ impl MqttBroker {
     /// The write that forgets a delivered message of a persistent session.
     pub fn acknowledged_op(key: &str) -> WriteOp {
         state_op(NS_MSG, key, None)
+    }
+
+    /// Runs records of an ingest rule through its plugin: outputs go to the rule's
+    /// topic (partitioned by their key, else where the input was), failures to
+    /// `{topic}-dlq` with `weir.error`. Returns the number of records appended.
+    fn through_plugin(
+        &self,
+        rule: &CompiledIngest,
+        plugin: &IngestPlugin,
+        records: Vec<(u32, NewRecord)>,
+        add: &mut impl FnMut(&str, u32, NewRecord),
+    ) -> u64 {
+        let inputs: Vec<InputRecord> = records
+            .iter()
+            .enumerate()
+            .map(|(i, (_, r))| InputRecord {
+                key: r.key.as_ref().map(|k| k.to_vec()),
+                value: r.value.as_ref().map(|v| v.to_vec()),
+                headers: r
+                    .headers
+                    .iter()
+                    .map(|(k, v)| Header {
+                        key: k.clone(),
+                        value: v.to_vec(),
+                    })
+                    .collect(),
+                timestamp_ms: r.timestamp_ms,
+                offset: i as u64,
+            })
+            .collect();
+        let source = Source {
+            topic: rule.topic.clone(),
+            partition: 0,
+        };
+        let results = plugin.run(&source, &inputs);
+        let partitions = self
+            .inner
+            .log
+            .topic(&rule.topic)
+            .map_or(1, |t| t.partitions);
+        let dead_letter = format!("{}-dlq", rule.topic);
+        let mut appended = 0;
+        for ((partition, input), result) in records.into_iter().zip(results) {
+            match result {
+                Ok(outputs) => {
+                    for (key, value, headers) in outputs {
+                        let p = key
+                            .as_deref()
+                            .map_or(partition, |k| partition_for_key(k, partitions));
+                        add(
+                            &rule.topic,
+                            p,
+                            NewRecord {
+                                key: key.map(Bytes::from),
+                                value: value.map(Bytes::from),
+                                timestamp_ms: input.timestamp_ms,
+                                headers: headers
+                                    .into_iter()
+                                    .map(|h| (h.key, Bytes::from(h.value)))
+                                    .collect(),
+                            },
+                        );
+                        appended += 1;
+                    }
+                }
+                Err(reason) => {
+                    self.inner.metrics.ingest_plugin_failures.inc();
+                    let mut record = input;
+                    record
+                        .headers
+                        .push(("weir.error".into(), Bytes::from(reason)));
+                    add(&dead_letter, 0, record);
+                    appended += 1;
+                }
+            }
+        }
+        appended
     }
 
     /// The partition and record an ingest rule makes of a message.

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::topics;
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IngestRule {
     /// MQTT topic filter, with `{name}` levels that capture.
@@ -21,6 +21,13 @@ pub struct IngestRule {
     /// Record key template; empty: no key (records spread over partitions).
     #[serde(default)]
     pub key: String,
+    /// A plugin (component) the messages go through before they are stored: its
+    /// outputs are appended to `topic`, its failures to `{topic}-dlq`.
+    #[serde(default)]
+    pub plugin: Option<std::path::PathBuf>,
+    /// Params for the plugin's init.
+    #[serde(default)]
+    pub params: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -91,6 +98,8 @@ pub struct CompiledIngest {
     pub topic: String,
     levels: Vec<Level>,
     key: Template,
+    /// Set at start when the rule names a plugin.
+    pub plugin: Option<std::sync::Arc<crate::plugins::IngestPlugin>>,
 }
 
 impl CompiledIngest {
@@ -134,6 +143,7 @@ impl CompiledIngest {
             topic: rule.topic.clone(),
             levels,
             key,
+            plugin: None,
         })
     }
 
@@ -274,6 +284,7 @@ mod tests {
             filter: filter.into(),
             topic: "t".into(),
             key: key.into(),
+            ..Default::default()
         })
         .unwrap()
     }
@@ -303,6 +314,7 @@ mod tests {
                 filter: filter.into(),
                 topic: "t".into(),
                 key: key.into(),
+                ..Default::default()
             })
             .unwrap_err()
         };

@@ -4,7 +4,9 @@
 pub mod bench;
 pub mod harness;
 pub mod host;
+pub mod ingest;
 pub mod pipeline;
 
 pub use host::{Limits, PluginError, PluginHost};
+pub use ingest::IngestPlugin;
 pub use pipeline::{PipelineConfig, PipelineContext, PipelineDefaults, PipelineMetrics};
