@@ -54,6 +54,29 @@ fn consume(broker: &Broker, topic: &str) -> Vec<String> {
     broker.consume_lines(topic, ":")
 }
 
+/// `devices` simulated devices each publish `messages` sensor frames at QoS 1.
+fn send_frames(broker: &Broker, devices: u32, messages: u32) {
+    let sim = run(
+        Command::new(weir_tests::workspace_bin("weir-sim")).args([
+            "--broker",
+            &broker.mqtt.to_string(),
+            "--quiet",
+            "--devices",
+            &devices.to_string(),
+            "--messages",
+            &messages.to_string(),
+            "--rate",
+            "50",
+            "--payload",
+            "frame",
+            "--qos",
+            "1",
+        ]),
+        Duration::from_secs(60),
+    );
+    assert!(sim.status.success(), "{}{}", sim.stdout, sim.stderr);
+}
+
 fn metric(pipeline: &str, name: &str) -> String {
     format!("weir_pipeline_{name}{{pipeline=\"{pipeline}\"}}")
 }
@@ -310,25 +333,7 @@ outputs = {{ json = "readings-json" }}
         plugin_wasm("frame_decode").display()
     );
     let broker = Broker::start_with_config(&dir.path().join("d"), &config);
-    let sim = run(
-        Command::new(weir_tests::workspace_bin("weir-sim")).args([
-            "--broker",
-            &broker.mqtt.to_string(),
-            "--quiet",
-            "--devices",
-            "5",
-            "--messages",
-            "10",
-            "--rate",
-            "50",
-            "--payload",
-            "frame",
-            "--qos",
-            "1",
-        ]),
-        Duration::from_secs(60),
-    );
-    assert!(sim.status.success(), "{}{}", sim.stdout, sim.stderr);
+    send_frames(&broker, 5, 10);
     produce(&broker, "frames", "dev-x:not a frame\n");
     broker.wait_metric(&metric("decode", "records_in_total"), 51.0);
     let lines = consume(&broker, "readings-json");
@@ -365,25 +370,7 @@ plugin = "{}"
         plugin_wasm("frame_decode").display()
     );
     let broker = Broker::start_with_config(&dir.path().join("d"), &config);
-    let sim = run(
-        Command::new(weir_tests::workspace_bin("weir-sim")).args([
-            "--broker",
-            &broker.mqtt.to_string(),
-            "--quiet",
-            "--devices",
-            "3",
-            "--messages",
-            "5",
-            "--rate",
-            "50",
-            "--payload",
-            "frame",
-            "--qos",
-            "1",
-        ]),
-        Duration::from_secs(60),
-    );
-    assert!(sim.status.success(), "{}{}", sim.stdout, sim.stderr);
+    send_frames(&broker, 3, 5);
     weir_tests::mosquitto_pub(
         broker.mqtt.port(),
         &["-t", "sensors/dev-y/raw", "-m", "garbage", "-q", "1"],
