@@ -1,18 +1,23 @@
-//! The admin HTTP API (axum): health, Prometheus metrics, and topic management,
-//! plus the client half that `weir topic ...` uses. Errors map to HTTP statuses here
+//! The admin HTTP API (axum): health, Prometheus metrics, topics, deployed plugins
+//! and pipelines, plus the client half that `weir topic|plugin|pipeline ...` uses. Errors map to HTTP statuses here
 //! and nowhere else.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 
+use crate::plugins::PipelineConfig;
+use crate::plugins::Pipelines;
+use crate::plugins::manager::{ManagerError, PipelineView, PluginView};
+use crate::plugins::registry::MAX_PLUGIN_BYTES;
 use crate::storage::{Log, PartitionInfo, ReadError, TopicConfig, TopicError, TopicInfo};
 
 /// A topic as the API shows it: config under Kafka's key names.
@@ -61,6 +66,7 @@ pub struct AdminState {
     pub registry: Registry,
     pub topic_defaults: TopicConfig,
     pub default_partitions: u32,
+    pub pipelines: Arc<Pipelines>,
 }
 
 pub fn router(state: Arc<AdminState>) -> Router {
@@ -75,6 +81,20 @@ pub fn router(state: Arc<AdminState>) -> Router {
             "/v1/topics/{name}",
             get(describe_topic).delete(delete_topic),
         )
+        .route("/v1/plugins", get(list_plugins))
+        .route(
+            "/v1/plugins/{name}",
+            put(deploy_plugin)
+                .delete(remove_plugin)
+                .layer(DefaultBodyLimit::max(MAX_PLUGIN_BYTES)),
+        )
+        .route("/v1/pipelines", get(list_pipelines).post(create_pipeline))
+        .route(
+            "/v1/pipelines/{name}",
+            get(describe_pipeline).delete(delete_pipeline),
+        )
+        .route("/v1/pipelines/{name}/pause", post(pause_pipeline))
+        .route("/v1/pipelines/{name}/resume", post(resume_pipeline))
         .with_state(state)
 }
 
@@ -140,6 +160,71 @@ async fn delete_topic(
     Ok(StatusCode::NO_CONTENT)
 }
 
+async fn list_plugins(
+    State(state): State<Arc<AdminState>>,
+) -> Result<Json<Vec<PluginView>>, ApiFailure> {
+    Ok(Json(state.pipelines.plugins()?))
+}
+
+/// The body is the component's bytes.
+async fn deploy_plugin(
+    State(state): State<Arc<AdminState>>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<PluginView>), ApiFailure> {
+    let view = state.pipelines.deploy(&name, body.to_vec()).await?;
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+async fn remove_plugin(
+    State(state): State<Arc<AdminState>>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiFailure> {
+    state.pipelines.remove_plugin(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn list_pipelines(State(state): State<Arc<AdminState>>) -> Json<Vec<PipelineView>> {
+    Json(state.pipelines.list())
+}
+
+async fn create_pipeline(
+    State(state): State<Arc<AdminState>>,
+    Json(config): Json<PipelineConfig>,
+) -> Result<(StatusCode, Json<PipelineView>), ApiFailure> {
+    let view = state.pipelines.create(config).await?;
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+async fn describe_pipeline(
+    State(state): State<Arc<AdminState>>,
+    Path(name): Path<String>,
+) -> Result<Json<PipelineView>, ApiFailure> {
+    Ok(Json(state.pipelines.describe(&name)?))
+}
+
+async fn pause_pipeline(
+    State(state): State<Arc<AdminState>>,
+    Path(name): Path<String>,
+) -> Result<Json<PipelineView>, ApiFailure> {
+    Ok(Json(state.pipelines.pause(&name).await?))
+}
+
+async fn resume_pipeline(
+    State(state): State<Arc<AdminState>>,
+    Path(name): Path<String>,
+) -> Result<Json<PipelineView>, ApiFailure> {
+    Ok(Json(state.pipelines.resume(&name).await?))
+}
+
+async fn delete_pipeline(
+    State(state): State<Arc<AdminState>>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiFailure> {
+    state.pipelines.delete(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 /// An error response: status and message.
 #[derive(Debug)]
 pub struct ApiFailure(StatusCode, String);
@@ -165,6 +250,18 @@ impl From<TopicError> for ApiFailure {
     }
 }
 
+impl From<ManagerError> for ApiFailure {
+    fn from(e: ManagerError) -> Self {
+        let status = match &e {
+            ManagerError::Invalid(_) => StatusCode::BAD_REQUEST,
+            ManagerError::NotFound(_) => StatusCode::NOT_FOUND,
+            ManagerError::Conflict(_) => StatusCode::CONFLICT,
+            ManagerError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiFailure(status, e.to_string())
+    }
+}
+
 impl From<ReadError> for ApiFailure {
     fn from(e: ReadError) -> Self {
         let status = match &e {
@@ -178,7 +275,7 @@ impl From<ReadError> for ApiFailure {
     }
 }
 
-/// The client side, for `weir topic ...`.
+/// The client side, for `weir topic|plugin|pipeline ...`.
 pub struct AdminClient {
     base: String,
     http: reqwest::Client,
@@ -238,6 +335,64 @@ impl AdminClient {
 
     pub async fn delete_topic(&self, name: &str) -> anyhow::Result<()> {
         let url = format!("{}/v1/topics/{name}", self.base);
+        self.call::<serde_json::Value>(self.http.delete(url))
+            .await
+            .map(drop)
+    }
+
+    pub async fn deploy_plugin(&self, name: &str, wasm: Vec<u8>) -> anyhow::Result<PluginView> {
+        let url = format!("{}/v1/plugins/{name}", self.base);
+        let request = self
+            .http
+            .put(url)
+            .header("content-type", "application/wasm")
+            .body(wasm);
+        self.call(request)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("empty response"))
+    }
+
+    pub async fn list_plugins(&self) -> anyhow::Result<Vec<PluginView>> {
+        let url = format!("{}/v1/plugins", self.base);
+        Ok(self.call(self.http.get(url)).await?.unwrap_or_default())
+    }
+
+    pub async fn remove_plugin(&self, name: &str) -> anyhow::Result<()> {
+        let url = format!("{}/v1/plugins/{name}", self.base);
+        self.call::<serde_json::Value>(self.http.delete(url))
+            .await
+            .map(drop)
+    }
+
+    pub async fn create_pipeline(&self, config: &PipelineConfig) -> anyhow::Result<PipelineView> {
+        let url = format!("{}/v1/pipelines", self.base);
+        self.call(self.http.post(url).json(config))
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("empty response"))
+    }
+
+    pub async fn list_pipelines(&self) -> anyhow::Result<Vec<PipelineView>> {
+        let url = format!("{}/v1/pipelines", self.base);
+        Ok(self.call(self.http.get(url)).await?.unwrap_or_default())
+    }
+
+    pub async fn describe_pipeline(&self, name: &str) -> anyhow::Result<PipelineView> {
+        let url = format!("{}/v1/pipelines/{name}", self.base);
+        self.call(self.http.get(url))
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("empty response"))
+    }
+
+    /// `action` is `pause` or `resume`.
+    pub async fn control_pipeline(&self, name: &str, action: &str) -> anyhow::Result<PipelineView> {
+        let url = format!("{}/v1/pipelines/{name}/{action}", self.base);
+        self.call(self.http.post(url))
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("empty response"))
+    }
+
+    pub async fn delete_pipeline(&self, name: &str) -> anyhow::Result<()> {
+        let url = format!("{}/v1/pipelines/{name}", self.base);
         self.call::<serde_json::Value>(self.http.delete(url))
             .await
             .map(drop)

@@ -25,14 +25,8 @@ enum Command {
     Serve(ServeArgs),
     /// Create, list, describe and delete topics on a running broker.
     Topic {
-        /// Admin API of the broker (URL or host:port).
-        #[arg(
-            long,
-            env = "WEIR_ADMIN",
-            default_value = "127.0.0.1:9644",
-            global = true
-        )]
-        admin: String,
+        #[command(flatten)]
+        admin: AdminArgs,
         #[command(subcommand)]
         command: TopicCommand,
     },
@@ -78,10 +72,19 @@ enum Command {
         #[arg(long, short)]
         exit: bool,
     },
-    /// Work with WebAssembly plugins.
+    /// Test WebAssembly plugins, deploy them to a running broker, list them.
     Plugin {
+        #[command(flatten)]
+        admin: AdminArgs,
         #[command(subcommand)]
         command: PluginCommand,
+    },
+    /// Create, list, describe, pause, resume and delete pipelines on a running broker.
+    Pipeline {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(subcommand)]
+        command: PipelineCommand,
     },
     /// Measure the broker's parts on this machine.
     Bench {
@@ -90,6 +93,18 @@ enum Command {
     },
     /// Print the configuration `serve` would run with (defaults, file, flags), as TOML.
     Config(ServeArgs),
+}
+
+#[derive(Args, Clone)]
+struct AdminArgs {
+    /// Admin API of the broker (URL or host:port).
+    #[arg(
+        long,
+        env = "WEIR_ADMIN",
+        default_value = "127.0.0.1:9644",
+        global = true
+    )]
+    admin: String,
 }
 
 #[derive(Subcommand)]
@@ -110,6 +125,60 @@ enum PluginCommand {
         #[arg(long, default_value_t = 1000)]
         call_timeout_ms: u64,
     },
+    /// Upload a component to the broker as plugin NAME (a new version if NAME exists;
+    /// pipelines running NAME switch to it between two batches).
+    Deploy { name: String, file: PathBuf },
+    /// List deployed plugins, their versions and the pipelines that run them.
+    List,
+    /// Remove a deployed plugin that no pipeline runs.
+    Remove { name: String },
+}
+
+#[derive(Subcommand)]
+enum PipelineCommand {
+    /// Create a pipeline: records of the inputs go through the plugin to the outputs.
+    Create {
+        name: String,
+        /// A deployed plugin's name, or a component file (.wasm) the broker can read.
+        #[arg(long)]
+        plugin: String,
+        /// A source topic (repeat).
+        #[arg(long = "input", short = 'i', required = true)]
+        inputs: Vec<String>,
+        /// An output, NAME=TOPIC: the plugin's output NAME goes to TOPIC (repeat).
+        #[arg(long = "output", short = 'o', required = true, value_parser = parse_key_value)]
+        outputs: Vec<(String, String)>,
+        /// Topic for records the plugin fails (default: NAME-dlq).
+        #[arg(long)]
+        dead_letter: Option<String>,
+        /// A param for the plugin's init, NAME=VALUE (repeat).
+        #[arg(long = "param", short = 'p', value_parser = parse_key_value)]
+        params: Vec<(String, String)>,
+        /// earliest, latest, offset:N, or timestamp:MS (ms since the epoch).
+        #[arg(long, default_value = "earliest")]
+        start: String,
+        #[arg(long)]
+        batch_size: Option<usize>,
+        #[arg(long)]
+        memory_mb: Option<usize>,
+        #[arg(long)]
+        call_timeout_ms: Option<u64>,
+    },
+    /// List pipelines with their state and counts.
+    List,
+    /// Show a pipeline's config, plugin version, position per source partition, counts.
+    Describe {
+        name: String,
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop processing after the current batch; the cursor stays.
+    Pause { name: String },
+    /// Go on from the cursor (also restarts a pipeline that failed).
+    Resume { name: String },
+    /// Stop a pipeline and forget its cursors; its topics stay.
+    Delete { name: String },
 }
 
 #[derive(Args, Clone)]
@@ -267,7 +336,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", toml::to_string(&args.config()?)?);
             Ok(())
         }
-        Command::Topic { admin, command } => topic(&AdminClient::new(&admin), command).await,
+        Command::Topic { admin, command } => topic(&AdminClient::new(&admin.admin), command).await,
         Command::Produce {
             topic,
             bootstrap,
@@ -318,6 +387,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             weir::shell::consume(args, &mut std::io::stdout().lock()).await?;
             Ok(())
         }
+        Command::Pipeline { admin, command } => {
+            pipeline(&AdminClient::new(&admin.admin), command).await
+        }
+        Command::Plugin {
+            admin,
+            command:
+                command @ (PluginCommand::Deploy { .. }
+                | PluginCommand::List
+                | PluginCommand::Remove { .. }),
+        } => plugin(&AdminClient::new(&admin.admin), command).await,
         Command::Plugin {
             command:
                 PluginCommand::Test {
@@ -327,6 +406,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     memory_mb,
                     call_timeout_ms,
                 },
+            ..
         } => {
             let wasm = std::fs::read(&file)
                 .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
@@ -385,6 +465,162 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+async fn plugin(client: &AdminClient, command: PluginCommand) -> anyhow::Result<()> {
+    match command {
+        PluginCommand::Deploy { name, file } => {
+            let wasm = std::fs::read(&file)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+            let p = client.deploy_plugin(&name, wasm).await?;
+            println!(
+                "deployed plugin {} version {} ({} bytes, sha256 {}){}",
+                p.plugin.name,
+                p.plugin.version,
+                p.plugin.size,
+                &p.plugin.hash[..12],
+                if p.used_by.is_empty() {
+                    String::new()
+                } else {
+                    format!("; pipelines switching to it: {}", p.used_by.join(", "))
+                }
+            );
+        }
+        PluginCommand::List => {
+            println!("name\tversion\tsha256\tbytes\tused by");
+            for p in client.list_plugins().await? {
+                println!(
+                    "{}\t{}\t{}\t{}\t{}",
+                    p.plugin.name,
+                    p.plugin.version,
+                    &p.plugin.hash[..12],
+                    p.plugin.size,
+                    p.used_by.join(",")
+                );
+            }
+        }
+        PluginCommand::Remove { name } => {
+            client.remove_plugin(&name).await?;
+            println!("removed plugin {name}");
+        }
+        PluginCommand::Test { .. } => unreachable!("runs without a broker"),
+    }
+    Ok(())
+}
+
+async fn pipeline(client: &AdminClient, command: PipelineCommand) -> anyhow::Result<()> {
+    match command {
+        PipelineCommand::Create {
+            name,
+            plugin,
+            inputs,
+            outputs,
+            dead_letter,
+            params,
+            start,
+            batch_size,
+            memory_mb,
+            call_timeout_ms,
+        } => {
+            let config = weir::plugins::PipelineConfig {
+                name,
+                plugin,
+                inputs,
+                outputs: outputs.into_iter().collect(),
+                dead_letter,
+                params: params.into_iter().collect(),
+                start,
+                batch_size,
+                memory_mb,
+                call_timeout_ms,
+            };
+            let p = client.create_pipeline(&config).await?;
+            println!("created pipeline {} ({:?})", p.name, p.status.state);
+        }
+        PipelineCommand::List => {
+            println!("name\tstate\tplugin\tin\tout\tdropped\tfailed\tlag");
+            for p in client.list_pipelines().await? {
+                println!(
+                    "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
+                    p.name,
+                    serde_json::to_value(p.status.state)?
+                        .as_str()
+                        .unwrap_or("?"),
+                    p.config.plugin,
+                    p.records_in,
+                    p.records_out,
+                    p.dropped,
+                    p.failed,
+                    p.lag
+                );
+            }
+        }
+        PipelineCommand::Describe { name, json } => {
+            let p = client.describe_pipeline(&name).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&p)?);
+                return Ok(());
+            }
+            let c = &p.config;
+            println!("pipeline: {}", p.name);
+            println!(
+                "origin: {}",
+                serde_json::to_value(p.origin)?.as_str().unwrap_or("?")
+            );
+            println!(
+                "state: {}",
+                serde_json::to_value(p.status.state)?
+                    .as_str()
+                    .unwrap_or("?")
+            );
+            if let Some(e) = &p.status.error {
+                println!("error: {e}");
+            }
+            let version = p
+                .status
+                .plugin_version
+                .map(|v| format!(" version {v}"))
+                .unwrap_or_default();
+            let hash = p
+                .status
+                .plugin_hash
+                .get(..12)
+                .unwrap_or(&p.status.plugin_hash);
+            println!("plugin: {}{version} (sha256 {hash})", c.plugin);
+            println!("inputs: {}", c.inputs.join(", "));
+            for (output, topic) in &c.outputs {
+                println!("output: {output} -> {topic}");
+            }
+            println!("dead letters: {}", c.dead_letter_topic());
+            for (k, v) in &c.params {
+                println!("param: {k}={v}");
+            }
+            println!(
+                "records: in {} out {} dropped {} failed {} lag {}",
+                p.records_in, p.records_out, p.dropped, p.failed, p.lag
+            );
+            println!("topic\tpartition\tnext_offset\thigh_watermark");
+            for s in &p.status.positions {
+                println!(
+                    "{}\t{}\t{}\t{}",
+                    s.topic, s.partition, s.next_offset, s.high_watermark
+                );
+            }
+        }
+        PipelineCommand::Pause { name } => {
+            let p = client.control_pipeline(&name, "pause").await?;
+            println!("paused pipeline {}", p.name);
+        }
+        PipelineCommand::Resume { name } => {
+            let p = client.control_pipeline(&name, "resume").await?;
+            println!("resumed pipeline {}", p.name);
+        }
+        PipelineCommand::Delete { name } => {
+            client.delete_pipeline(&name).await?;
+            println!("deleted pipeline {name}");
+        }
+    }
+    Ok(())
 }
 
 async fn topic(client: &AdminClient, command: TopicCommand) -> anyhow::Result<()> {

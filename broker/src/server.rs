@@ -18,7 +18,8 @@ use crate::metrics::{self, StorageMetrics};
 use crate::mqtt::rules::{CompiledIngest, compile_downlink};
 use crate::mqtt::{self, MqttBroker, MqttMetrics};
 use crate::plugins::{
-    IngestPlugin, Limits, PipelineContext, PipelineDefaults, PipelineMetrics, PluginHost,
+    IngestPlugin, Limits, PipelineContext, PipelineDefaults, PipelineMetrics, Pipelines,
+    PluginHost, PluginRegistry,
 };
 use crate::storage::{Log, now_ms};
 
@@ -37,6 +38,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     info!(data_dir = %data_dir.display(), topics = log.topics().len(), fsync = config.storage.fsync, "log opened");
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    let host = PluginHost::new(config.data_dir.join("plugin-cache"))?;
+    let pipelines = start_pipelines(&config, &log, &host, &pipeline_metrics, &stop_rx).await?;
 
     let admin_listener = TcpListener::bind(config.admin.listen)
         .await
@@ -53,6 +56,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         },
         topic_defaults: config.topic_config()?,
         default_partitions: config.topic_defaults.partitions,
+        pipelines: pipelines.clone(),
     });
     let admin = tokio::spawn({
         let mut stop = stop_rx.clone();
@@ -86,8 +90,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let kafka_broker = KafkaBroker::new(log.clone(), settings, kafka_metrics)?;
     let kafka = tokio::spawn(kafka_broker.serve(kafka_listener, stop_rx.clone()));
 
-    let mqtt = start_mqtt(&config, &log, &mqtt_metrics, &stop_rx).await?;
-    let pipelines = start_pipelines(&config, &log, &pipeline_metrics, &stop_rx).await?;
+    let mqtt = start_mqtt(&config, &log, &host, &mqtt_metrics, &stop_rx).await?;
     info!(admin = %admin_addr, "weir is serving");
 
     shutdown_signal().await;
@@ -103,12 +106,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     for task in mqtt {
         task.await?;
     }
-    tokio::task::spawn_blocking(move || {
-        for thread in pipelines {
-            let _ = thread.join();
-        }
-    })
-    .await?;
+    pipelines.join().await;
     log.close().await?;
     info!("stopped");
     Ok(())
@@ -118,6 +116,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
 async fn start_mqtt(
     config: &Config,
     log: &Log,
+    host: &PluginHost,
     metrics: &MqttMetrics,
     stop: &watch::Receiver<bool>,
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
@@ -125,16 +124,11 @@ async fn start_mqtt(
     let defaults = config.topic_config()?;
     let partitions = config.topic_defaults.partitions;
     let mut rules = Vec::new();
-    let mut host = None;
     for rule in &m.ingest {
         mqtt::ensure_topic(log, &rule.topic, partitions, &defaults).await?;
         let mut compiled = CompiledIngest::compile(rule)?;
         if let Some(path) = &rule.plugin {
             mqtt::ensure_topic(log, &format!("{}-dlq", rule.topic), partitions, &defaults).await?;
-            let host = match &host {
-                Some(h) => h,
-                None => host.insert(PluginHost::new(config.data_dir.join("plugin-cache"))?),
-            };
             let wasm = std::fs::read(path)
                 .map_err(|e| anyhow::anyhow!("[[mqtt.ingest]] plugin {}: {e}", path.display()))?;
             let params = rule
@@ -197,22 +191,18 @@ async fn start_mqtt(
     Ok(tasks)
 }
 
-/// Creates the pipelines' topics and starts a thread per pipeline.
+/// Starts the pipelines of the config file and those created through the admin API.
 async fn start_pipelines(
     config: &Config,
     log: &Log,
+    host: &PluginHost,
     metrics: &PipelineMetrics,
     stop: &watch::Receiver<bool>,
-) -> anyhow::Result<Vec<std::thread::JoinHandle<()>>> {
+) -> anyhow::Result<Arc<Pipelines>> {
     let p = &config.plugins;
-    if p.pipeline.is_empty() {
-        return Ok(Vec::new());
-    }
-    let defaults = config.topic_config()?;
-    let partitions = config.topic_defaults.partitions;
     let context = PipelineContext {
         log: log.clone(),
-        host: PluginHost::new(config.data_dir.join("plugin-cache"))?,
+        registry: PluginRegistry::new(config.data_dir.join("plugins"), log.clone(), host.clone()),
         defaults: PipelineDefaults {
             batch_size: p.batch_size,
             memory_mb: p.memory_mb,
@@ -222,24 +212,13 @@ async fn start_pipelines(
         runtime: tokio::runtime::Handle::current(),
         stop: stop.clone(),
     };
-    let mut threads = Vec::new();
-    for pipeline in &p.pipeline {
-        for topic in pipeline
-            .inputs
-            .iter()
-            .chain(pipeline.outputs.values())
-            .chain([&pipeline.dead_letter_topic()])
-        {
-            mqtt::ensure_topic(log, topic, partitions, &defaults).await?;
-        }
-        let (pipeline, context) = (pipeline.clone(), context.clone());
-        threads.push(
-            std::thread::Builder::new()
-                .name(format!("pipeline-{}", pipeline.name))
-                .spawn(move || crate::plugins::pipeline::run(pipeline, context))?,
-        );
-    }
-    Ok(threads)
+    Pipelines::start(
+        context,
+        config.topic_config()?,
+        config.topic_defaults.partitions,
+        &p.pipeline,
+    )
+    .await
 }
 
 async fn run_retention(log: Log, every: Duration, mut stop: watch::Receiver<bool>) {

@@ -412,3 +412,214 @@ plugin = "{}"
     );
     assert_eq!(broker.metric("weir_mqtt_ingest_plugin_failures_total"), 1.0);
 }
+
+/// Runs `weir <args>` against the broker's admin API and returns its stdout; fails
+/// the test when the command fails.
+fn admin(broker: &Broker, args: &[&str]) -> String {
+    let out = broker.cli(args);
+    assert!(out.status.success(), "weir {args:?}: {}", out.stderr);
+    out.stdout
+}
+
+fn describe(broker: &Broker, pipeline: &str) -> serde_json::Value {
+    serde_json::from_str(&admin(
+        broker,
+        &["pipeline", "describe", pipeline, "--json"],
+    ))
+    .unwrap()
+}
+
+fn wait_state(broker: &Broker, pipeline: &str, state: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while describe(broker, pipeline)["status"]["state"] != state {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{pipeline} never {state}: {}",
+            describe(broker, pipeline)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn pipelines_are_created_paused_resumed_replaced_and_deleted_at_runtime() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = Broker::start_with_config(&dir.path().join("d"), &clean_pipeline());
+    let config_path = dir.path().join("d.toml");
+    let passthrough = plugin_wasm("passthrough");
+    let json_filter = plugin_wasm("json_filter");
+    let deployed = admin(
+        &broker,
+        &["plugin", "deploy", "stage", passthrough.to_str().unwrap()],
+    );
+    assert!(deployed.contains("version 1"), "{deployed}");
+    admin(&broker, &["topic", "create", "raw", "-p", "1"]);
+    admin(&broker, &["topic", "create", "staged", "-p", "1"]);
+    produce(&broker, "raw", "old:{\"n\":-1}\n");
+
+    // Created at the end of `raw`: the record already there is not taken.
+    admin(
+        &broker,
+        &[
+            "pipeline",
+            "create",
+            "live",
+            "--plugin",
+            "stage",
+            "-i",
+            "raw",
+            "-o",
+            "out=staged",
+            "-o",
+            "kept=staged",
+            "-p",
+            "field=n",
+            "-p",
+            "rename.n=m",
+            "--start",
+            "latest",
+            "--batch-size",
+            "10",
+        ],
+    );
+    let total = 20_000;
+    let input: String = (0..total)
+        .map(|i| format!("k{i}:{{\"n\":{i}}}\n"))
+        .collect();
+    produce(&broker, "raw", &input);
+    broker.wait_metric(&metric("live", "records_out_total"), 500.0);
+    // A new version while the pipeline runs: json-filter renames n to m.
+    let deployed = admin(
+        &broker,
+        &["plugin", "deploy", "stage", json_filter.to_str().unwrap()],
+    );
+    assert!(deployed.contains("version 2"), "{deployed}");
+    broker.wait_metric(&metric("live", "records_in_total"), total as f64);
+    let lines = consume(&broker, "staged");
+    assert_eq!(lines.len(), total, "each input's result once");
+    let mut switched_at = None;
+    for (i, line) in lines.iter().enumerate() {
+        let old = format!("k{i}:{{\"n\":{i}}}");
+        let new = format!("k{i}:{{\"m\":{i}}}");
+        match switched_at {
+            None if *line == old => {}
+            None if *line == new => switched_at = Some(i),
+            Some(_) if *line == new => {}
+            _ => panic!("record {i} is {line:?}: neither {old:?} nor {new:?} in order"),
+        }
+    }
+    let switched_at = switched_at.expect("the new version took over");
+    assert!(switched_at >= 500 && switched_at < total, "{switched_at}");
+    let view = describe(&broker, "live");
+    assert_eq!(view["status"]["plugin_version"], 2);
+    assert_eq!(view["status"]["positions"][0]["next_offset"], total + 1);
+    assert!(admin(&broker, &["plugin", "list"]).contains("stage\t2\t"));
+
+    // Paused, it takes nothing, across a restart too; resumed, it goes on.
+    admin(&broker, &["pipeline", "pause", "live"]);
+    wait_state(&broker, "live", "paused");
+    produce(&broker, "raw", "p1:{\"n\":1}\np2:{\"n\":2}\n");
+    std::thread::sleep(Duration::from_millis(500));
+    broker.restart(false, &["--config", config_path.to_str().unwrap()]);
+    wait_state(&broker, "live", "paused");
+    assert_eq!(describe(&broker, "live")["origin"], "api");
+    assert_eq!(consume(&broker, "staged").len(), total);
+    admin(&broker, &["pipeline", "resume", "live"]);
+    broker.wait_metric(&metric("live", "records_out_total"), 2.0);
+    let lines = consume(&broker, "staged");
+    assert_eq!(&lines[total..], ["p1:{\"m\":1}", "p2:{\"m\":2}"]);
+
+    // From a point in time, with a component file instead of a deployed plugin.
+    produce(&broker, "raw", "before:{\"n\":0}\n");
+    std::thread::sleep(Duration::from_millis(50));
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    std::thread::sleep(Duration::from_millis(50));
+    produce(&broker, "raw", "after:{\"n\":0}\n");
+    admin(
+        &broker,
+        &[
+            "pipeline",
+            "create",
+            "since",
+            "--plugin",
+            passthrough.to_str().unwrap(),
+            "-i",
+            "raw",
+            "-o",
+            "out=since-out",
+            "--start",
+            &format!("timestamp:{since}"),
+        ],
+    );
+    broker.wait_metric(&metric("since", "records_out_total"), 1.0);
+    assert_eq!(consume(&broker, "since-out"), ["after:{\"n\":0}"]);
+
+    // What is refused, with the reason.
+    let refused = |args: &[&str], reason: &str| {
+        let out = broker.cli(args);
+        assert!(!out.status.success(), "weir {args:?} succeeded");
+        assert!(out.stderr.contains(reason), "weir {args:?}: {}", out.stderr);
+    };
+    refused(&["pipeline", "delete", "clean"], "config file");
+    refused(&["plugin", "remove", "stage"], "used by pipeline(s) live");
+    refused(
+        &[
+            "pipeline", "create", "live", "--plugin", "stage", "-i", "raw", "-o", "out=x",
+        ],
+        "already exists",
+    );
+    refused(
+        &[
+            "pipeline", "create", "x", "--plugin", "nothing", "-i", "raw", "-o", "out=x",
+        ],
+        "no plugin named nothing",
+    );
+    refused(
+        &[
+            "pipeline", "create", "x", "--plugin", "stage", "-i", "raw", "-o", "kept=x",
+        ],
+        "param `field` is required",
+    );
+    refused(
+        &[
+            "pipeline",
+            "create",
+            "x",
+            "--plugin",
+            "stage",
+            "-i",
+            "raw",
+            "-o",
+            "kept=x",
+            "-p",
+            "field=n",
+            "--start",
+            "yesterday",
+        ],
+        "is not earliest, latest",
+    );
+    refused(
+        &["plugin", "deploy", "junk", config_path.to_str().unwrap()],
+        "cannot compile",
+    );
+    // A version the running pipeline's params do not suit is not deployed.
+    refused(
+        &[
+            "plugin",
+            "deploy",
+            "stage",
+            plugin_wasm("python_redact").to_str().unwrap(),
+        ],
+        "param `fields` is required",
+    );
+
+    admin(&broker, &["pipeline", "delete", "live"]);
+    refused(&["pipeline", "describe", "live"], "no pipeline named live");
+    admin(&broker, &["plugin", "remove", "stage"]);
+    assert!(!admin(&broker, &["pipeline", "list"]).contains("live"));
+    // The outputs stay (with `before` and `after`, which `live` took too).
+    assert_eq!(consume(&broker, "staged").len(), total + 4);
+}

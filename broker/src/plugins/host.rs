@@ -186,6 +186,19 @@ impl PluginHost {
         Ok(Module { component, hash })
     }
 
+    /// Checks that `module` is a Weir plugin this host can run: its imports are ones
+    /// the host offers and it exports `init` and `process` with the contract's types.
+    /// Runs none of its code.
+    pub fn check(&self, module: &Module) -> Result<(), PluginError> {
+        let pre = self
+            .linker
+            .instantiate_pre(&module.component)
+            .map_err(|e| PluginError::Instantiate(format!("{e:#}")))?;
+        bindings::PluginPre::new(pre)
+            .map(drop)
+            .map_err(|e| PluginError::Instantiate(format!("{e:#}")))
+    }
+
     /// A fresh instance of `module`, initialised with `params`.
     pub fn instantiate(
         &self,

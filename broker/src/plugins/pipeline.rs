@@ -9,9 +9,15 @@
 //! A trap, a timeout or running out of memory throws the instance away; a fresh one
 //! takes the batch again record by record, so only the record that breaks it goes to
 //! the dead-letter topic (with the error in `weir.error`), and the pipeline goes on.
+//!
+//! Between two batches the runner obeys its control (run, pause, stop) and, when its
+//! plugin is a deployed one, swaps in a newly deployed version: the batch before the
+//! swap is committed with its cursor, the one after runs on the new version, so no
+//! record is lost or done twice across a replacement.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -27,6 +33,7 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use super::host::{Header, InputRecord, Instance, Limits, Module, PluginError, PluginHost, Source};
+use super::registry::PluginRegistry;
 use crate::record_batch::RecordBatch;
 use crate::record_batch::build::{NewRecord, batch};
 use crate::shell::partition_for_key;
@@ -42,8 +49,9 @@ const MAX_OUTPUT_BYTES: usize = 64 * 1024 * 1024;
 #[serde(deny_unknown_fields)]
 pub struct PipelineConfig {
     pub name: String,
-    /// Path of the component (`.wasm`).
-    pub plugin: PathBuf,
+    /// A component file (a value ending in `.wasm` or holding a `/`), or the name of a
+    /// deployed plugin (`weir plugin deploy NAME FILE.wasm`).
+    pub plugin: String,
     /// Source topics.
     pub inputs: Vec<String>,
     /// Output name (as the plugin says it) → topic.
@@ -54,7 +62,9 @@ pub struct PipelineConfig {
     /// Handed to the plugin's `init`.
     #[serde(default)]
     pub params: BTreeMap<String, String>,
-    /// Where a new pipeline starts: `earliest`, `latest`, or an offset.
+    /// Where a new pipeline starts in each source partition: `earliest`, `latest`,
+    /// an offset (`offset:N` or `N`), or the first record at or after a time
+    /// (`timestamp:MS`, milliseconds since the Unix epoch).
     #[serde(default = "default_start")]
     pub start: String,
     #[serde(default)]
@@ -69,7 +79,84 @@ fn default_start() -> String {
     "earliest".into()
 }
 
+/// Where a new pipeline starts reading (`PipelineConfig::start`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StartAt {
+    Earliest,
+    Latest,
+    Offset(u64),
+    Timestamp(i64),
+}
+
+impl std::str::FromStr for StartAt {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let parsed = match s {
+            "earliest" => Some(Self::Earliest),
+            "latest" => Some(Self::Latest),
+            s => match s.split_once(':') {
+                Some(("offset", n)) => n.parse().ok().map(Self::Offset),
+                Some(("timestamp", ms)) => ms.parse().ok().map(Self::Timestamp),
+                Some(_) => None,
+                None => s.parse().ok().map(Self::Offset),
+            },
+        };
+        parsed
+            .ok_or_else(|| format!("start {s:?} is not earliest, latest, offset:N or timestamp:MS"))
+    }
+}
+
+/// The component a pipeline runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PluginRef {
+    File(PathBuf),
+    Deployed(String),
+}
+
 impl PipelineConfig {
+    pub fn plugin_ref(&self) -> PluginRef {
+        let p = &self.plugin;
+        if p.ends_with(".wasm") || p.contains(['/', '\\']) {
+            PluginRef::File(PathBuf::from(p))
+        } else {
+            PluginRef::Deployed(p.clone())
+        }
+    }
+
+    pub fn start_at(&self) -> Result<StartAt, String> {
+        self.start
+            .parse()
+            .map_err(|e| format!("pipeline {}: {e}", self.name))
+    }
+
+    /// The limits of its plugin instances: its own, else the broker's defaults.
+    pub fn limits(&self, defaults: &PipelineDefaults) -> Limits {
+        Limits {
+            memory_bytes: self.memory_mb.unwrap_or(defaults.memory_mb) * 1024 * 1024,
+            call_timeout: Duration::from_millis(
+                self.call_timeout_ms.unwrap_or(defaults.call_timeout_ms),
+            ),
+        }
+    }
+
+    /// The params as `init` takes them.
+    pub fn param_list(&self) -> Vec<(String, String)> {
+        self.params
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// Every topic the pipeline reads or writes.
+    pub fn topics(&self) -> impl Iterator<Item = String> + '_ {
+        self.inputs
+            .iter()
+            .chain(self.outputs.values())
+            .cloned()
+            .chain([self.dead_letter_topic()])
+    }
+
     pub fn dead_letter_topic(&self) -> String {
         self.dead_letter
             .clone()
@@ -77,32 +164,35 @@ impl PipelineConfig {
     }
 
     pub fn validate(&self) -> Result<(), String> {
-        if self.name.is_empty() || self.name.contains(['/', ' ']) {
+        if !super::registry::valid_name(&self.name) {
             return Err(format!(
-                "pipeline name {:?} is empty or has '/' or ' '",
+                "invalid pipeline name {:?}: use 1 to 100 of a-z A-Z 0-9 . _ -",
                 self.name
             ));
         }
         if self.inputs.is_empty() || self.outputs.is_empty() {
             return Err(format!("pipeline {}: needs inputs and outputs", self.name));
         }
-        match self.start.as_str() {
-            "earliest" | "latest" => {}
-            s if s.parse::<u64>().is_ok() => {}
-            s => {
-                return Err(format!(
-                    "pipeline {}: start {s:?} is not earliest, latest or an offset",
-                    self.name
-                ));
-            }
-        }
-        for topic in self
-            .inputs
-            .iter()
-            .chain(self.outputs.values())
-            .chain([&self.dead_letter_topic()])
+        self.start_at()?;
+        if let PluginRef::Deployed(name) = self.plugin_ref()
+            && !super::registry::valid_name(&name)
         {
-            crate::storage::TopicName::new(topic.clone())
+            return Err(format!(
+                "pipeline {}: plugin {name:?} is neither a .wasm file nor a valid plugin name",
+                self.name
+            ));
+        }
+        if self.batch_size == Some(0)
+            || self.memory_mb == Some(0)
+            || self.call_timeout_ms == Some(0)
+        {
+            return Err(format!(
+                "pipeline {}: batch_size, memory_mb and call_timeout_ms must be > 0",
+                self.name
+            ));
+        }
+        for topic in self.topics() {
+            crate::storage::TopicName::new(topic)
                 .map_err(|e| format!("pipeline {}: {e}", self.name))?;
         }
         Ok(())
@@ -206,7 +296,7 @@ pub struct PipelineDefaults {
 #[derive(Clone)]
 pub struct PipelineContext {
     pub log: Log,
-    pub host: PluginHost,
+    pub registry: PluginRegistry,
     pub defaults: PipelineDefaults,
     pub metrics: PipelineMetrics,
     /// The broker's runtime: the pipeline's thread blocks on it for writes and waits.
@@ -214,12 +304,126 @@ pub struct PipelineContext {
     pub stop: watch::Receiver<bool>,
 }
 
-/// Runs one pipeline until `stop`; returns when it stopped or failed for good.
-pub fn run(config: PipelineConfig, context: PipelineContext) {
+/// What a pipeline's owner asks of it; obeyed between batches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Control {
+    Run,
+    Pause,
+    Stop,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunState {
+    #[default]
+    Starting,
+    Running,
+    Paused,
+    Failed,
+    Stopped,
+}
+
+/// Where a pipeline is in one source partition.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Position {
+    pub topic: String,
+    pub partition: u32,
+    /// The next offset the pipeline reads (its committed cursor).
+    pub next_offset: u64,
+    pub high_watermark: u64,
+}
+
+/// What a running pipeline shows of itself (`weir pipeline describe`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub state: RunState,
+    /// Why it failed, or why a new plugin version was not taken.
+    pub error: Option<String>,
+    pub plugin_hash: String,
+    /// Version of a deployed plugin; none for a component file.
+    pub plugin_version: Option<u32>,
+    pub positions: Vec<Position>,
+}
+
+pub type SharedStatus = Arc<Mutex<Status>>;
+
+/// Runs one pipeline until `stop` or `Control::Stop`; returns when it stopped or
+/// failed for good (the reason is then in `status`).
+pub fn run(
+    config: PipelineConfig,
+    context: PipelineContext,
+    control: watch::Receiver<Control>,
+    status: SharedStatus,
+) {
     let name = config.name.clone();
-    if let Err(e) = Runner::new(config, context).and_then(|mut r| r.run()) {
-        error!(pipeline = %name, error = %e, "pipeline stopped");
+    let result = Runner::new(config, context, control, status.clone()).and_then(|mut r| r.run());
+    let mut status = status.lock().unwrap_or_else(|e| e.into_inner());
+    match result {
+        Ok(()) => status.state = RunState::Stopped,
+        Err(e) => {
+            error!(pipeline = %name, error = %e, "pipeline stopped");
+            status.state = RunState::Failed;
+            status.error = Some(e);
+        }
     }
+}
+
+/// The cursor writes for the source partitions of `config` that have none yet,
+/// placed where `config.start` says. Committed once, so a restart before the first
+/// batch does not move a `latest` start forward.
+pub fn initial_cursors(log: &Log, config: &PipelineConfig) -> Result<Vec<WriteOp>, String> {
+    let start = config.start_at()?;
+    let mut ops = Vec::new();
+    for (topic, partition) in source_partitions(log, config)? {
+        let key = cursor_key(&config.name, &topic, partition);
+        if log
+            .get_state::<u64>(NS_CURSOR, &key)
+            .map_err(|e| e.to_string())?
+            .is_some()
+        {
+            continue;
+        }
+        let offsets = *log
+            .watch(&topic, partition)
+            .map_err(|e| e.to_string())?
+            .borrow();
+        let next = match start {
+            StartAt::Latest => offsets.high_watermark,
+            StartAt::Earliest => offsets.log_start,
+            StartAt::Offset(n) => n.clamp(offsets.log_start, offsets.high_watermark),
+            StartAt::Timestamp(ms) => log
+                .offset_for_timestamp(&topic, partition, ms)
+                .map_err(|e| e.to_string())?
+                .map_or(offsets.high_watermark, |(offset, _)| offset),
+        };
+        let value = postcard::to_stdvec(&next).map_err(|e| e.to_string())?;
+        ops.push(state_op(NS_CURSOR, &key, Some(value)));
+    }
+    Ok(ops)
+}
+
+/// Every partition of the pipeline's source topics.
+fn source_partitions(log: &Log, config: &PipelineConfig) -> Result<Vec<(String, u32)>, String> {
+    let mut all = Vec::new();
+    for topic in &config.inputs {
+        let info = log
+            .topic(topic)
+            .ok_or_else(|| format!("input topic {topic} does not exist"))?;
+        all.extend((0..info.partitions).map(|p| (topic.clone(), p)));
+    }
+    Ok(all)
+}
+
+/// The writes that forget every cursor of pipeline `name`.
+pub fn forget_cursors(log: &Log, name: &str) -> Result<Vec<WriteOp>, String> {
+    let prefix = format!("{name}/");
+    Ok(log
+        .list_state::<u64>(NS_CURSOR)
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .filter(|(key, _)| key.starts_with(&prefix))
+        .map(|(key, _)| state_op(NS_CURSOR, &key, None))
+        .collect())
 }
 
 struct Partition {
@@ -229,10 +433,23 @@ struct Partition {
     changes: watch::Receiver<crate::storage::PartitionOffsets>,
 }
 
+/// Where the runner's component comes from; a deployed one can be replaced.
+enum Loaded {
+    File,
+    Deployed {
+        registry: PluginRegistry,
+        name: String,
+        /// The registry's deploy counter, and the value of it this runner has seen.
+        changes: watch::Receiver<u64>,
+        seen: u64,
+    },
+}
+
 struct Runner {
     log: Log,
     host: PluginHost,
     module: Module,
+    loaded: Loaded,
     instance: Instance,
     config: PipelineConfig,
     limits: Limits,
@@ -242,6 +459,8 @@ struct Runner {
     metrics: PipelineMetrics,
     runtime: Handle,
     stop: watch::Receiver<bool>,
+    control: watch::Receiver<Control>,
+    status: SharedStatus,
     sources: Vec<Partition>,
     dead_letter: String,
 }
@@ -253,74 +472,85 @@ struct Outcome {
 }
 
 impl Runner {
-    fn new(config: PipelineConfig, context: PipelineContext) -> Result<Self, String> {
+    fn new(
+        config: PipelineConfig,
+        context: PipelineContext,
+        control: watch::Receiver<Control>,
+        status: SharedStatus,
+    ) -> Result<Self, String> {
         let PipelineContext {
             log,
-            host,
+            registry,
             defaults,
             metrics,
             runtime,
             stop,
         } = context;
-        let wasm = std::fs::read(&config.plugin)
-            .map_err(|e| format!("cannot read {}: {e}", config.plugin.display()))?;
-        let module = host.load(&wasm).map_err(|e| e.to_string())?;
-        let limits = Limits {
-            memory_bytes: config.memory_mb.unwrap_or(defaults.memory_mb) * 1024 * 1024,
-            call_timeout: Duration::from_millis(
-                config.call_timeout_ms.unwrap_or(defaults.call_timeout_ms),
-            ),
+        let host = registry.host().clone();
+        let (module, loaded, version) = match config.plugin_ref() {
+            PluginRef::File(path) => {
+                let wasm = std::fs::read(&path)
+                    .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+                (
+                    host.load(&wasm).map_err(|e| e.to_string())?,
+                    Loaded::File,
+                    None,
+                )
+            }
+            PluginRef::Deployed(name) => {
+                let changes = registry.subscribe();
+                let seen = *changes.borrow();
+                let (deployed, module) = registry.load(&name).map_err(|e| e.to_string())?;
+                let loaded = Loaded::Deployed {
+                    registry,
+                    name,
+                    changes,
+                    seen,
+                };
+                (module, loaded, Some(deployed.version))
+            }
         };
-        let params: Vec<(String, String)> = config
-            .params
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        let limits = config.limits(&defaults);
+        let params = config.param_list();
         let instance = host
             .instantiate(&module, limits, &config.name, &params)
             .map_err(|e| e.to_string())?;
-        let mut sources = Vec::new();
-        for topic in &config.inputs {
-            let info = log
-                .topic(topic)
-                .ok_or_else(|| format!("input topic {topic} does not exist"))?;
-            for partition in 0..info.partitions {
-                let changes = log.watch(topic, partition).map_err(|e| e.to_string())?;
-                let key = cursor_key(&config.name, topic, partition);
-                let next = match log
-                    .get_state::<u64>(NS_CURSOR, &key)
-                    .map_err(|e| e.to_string())?
-                {
-                    Some(offset) => offset,
-                    None => {
-                        let offsets = *changes.borrow();
-                        match config.start.as_str() {
-                            "latest" => offsets.high_watermark,
-                            "earliest" => offsets.log_start,
-                            n => n
-                                .parse::<u64>()
-                                .unwrap_or(0)
-                                .clamp(offsets.log_start, offsets.high_watermark),
-                        }
-                    }
-                };
-                sources.push(Partition {
-                    topic: topic.clone(),
-                    partition,
-                    next,
-                    changes,
-                });
-            }
+        let cursors = initial_cursors(&log, &config)?;
+        if !cursors.is_empty() {
+            runtime
+                .block_on(log.write(cursors))
+                .map_err(|e| format!("cannot store the start cursors: {e}"))?;
         }
-        info!(pipeline = %config.name, plugin = %config.plugin.display(), hash = &module.hash[..12],
+        let mut sources = Vec::new();
+        for (topic, partition) in source_partitions(&log, &config)? {
+            let changes = log.watch(&topic, partition).map_err(|e| e.to_string())?;
+            let key = cursor_key(&config.name, &topic, partition);
+            let next = log
+                .get_state::<u64>(NS_CURSOR, &key)
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| format!("no cursor for {topic}/{partition}"))?;
+            sources.push(Partition {
+                topic,
+                partition,
+                next,
+                changes,
+            });
+        }
+        info!(pipeline = %config.name, plugin = %config.plugin, hash = &module.hash[..12],
             sources = sources.len(), "pipeline started");
-        Ok(Self {
+        {
+            let mut s = status.lock().unwrap_or_else(|e| e.into_inner());
+            s.plugin_hash = module.hash.clone();
+            s.plugin_version = version;
+        }
+        let runner = Self {
             labels: vec![("pipeline".to_string(), config.name.clone())],
             dead_letter: config.dead_letter_topic(),
             batch_size: config.batch_size.unwrap_or(defaults.batch_size).max(1),
             log,
             host,
             module,
+            loaded,
             instance,
             config,
             limits,
@@ -328,8 +558,12 @@ impl Runner {
             metrics,
             runtime,
             stop,
+            control,
+            status,
             sources,
-        })
+        };
+        runner.publish_positions();
+        Ok(runner)
     }
 
     fn run(&mut self) -> Result<(), String> {
@@ -337,6 +571,17 @@ impl Runner {
             if *self.stop.borrow() {
                 return Ok(());
             }
+            let control = *self.control.borrow_and_update();
+            match control {
+                Control::Stop => return Ok(()),
+                Control::Pause => {
+                    self.set_state(RunState::Paused);
+                    self.wait(true);
+                    continue;
+                }
+                Control::Run => self.set_state(RunState::Running),
+            }
+            self.take_new_version();
             let mut progressed = false;
             for i in 0..self.sources.len() {
                 progressed |= self.step(i)?;
@@ -347,28 +592,129 @@ impl Runner {
                 .map(|s| s.changes.borrow().high_watermark.saturating_sub(s.next))
                 .sum();
             self.metrics.lag.get_or_create(&self.labels).set(lag as i64);
+            self.publish_positions();
             if !progressed {
-                self.wait();
+                self.wait(false);
             }
         }
     }
 
-    /// Waits until a source has new records, the broker stops, or a second passed.
-    fn wait(&mut self) {
-        let mut waits: Vec<_> = self
+    fn set_state(&self, state: RunState) {
+        let mut s = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        if s.state != state {
+            info!(pipeline = %self.config.name, ?state, "pipeline state");
+            s.state = state;
+        }
+    }
+
+    fn publish_positions(&self) {
+        let positions = self
             .sources
             .iter()
-            .map(|s| {
-                let mut rx = s.changes.clone();
-                Box::pin(async move {
-                    let _ = rx.changed().await;
-                })
+            .map(|s| Position {
+                topic: s.topic.clone(),
+                partition: s.partition,
+                next_offset: s.next,
+                high_watermark: s.changes.borrow().high_watermark,
             })
             .collect();
+        self.status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .positions = positions;
+    }
+
+    /// Swaps in the deployed plugin's current version when it changed. A version
+    /// whose instance cannot start is not taken: the old one goes on, and the
+    /// status says why.
+    fn take_new_version(&mut self) {
+        let Loaded::Deployed {
+            registry,
+            name,
+            changes,
+            seen,
+        } = &mut self.loaded
+        else {
+            return;
+        };
+        let current = *changes.borrow();
+        if current == *seen {
+            return;
+        }
+        *seen = current;
+        let (deployed, module) = match registry.load(name) {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                warn!(pipeline = %self.config.name, error = %e, "cannot load the new plugin version");
+                return;
+            }
+        };
+        if module.hash == self.module.hash {
+            return;
+        }
+        match self
+            .host
+            .instantiate(&module, self.limits, &self.config.name, &self.params)
+        {
+            Ok(instance) => {
+                info!(pipeline = %self.config.name, plugin = %name, version = deployed.version,
+                    hash = &module.hash[..12], "pipeline now runs the new plugin version");
+                self.module = module;
+                self.instance = instance;
+                let mut s = self.status.lock().unwrap_or_else(|e| e.into_inner());
+                s.plugin_hash = self.module.hash.clone();
+                s.plugin_version = Some(deployed.version);
+                s.error = None;
+            }
+            Err(e) => {
+                let reason = format!("plugin {name} version {} not taken: {e}", deployed.version);
+                error!(pipeline = %self.config.name, "{reason}");
+                self.status.lock().unwrap_or_else(|e| e.into_inner()).error = Some(reason);
+            }
+        }
+    }
+
+    /// Waits until a source has new records (unless `paused`), the control or the
+    /// deployed plugin changes, the broker stops, or a second passed.
+    fn wait(&mut self, paused: bool) {
+        let mut waits: Vec<_> = if paused {
+            Vec::new()
+        } else {
+            self.sources
+                .iter_mut()
+                .map(|s| {
+                    Box::pin(async {
+                        let _ = s.changes.changed().await;
+                    })
+                })
+                .collect()
+        };
         let mut stop = self.stop.clone();
+        let control = &mut self.control;
+        let deployed = match &mut self.loaded {
+            Loaded::Deployed { changes, .. } => Some(changes),
+            Loaded::File => None,
+        };
         self.runtime.block_on(async move {
+            let appended = async {
+                if waits.is_empty() {
+                    std::future::pending::<()>().await;
+                } else {
+                    futures::future::select_all(waits.iter_mut()).await;
+                }
+            };
+            let redeployed = async {
+                match deployed {
+                    Some(changes) => {
+                        let _ = changes.changed().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
             tokio::select! {
-                _ = futures::future::select_all(waits.iter_mut()) => {}
+                _ = appended => {}
+                _ = control.changed() => {}
+                _ = redeployed => {}
                 _ = stop.wait_for(|s| *s) => {}
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
@@ -378,7 +724,9 @@ impl Runner {
     /// Processes one batch of source `i`; false when it had nothing new.
     fn step(&mut self, i: usize) -> Result<bool, String> {
         let (topic, partition, next) = {
-            let s = &self.sources[i];
+            let s = &mut self.sources[i];
+            // Appends after this point wake the next `wait`.
+            s.changes.borrow_and_update();
             (s.topic.clone(), s.partition, s.next)
         };
         let read = match self.log.read(&topic, partition, next, 1024 * 1024) {
