@@ -11,10 +11,11 @@ use weir_tests::{Broker, run, run_with_stdin, weir_bin};
 /// A component built by `cargo build --release --target wasm32-wasip2` in `plugins/`
 /// (the README's test command does it).
 fn plugin_wasm(name: &str) -> PathBuf {
-    let dir = if name.starts_with("python_") {
-        "python"
-    } else {
-        "wasm32-wasip2/release"
+    let dir = match name.split('_').next() {
+        Some("python") => "python",
+        Some("js") => "js",
+        Some("c") => "c",
+        _ => "wasm32-wasip2/release",
     };
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../plugins/target")
@@ -312,6 +313,39 @@ params = {{ fields = "name,email" }}
         ["p1:{\"t\":21.5}", "p3:{\"t\":3}"]
     );
     assert_eq!(consume(&broker, "redact-dlq"), ["p2:[1,2]"]);
+}
+
+#[test]
+fn a_javascript_plugin_runs_in_a_pipeline() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        r#"
+[[plugins.pipeline]]
+name = "route"
+plugin = "{}"
+inputs = ["events"]
+outputs = {{ alarms = "alarms", events = "events-clean" }}
+params = {{ threshold = "3" }}
+"#,
+        plugin_wasm("js_route").display()
+    );
+    let broker = Broker::start_with_config(&dir.path().join("d"), &config);
+    produce(
+        &broker,
+        "events",
+        "e1:{\"severity\":5,\"msg\":\"fire\"}\ne2:{\"severity\":1}\ne3:nope\n",
+    );
+    broker.wait_metric(&metric("route", "records_in_total"), 3.0);
+    broker.wait_metric(&metric("route", "failed_total"), 1.0);
+    assert_eq!(
+        consume(&broker, "alarms"),
+        ["e1:{\"severity\":5,\"msg\":\"fire\",\"source\":\"events/0/0\"}"]
+    );
+    assert_eq!(
+        consume(&broker, "events-clean"),
+        ["e2:{\"severity\":1,\"source\":\"events/0/1\"}"]
+    );
+    assert_eq!(consume(&broker, "route-dlq"), ["e3:nope"]);
 }
 
 #[test]
@@ -622,4 +656,102 @@ fn pipelines_are_created_paused_resumed_replaced_and_deleted_at_runtime() {
     assert!(!admin(&broker, &["pipeline", "list"]).contains("live"));
     // The outputs stay (with `before` and `after`, which `live` took too).
     assert_eq!(consume(&broker, "staged").len(), total + 4);
+}
+
+#[test]
+fn json_is_reserialized_as_avro_and_protobuf() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = |args: &[&str]| {
+        let out = weir_tests::python("serde_check.py", args);
+        assert!(
+            out.status.success(),
+            "serde_check.py {args:?}: {}",
+            out.stderr
+        );
+        out.stdout.trim().to_string()
+    };
+    let config = format!(
+        r#"
+[[plugins.pipeline]]
+name = "to-avro"
+plugin = "{avro}"
+inputs = ["readings"]
+outputs = {{ avro = "readings-avro" }}
+params = {{ schema = '{schema}', framing = "confluent", schema_id = "7" }}
+
+[[plugins.pipeline]]
+name = "to-pb"
+plugin = "{pb}"
+inputs = ["readings"]
+outputs = {{ protobuf = "readings-pb" }}
+params = {{ descriptor = "{descriptor}", message = "weir.example.Reading" }}
+"#,
+        avro = plugin_wasm("json_to_avro").display(),
+        pb = plugin_wasm("json_to_protobuf").display(),
+        schema = script(&["avro-schema"]),
+        descriptor = script(&["descriptor"]),
+    );
+    let broker = Broker::start_with_config(&dir.path().join("d"), &config);
+    produce(
+        &broker,
+        "readings",
+        concat!(
+            "d1:{\"device\":\"d1\",\"temperature\":21.5,\"ts_ms\":1700000000000}\n",
+            "d2:{\"device\":\"d2\",\"temperature\":-3,\"ts_ms\":5,\"note\":\"cold\"}\n",
+            "d3:{\"device\":\"d3\",\"temperature\":\"hot\",\"ts_ms\":1}\n",
+            "d4:not json\n",
+            "d5:{\"device\":\"d5\",\"temperature\":1.0,\"tsMs\":2,\"tags\":[\"x\",\"y\"]}\n",
+        ),
+    );
+    broker.wait_metric(&metric("to-avro", "records_in_total"), 5.0);
+    broker.wait_metric(&metric("to-pb", "records_in_total"), 5.0);
+    let decoded = script(&["decode", &broker.bootstrap()]);
+    let lines: Vec<&str> = decoded.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            r#"{"key": "d1", "topic": "avro", "value": {"device": "d1", "note": null, "temperature": 21.5, "ts_ms": 1700000000000}}"#,
+            r#"{"key": "d2", "topic": "avro", "value": {"device": "d2", "note": "cold", "temperature": -3.0, "ts_ms": 5}}"#,
+            r#"{"key": "d1", "topic": "pb", "value": {"device": "d1", "temperature": 21.5, "ts_ms": "1700000000000"}}"#,
+            r#"{"key": "d5", "topic": "pb", "value": {"device": "d5", "tags": ["x", "y"], "temperature": 1.0, "ts_ms": "2"}}"#,
+        ]
+    );
+    let reasons = |topic: &str| {
+        let out = run(
+            weir_tests::external("kcat").args([
+                "-b",
+                &broker.bootstrap(),
+                "-C",
+                "-t",
+                topic,
+                "-e",
+                "-f",
+                "%k|%h\n",
+            ]),
+            Duration::from_secs(60),
+        );
+        out.stdout.lines().map(String::from).collect::<Vec<_>>()
+    };
+    let avro_dlq = reasons("to-avro-dlq");
+    let pb_dlq = reasons("to-pb-dlq");
+    assert_eq!(avro_dlq.len(), 3, "{avro_dlq:?}");
+    assert!(
+        avro_dlq[0].starts_with("d3|") && avro_dlq[0].contains("does not fit the schema"),
+        "{avro_dlq:?}"
+    );
+    assert!(
+        avro_dlq[1].starts_with("d4|") && avro_dlq[1].contains("not JSON"),
+        "{avro_dlq:?}"
+    );
+    assert!(avro_dlq[2].starts_with("d5|"), "{avro_dlq:?}");
+    assert_eq!(pb_dlq.len(), 3, "{pb_dlq:?}");
+    assert!(
+        pb_dlq[0].starts_with("d2|") && pb_dlq[0].contains("note"),
+        "{pb_dlq:?}"
+    );
+    assert!(
+        pb_dlq[1].starts_with("d3|") && pb_dlq[1].contains("not a weir.example.Reading"),
+        "{pb_dlq:?}"
+    );
+    assert!(pb_dlq[2].starts_with("d4|"), "{pb_dlq:?}");
 }

@@ -116,6 +116,12 @@ impl OutputRecord {
         });
         self
     }
+
+    /// Adds `headers` (an input's, to pass them on).
+    pub fn headers(mut self, headers: Vec<Header>) -> Self {
+        self.headers.extend(headers);
+        self
+    }
 }
 
 impl InputRecord {
