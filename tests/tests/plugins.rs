@@ -349,6 +349,55 @@ params = {{ threshold = "3" }}
 }
 
 #[test]
+fn a_c_plugin_runs_in_a_pipeline() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        r#"
+[[plugins.pipeline]]
+name = "scale"
+plugin = "{}"
+inputs = ["adc"]
+outputs = {{ scaled = "adc-scaled" }}
+params = {{ scale = "0.1", offset = "-5", unit = "C" }}
+"#,
+        plugin_wasm("c_scale").display()
+    );
+    let broker = Broker::start_with_config(&dir.path().join("d"), &config);
+    // Raw int16 little-endian readings: 1000, -1000, then a 3-byte value.
+    let file = dir.path().join("raw");
+    for (key, value) in [
+        ("s1", &[0xe8u8, 0x03][..]),
+        ("s2", &[0x18, 0xfc]),
+        ("s3", b"abc"),
+    ] {
+        std::fs::write(&file, value).unwrap();
+        let out = run(
+            weir_tests::external("kcat").args([
+                "-b",
+                &broker.bootstrap(),
+                "-P",
+                "-t",
+                "adc",
+                "-k",
+                key,
+                file.to_str().unwrap(),
+            ]),
+            Duration::from_secs(30),
+        );
+        assert!(out.status.success(), "{}", out.stderr);
+    }
+    broker.wait_metric(&metric("scale", "records_in_total"), 3.0);
+    assert_eq!(
+        consume(&broker, "adc-scaled"),
+        [
+            "s1:{\"raw\":1000,\"value\":95,\"unit\":\"C\"}",
+            "s2:{\"raw\":-1000,\"value\":-105,\"unit\":\"C\"}"
+        ]
+    );
+    assert_eq!(consume(&broker, "scale-dlq"), ["s3:abc"]);
+}
+
+#[test]
 fn device_frames_over_mqtt_become_json_readings() {
     let dir = tempfile::tempdir().unwrap();
     let config = format!(
