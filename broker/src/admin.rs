@@ -18,6 +18,7 @@ use crate::plugins::PipelineConfig;
 use crate::plugins::Pipelines;
 use crate::plugins::manager::{ManagerError, PipelineView, PluginView};
 use crate::plugins::registry::MAX_PLUGIN_BYTES;
+use crate::replication::{Replication, RuleStatus};
 use crate::storage::{Log, PartitionInfo, ReadError, TopicConfig, TopicError, TopicInfo};
 
 /// A topic as the API shows it: config under Kafka's key names.
@@ -67,6 +68,7 @@ pub struct AdminState {
     pub topic_defaults: TopicConfig,
     pub default_partitions: u32,
     pub pipelines: Arc<Pipelines>,
+    pub replication: Arc<Replication>,
 }
 
 pub fn router(state: Arc<AdminState>) -> Router {
@@ -95,6 +97,12 @@ pub fn router(state: Arc<AdminState>) -> Router {
         )
         .route("/v1/pipelines/{name}/pause", post(pause_pipeline))
         .route("/v1/pipelines/{name}/resume", post(resume_pipeline))
+        .route(
+            "/v1/replication",
+            get(|State(state): State<Arc<AdminState>>| async move {
+                Json(state.replication.status())
+            }),
+        )
         .with_state(state)
 }
 
@@ -396,5 +404,10 @@ impl AdminClient {
         self.call::<serde_json::Value>(self.http.delete(url))
             .await
             .map(drop)
+    }
+
+    pub async fn replication_status(&self) -> anyhow::Result<Vec<RuleStatus>> {
+        let url = format!("{}/v1/replication", self.base);
+        Ok(self.call(self.http.get(url)).await?.unwrap_or_default())
     }
 }

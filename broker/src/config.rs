@@ -12,6 +12,7 @@ use crate::mqtt::rules::{
     BridgeConfig, CompiledIngest, DownlinkRule, IngestRule, check_bridge, compile_downlink,
 };
 use crate::plugins::PipelineConfig;
+use crate::replication::ReplicationConfig;
 use crate::storage::{InvalidTopicConfig, LogOptions, TopicConfig};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -22,6 +23,7 @@ pub struct Config {
     pub kafka: KafkaConfig,
     pub mqtt: MqttConfig,
     pub plugins: PluginsConfig,
+    pub replication: ReplicationConfig,
     pub admin: AdminConfig,
     pub storage: StorageConfig,
     pub topic_defaults: TopicDefaults,
@@ -148,6 +150,7 @@ impl Default for Config {
             kafka: KafkaConfig::default(),
             mqtt: MqttConfig::default(),
             plugins: PluginsConfig::default(),
+            replication: ReplicationConfig::default(),
             admin: AdminConfig::default(),
             storage: StorageConfig::default(),
             topic_defaults: TopicDefaults::default(),
@@ -315,6 +318,7 @@ impl Config {
                 )));
             }
         }
+        self.replication.validate().map_err(ConfigError::Invalid)?;
         if self.plugins.memory_mb == 0
             || self.plugins.call_timeout_ms == 0
             || self.plugins.batch_size == 0

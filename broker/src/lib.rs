@@ -9,6 +9,7 @@ pub mod metrics;
 pub mod mqtt;
 pub mod plugins;
 pub mod record_batch;
+pub mod replication;
 pub mod server;
 pub mod shell;
 pub mod storage;

@@ -91,6 +91,13 @@ enum Command {
         #[command(subcommand)]
         command: PipelineCommand,
     },
+    /// Replication with the central cluster.
+    Replication {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(subcommand)]
+        command: ReplicationCommand,
+    },
     /// Measure the broker's parts on this machine.
     Bench {
         #[command(subcommand)]
@@ -137,6 +144,16 @@ enum PluginCommand {
     List,
     /// Remove a deployed plugin that no pipeline runs.
     Remove { name: String },
+}
+
+#[derive(Subcommand)]
+enum ReplicationCommand {
+    /// Each rule's state, last success, errors, and lag per partition.
+    Status {
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -390,6 +407,45 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 exit_at_end: exit,
             };
             weir::shell::consume(args, &mut std::io::stdout().lock()).await?;
+            Ok(())
+        }
+        Command::Replication {
+            admin,
+            command: ReplicationCommand::Status { json },
+        } => {
+            let rules = AdminClient::new(&admin.admin).replication_status().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rules)?);
+                return Ok(());
+            }
+            for r in rules {
+                let when = r.last_success_ms.map_or("never".to_string(), |ms| {
+                    format!("{} ms ago", weir::storage::now_ms() - ms)
+                });
+                println!(
+                    "rule {} ({}, {}): {} | last success {when} | upstream errors {} | lost {}",
+                    r.name,
+                    serde_json::to_value(r.direction)?.as_str().unwrap_or("?"),
+                    r.upstream,
+                    serde_json::to_value(r.state)?.as_str().unwrap_or("?"),
+                    r.upstream_errors,
+                    r.lost_records
+                );
+                if let Some(e) = &r.last_error {
+                    println!("  last error: {e}");
+                }
+                for p in r.partitions {
+                    println!(
+                        "  {}/{}\tcursor {}\thigh watermark {}\tlag {} records, {} bytes",
+                        p.topic,
+                        p.partition,
+                        p.cursor,
+                        p.high_watermark,
+                        p.lag_records,
+                        p.lag_bytes
+                    );
+                }
+            }
             Ok(())
         }
         Command::Pipeline { admin, command } => {

@@ -21,6 +21,7 @@ use crate::plugins::{
     IngestPlugin, Limits, PipelineContext, PipelineDefaults, PipelineMetrics, Pipelines,
     PluginHost, PluginRegistry,
 };
+use crate::replication::{self, ReplicationMetrics};
 use crate::storage::{Log, now_ms};
 
 pub async fn serve(config: Config) -> anyhow::Result<()> {
@@ -29,6 +30,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let kafka_metrics = KafkaMetrics::default();
     let mqtt_metrics = MqttMetrics::default();
     let pipeline_metrics = PipelineMetrics::new();
+    let replication_metrics = ReplicationMetrics::default();
     let options = config.log_options();
     let data_dir = config.data_dir.clone();
     let log = {
@@ -40,6 +42,17 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let host = PluginHost::new(config.data_dir.join("plugin-cache"))?;
     let pipelines = start_pipelines(&config, &log, &host, &pipeline_metrics, &stop_rx).await?;
+    let replication = Arc::new(
+        replication::start(
+            &config.replication,
+            &log,
+            &config.topic_config()?,
+            config.topic_defaults.partitions,
+            &replication_metrics,
+            &stop_rx,
+        )
+        .await?,
+    );
 
     let admin_listener = TcpListener::bind(config.admin.listen)
         .await
@@ -52,11 +65,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             kafka_metrics.register(&mut registry);
             mqtt_metrics.register(&mut registry);
             pipeline_metrics.register(&mut registry);
+            replication_metrics.register(&mut registry);
             registry
         },
         topic_defaults: config.topic_config()?,
         default_partitions: config.topic_defaults.partitions,
         pipelines: pipelines.clone(),
+        replication: replication.clone(),
     });
     let admin = tokio::spawn({
         let mut stop = stop_rx.clone();
@@ -107,6 +122,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         task.await?;
     }
     pipelines.join().await;
+    for task in replication.take_tasks() {
+        task.await?;
+    }
     log.close().await?;
     info!("stopped");
     Ok(())

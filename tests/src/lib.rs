@@ -59,6 +59,13 @@ impl Broker {
         *self = next;
     }
 
+    /// Starts the broker again on the same data directory and ports, after it was
+    /// stopped with `terminate` or `kill`.
+    pub fn relaunch(&mut self, extra: &[&str]) {
+        let next = Self::start_on(&self.data_dir, (self.admin, self.kafka, self.mqtt), extra);
+        *self = next;
+    }
+
     fn start_on(
         data_dir: &Path,
         (admin, kafka, mqtt): (SocketAddr, SocketAddr, SocketAddr),
@@ -478,4 +485,186 @@ pub fn mosquitto_sub(port: u16, wait_secs: u32, args: &[&str]) -> Background {
             .args(["-W", &wait_secs.to_string()])
             .args(args),
     )
+}
+
+/// A TCP proxy on a free loopback port to `target`, whose connections the test can
+/// cut (a flapping link) or refuse (an outage).
+pub struct Proxy {
+    pub addr: SocketAddr,
+    shared: Arc<ProxyShared>,
+}
+
+struct ProxyShared {
+    target: Mutex<SocketAddr>,
+    open: std::sync::atomic::AtomicBool,
+    stop: std::sync::atomic::AtomicBool,
+    connections: Mutex<Vec<std::net::TcpStream>>,
+    cuts: std::sync::atomic::AtomicU64,
+}
+
+impl Proxy {
+    pub fn start(target: SocketAddr) -> Proxy {
+        use std::sync::atomic::{AtomicBool, AtomicU64};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let shared = Arc::new(ProxyShared {
+            target: Mutex::new(target),
+            open: AtomicBool::new(true),
+            stop: AtomicBool::new(false),
+            connections: Mutex::new(Vec::new()),
+            cuts: AtomicU64::new(0),
+        });
+        let addr = listener.local_addr().expect("proxy address");
+        let s = shared.clone();
+        std::thread::spawn(move || {
+            use std::sync::atomic::Ordering;
+            while !s.stop.load(Ordering::Relaxed) {
+                let client = match listener.accept() {
+                    Ok((c, _)) => c,
+                    Err(_) => {
+                        std::thread::sleep(Duration::from_millis(5));
+                        continue;
+                    }
+                };
+                if !s.open.load(Ordering::Relaxed) {
+                    continue;
+                }
+                let _ = client.set_nonblocking(false);
+                let target = *s.target.lock().unwrap();
+                let Ok(server) =
+                    std::net::TcpStream::connect_timeout(&target, Duration::from_secs(2))
+                else {
+                    continue;
+                };
+                let mut connections = s.connections.lock().unwrap();
+                for stream in [&client, &server] {
+                    if let Ok(c) = stream.try_clone() {
+                        connections.push(c);
+                    }
+                }
+                drop(connections);
+                for (mut from, mut to) in [
+                    (client.try_clone(), server.try_clone()),
+                    (server.try_clone(), client.try_clone()),
+                ]
+                .into_iter()
+                .filter_map(|(a, b)| Some((a.ok()?, b.ok()?)))
+                {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                        let _ = from.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Proxy { addr, shared }
+    }
+
+    /// Sends new connections to `target` from now on.
+    pub fn set_target(&self, target: SocketAddr) {
+        *self.shared.target.lock().unwrap() = target;
+    }
+
+    /// Drops every connection through the proxy, mid-request or not.
+    pub fn cut(&self) {
+        let mut connections = self.shared.connections.lock().unwrap();
+        for c in connections.drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+        self.shared
+            .cuts
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Refuses new connections and cuts the ones there are (false), or lets them in.
+    pub fn set_open(&self, open: bool) {
+        self.shared
+            .open
+            .store(open, std::sync::atomic::Ordering::Relaxed);
+        if !open {
+            self.cut();
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.shared
+            .stop
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.cut();
+    }
+}
+
+/// Tansu, a third-party Kafka-compatible broker, in memory, on a free port; the
+/// binary from `$WEIR_TANSU` or `tansu` on the PATH (the README's test command
+/// installs it once and caches it).
+pub struct Tansu {
+    child: Child,
+    pub addr: SocketAddr,
+}
+
+pub fn tansu_bin() -> PathBuf {
+    if let Ok(path) = std::env::var("WEIR_TANSU") {
+        return PathBuf::from(path);
+    }
+    PathBuf::from("tansu")
+}
+
+impl Tansu {
+    /// Starts Tansu on `addr`; clients are told to connect to `advertised` (a proxy
+    /// in front of it, or `addr`).
+    pub fn start(addr: SocketAddr, advertised: SocketAddr) -> Tansu {
+        let child = Command::new(tansu_bin())
+            .args([
+                "broker",
+                "--listener-url",
+                &format!("tcp://{addr}"),
+                "--advertised-listener-url",
+                &format!("tcp://{advertised}"),
+                "--storage-engine",
+                "memory://tansu/",
+            ])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect(
+                "start tansu (set WEIR_TANSU or put tansu on the PATH; ./scripts/test installs it)",
+            );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+            assert!(Instant::now() < deadline, "tansu did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Tansu { child, addr }
+    }
+}
+
+impl Drop for Tansu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Every record of `topic` on the Kafka broker at `bootstrap` (partition by
+/// partition, in offset order): (partition, key, value, headers as "k=v,k=v").
+pub fn dump_records(bootstrap: &str, topic: &str) -> Vec<(u32, String, String, String)> {
+    let out = python("kafka_dump.py", &[bootstrap, topic]);
+    assert!(
+        out.status.success(),
+        "kafka_dump.py {topic}: {}",
+        out.stderr
+    );
+    out.stdout
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            let mut f = l.splitn(4, '\t');
+            let mut next = || f.next().unwrap_or_default().to_string();
+            (next().parse().unwrap_or(u32::MAX), next(), next(), next())
+        })
+        .collect()
 }

@@ -1,0 +1,422 @@
+//! The Kafka client replication talks to the centre with, behind two small traits
+//! (`UpstreamProducer`, `UpstreamConsumer`). librdkafka (the `rdkafka` crate) is the
+//! one implementation: a mature idempotent producer, TLS, SASL and every codec. This
+//! is the only module that knows rdkafka.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::ClientContext;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::{Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::watch;
+use tracing::{debug, warn};
+
+use super::UpstreamConfig;
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A record on its way to the centre.
+pub struct OutRecord<'a> {
+    pub topic: &'a str,
+    pub key: Option<&'a [u8]>,
+    pub value: Option<&'a [u8]>,
+    pub headers: &'a [(String, Bytes)],
+    pub timestamp_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeliveryError {
+    /// This record can never be delivered (e.g. larger than the centre accepts).
+    Permanent(String),
+    /// The producer cannot go on (fenced, out of sequence): make a new one and send
+    /// again from the last acknowledged record.
+    Fatal(String),
+}
+
+pub type Delivery = BoxFuture<'static, Result<(), DeliveryError>>;
+
+#[derive(Debug)]
+pub enum SendError {
+    /// The client's queue is full: wait for deliveries, then send again.
+    QueueFull,
+    Permanent(String),
+    Fatal(String),
+}
+
+/// Connection problems the client reported: how many, and the last one.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LinkErrors {
+    pub count: u64,
+    pub last: String,
+    /// The client says no broker of the centre is reachable.
+    pub all_down: bool,
+}
+
+/// What replication needs of a producer.
+pub trait UpstreamProducer: Send + Sync {
+    /// Queues `record`; the delivery resolves once the centre acknowledged it
+    /// (acks=all, idempotent: retries never duplicate within this producer).
+    fn send(&self, record: &OutRecord<'_>) -> Result<Delivery, SendError>;
+    /// Creates `topic` upstream with `partitions` partitions unless it exists.
+    fn ensure_topic<'a>(
+        &'a self,
+        topic: &'a str,
+        partitions: u32,
+    ) -> BoxFuture<'a, Result<(), String>>;
+    /// Connection errors, as they happen.
+    fn link(&self) -> watch::Receiver<LinkErrors>;
+}
+
+/// A record read from the centre.
+pub struct UpstreamRecord {
+    pub topic: String,
+    pub partition: u32,
+    pub offset: u64,
+    pub key: Option<Bytes>,
+    pub value: Option<Bytes>,
+    pub headers: Vec<(String, Bytes)>,
+    pub timestamp_ms: i64,
+}
+
+/// Where to start reading an upstream partition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum From {
+    Offset(u64),
+    Earliest,
+    Latest,
+}
+
+/// What replication needs of a consumer: partitions assigned by the caller, which
+/// keeps the positions (no group offsets upstream).
+pub trait UpstreamConsumer: Send + Sync {
+    /// The number of partitions of an upstream topic.
+    fn partitions(&self, topic: &str) -> BoxFuture<'_, Result<u32, String>>;
+    fn assign(&self, positions: &[(String, u32, From)]) -> Result<(), String>;
+    /// The next record of the assigned partitions.
+    fn recv(&self) -> BoxFuture<'_, Result<UpstreamRecord, String>>;
+    fn link(&self) -> watch::Receiver<LinkErrors>;
+}
+
+/// Settings of one producer (a replication rule's).
+pub struct ProducerSettings {
+    pub compression: String,
+    pub batch_bytes: usize,
+    pub linger_ms: u64,
+    /// Bytes the client may hold queued: bounds memory whatever the backlog.
+    pub queue_kbytes: usize,
+}
+
+/// Context shared by our clients: turns librdkafka's error and log callbacks into
+/// `LinkErrors`.
+#[derive(Clone)]
+struct LinkContext {
+    errors: Arc<watch::Sender<LinkErrors>>,
+    name: Arc<str>,
+}
+
+impl LinkContext {
+    fn new(name: &str) -> Self {
+        Self {
+            errors: Arc::new(watch::channel(LinkErrors::default()).0),
+            name: name.into(),
+        }
+    }
+}
+
+impl ClientContext for LinkContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error => warn!(upstream = %self.name, fac, "librdkafka: {message}"),
+            _ => debug!(upstream = %self.name, fac, "librdkafka: {message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        let all_down = error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown);
+        debug!(upstream = %self.name, %error, reason, "upstream client error");
+        self.errors.send_modify(|e| {
+            e.count += 1;
+            e.last = format!("{error}: {reason}");
+            e.all_down = all_down;
+        });
+    }
+}
+
+impl ConsumerContext for LinkContext {}
+
+fn base_config(upstream: &UpstreamConfig, client_id: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &upstream.bootstrap_servers)
+        .set("client.id", client_id)
+        .set("reconnect.backoff.ms", "100")
+        .set("reconnect.backoff.max.ms", "5000")
+        .set("log.connection.close", "false");
+    let optional = [
+        ("security.protocol", &upstream.security_protocol),
+        ("sasl.mechanism", &upstream.sasl_mechanism),
+        ("sasl.username", &upstream.sasl_username),
+        ("sasl.password", &upstream.sasl_password),
+        ("ssl.ca.location", &upstream.ssl_ca_location),
+        (
+            "ssl.certificate.location",
+            &upstream.ssl_certificate_location,
+        ),
+        ("ssl.key.location", &upstream.ssl_key_location),
+    ];
+    for (key, value) in optional {
+        if let Some(v) = value {
+            c.set(key, v);
+        }
+    }
+    for (key, value) in &upstream.properties {
+        c.set(key, value);
+    }
+    c
+}
+
+struct RdProducer {
+    producer: FutureProducer<LinkContext>,
+    admin: AdminClient<LinkContext>,
+    errors: watch::Receiver<LinkErrors>,
+}
+
+/// An idempotent librdkafka producer to `upstream`.
+pub fn producer(
+    upstream: &UpstreamConfig,
+    client_id: &str,
+    settings: &ProducerSettings,
+) -> Result<Arc<dyn UpstreamProducer>, String> {
+    let context = LinkContext::new(&upstream.name);
+    let errors = context.errors.subscribe();
+    let mut config = base_config(upstream, client_id);
+    config
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        // Never give up on a record: an outage only delays it; the local log is the
+        // buffer, and `queue_kbytes` bounds what is held here.
+        .set("message.timeout.ms", "0")
+        .set("max.in.flight.requests.per.connection", "5")
+        // Java clients' partitioner, so keys land where the centre's own producers put them.
+        .set("partitioner", "murmur2_random")
+        .set("compression.type", &settings.compression)
+        .set("batch.size", settings.batch_bytes.to_string())
+        .set("linger.ms", settings.linger_ms.to_string())
+        .set(
+            "queue.buffering.max.kbytes",
+            settings.queue_kbytes.to_string(),
+        )
+        .set("queue.buffering.max.messages", "1000000");
+    let producer: FutureProducer<LinkContext> = config
+        .create_with_context(context.clone())
+        .map_err(|e| format!("cannot create the producer: {e}"))?;
+    let admin: AdminClient<LinkContext> = base_config(upstream, client_id)
+        .create_with_context(context)
+        .map_err(|e| format!("cannot create the admin client: {e}"))?;
+    Ok(Arc::new(RdProducer {
+        producer,
+        admin,
+        errors,
+    }))
+}
+
+fn delivery_error(e: KafkaError) -> DeliveryError {
+    match e.rdkafka_error_code() {
+        Some(
+            RDKafkaErrorCode::MessageSizeTooLarge
+            | RDKafkaErrorCode::InvalidRecord
+            | RDKafkaErrorCode::InvalidMessageSize,
+        ) => DeliveryError::Permanent(e.to_string()),
+        _ => DeliveryError::Fatal(e.to_string()),
+    }
+}
+
+impl UpstreamProducer for RdProducer {
+    fn send(&self, record: &OutRecord<'_>) -> Result<Delivery, SendError> {
+        let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
+        for (key, value) in record.headers {
+            headers = headers.insert(Header {
+                key,
+                value: Some(value.as_ref()),
+            });
+        }
+        let mut out: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(record.topic)
+            .headers(headers)
+            .timestamp(record.timestamp_ms);
+        if let Some(key) = record.key {
+            out = out.key(key);
+        }
+        if let Some(value) = record.value {
+            out = out.payload(value);
+        }
+        match self.producer.send_result(out) {
+            Ok(future) => Ok(Box::pin(async move {
+                match future.await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err((e, _))) => Err(delivery_error(e)),
+                    Err(_) => Err(DeliveryError::Fatal("the producer was closed".into())),
+                }
+            })),
+            Err((e, _)) => Err(match e.rdkafka_error_code() {
+                Some(RDKafkaErrorCode::QueueFull) => SendError::QueueFull,
+                _ => match delivery_error(e) {
+                    DeliveryError::Permanent(m) => SendError::Permanent(m),
+                    DeliveryError::Fatal(m) => SendError::Fatal(m),
+                },
+            }),
+        }
+    }
+
+    fn ensure_topic<'a>(
+        &'a self,
+        topic: &'a str,
+        partitions: u32,
+    ) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            let new = NewTopic::new(topic, partitions as i32, TopicReplication::Fixed(-1));
+            let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(5)));
+            match self.admin.create_topics([&new], &options).await {
+                Ok(results) => match results.into_iter().next() {
+                    Some(Ok(_)) | None => Ok(()),
+                    Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) => Ok(()),
+                    Some(Err((_, code))) => Err(format!("cannot create {topic} upstream: {code}")),
+                },
+                Err(e) => Err(format!("cannot create {topic} upstream: {e}")),
+            }
+        })
+    }
+
+    fn link(&self) -> watch::Receiver<LinkErrors> {
+        self.errors.clone()
+    }
+}
+
+impl Drop for RdProducer {
+    fn drop(&mut self) {
+        // Whatever is still queued is sent again by the next producer, from the cursor.
+        self.producer
+            .purge(rdkafka::producer::PurgeConfig::default().queue().inflight());
+    }
+}
+
+struct RdConsumer {
+    consumer: StreamConsumer<LinkContext>,
+    errors: watch::Receiver<LinkErrors>,
+}
+
+/// A librdkafka consumer of `upstream`; `group` only names it (positions are kept
+/// locally and nothing is committed upstream).
+pub fn consumer(
+    upstream: &UpstreamConfig,
+    client_id: &str,
+    group: &str,
+) -> Result<Arc<dyn UpstreamConsumer>, String> {
+    let context = LinkContext::new(&upstream.name);
+    let errors = context.errors.subscribe();
+    let consumer: StreamConsumer<LinkContext> = base_config(upstream, client_id)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("queued.max.messages.kbytes", "16384")
+        .create_with_context(context)
+        .map_err(|e| format!("cannot create the consumer: {e}"))?;
+    Ok(Arc::new(RdConsumer { consumer, errors }))
+}
+
+impl UpstreamConsumer for RdConsumer {
+    fn partitions(&self, topic: &str) -> BoxFuture<'_, Result<u32, String>> {
+        let topic = topic.to_string();
+        Box::pin(async move {
+            let client = self.consumer.client();
+            let metadata = tokio::task::block_in_place(|| {
+                client.fetch_metadata(Some(&topic), Duration::from_secs(5))
+            })
+            .map_err(|e| format!("metadata of {topic}: {e}"))?;
+            match metadata.topics().iter().find(|t| t.name() == topic) {
+                Some(t) if t.error().is_none() && !t.partitions().is_empty() => {
+                    Ok(t.partitions().len() as u32)
+                }
+                _ => Err(format!("topic {topic} does not exist upstream")),
+            }
+        })
+    }
+
+    fn assign(&self, positions: &[(String, u32, From)]) -> Result<(), String> {
+        let mut list = TopicPartitionList::new();
+        for (topic, partition, from) in positions {
+            let offset = match from {
+                From::Offset(n) => Offset::Offset(*n as i64),
+                From::Earliest => Offset::Beginning,
+                From::Latest => Offset::End,
+            };
+            list.add_partition_offset(topic, *partition as i32, offset)
+                .map_err(|e| e.to_string())?;
+        }
+        self.consumer.assign(&list).map_err(|e| e.to_string())
+    }
+
+    fn recv(&self) -> BoxFuture<'_, Result<UpstreamRecord, String>> {
+        Box::pin(async move {
+            let m = self.consumer.recv().await.map_err(|e| e.to_string())?;
+            let headers = m
+                .headers()
+                .map(|h| {
+                    h.iter()
+                        .map(|h| {
+                            (
+                                h.key.to_string(),
+                                Bytes::copy_from_slice(h.value.unwrap_or_default()),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            Ok(UpstreamRecord {
+                topic: m.topic().to_string(),
+                partition: m.partition() as u32,
+                offset: m.offset() as u64,
+                key: m.key().map(Bytes::copy_from_slice),
+                value: m.payload().map(Bytes::copy_from_slice),
+                headers,
+                timestamp_ms: m.timestamp().to_millis().unwrap_or(0),
+            })
+        })
+    }
+
+    fn link(&self) -> watch::Receiver<LinkErrors> {
+        self.errors.clone()
+    }
+}
+
+/// The librdkafka properties a config sets through named keys; `properties` may not
+/// set them again.
+pub fn reserved_properties() -> BTreeMap<&'static str, &'static str> {
+    [
+        ("bootstrap.servers", "bootstrap_servers"),
+        ("client.id", "client_id"),
+        ("enable.idempotence", "(always true)"),
+        ("acks", "(always all)"),
+        ("security.protocol", "security_protocol"),
+        ("sasl.mechanism", "sasl_mechanism"),
+        ("sasl.username", "sasl_username"),
+        ("sasl.password", "sasl_password"),
+        ("ssl.ca.location", "ssl_ca_location"),
+        ("ssl.certificate.location", "ssl_certificate_location"),
+        ("ssl.key.location", "ssl_key_location"),
+    ]
+    .into_iter()
+    .collect()
+}

@@ -1,0 +1,211 @@
+//! Down: upstream topics into local topics (commands for devices, which an MQTT
+//! downlink rule then delivers).
+//!
+//! The rule's task assigns itself every partition of its upstream topics, from
+//! positions kept locally (`replication.down/{rule}/{topic}/{partition}`: the next
+//! upstream offset), and appends what it receives in one `Log::write` with the new
+//! positions: a restart neither loses nor repeats a record. Upstream partition `p`
+//! goes to local partition `p` (the local topic is created with as many partitions).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use super::client::{self, From, UpstreamRecord};
+use super::{
+    LinkState, PartitionStatus, ReplicationMetrics, RuleConfig, SharedStatus, UpstreamConfig,
+    cursor_key, rule_labels, set_state,
+};
+use crate::record_batch::RecordBatch;
+use crate::record_batch::build::{NewRecord, batch};
+use crate::storage::{Log, TopicConfig, WriteOp, now_ms, state_op};
+
+const NS_POSITION: &str = "replication.down";
+/// Records appended per write, at most.
+const BATCH: usize = 1000;
+
+pub struct Downlink {
+    pub rule: RuleConfig,
+    pub upstream: UpstreamConfig,
+    pub client_id: String,
+    pub gateway: String,
+    pub log: Log,
+    pub topic_defaults: TopicConfig,
+    pub metrics: ReplicationMetrics,
+    pub status: SharedStatus,
+    pub stop: watch::Receiver<bool>,
+}
+
+impl Downlink {
+    pub async fn run(mut self) {
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            match self.session().await {
+                Ok(()) => return,
+                Err(reason) => {
+                    warn!(rule = %self.rule.name, error = %reason, backoff_ms = backoff.as_millis() as u64,
+                        "replication from upstream failed; retrying");
+                    self.status
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .last_error = Some(reason);
+                    set_state(&self.status, &self.metrics, LinkState::BackingOff);
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = self.stop.wait_for(|s| *s) => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+    }
+
+    async fn session(&mut self) -> Result<(), String> {
+        set_state(&self.status, &self.metrics, LinkState::Connecting);
+        let group = format!("weir-{}-{}", self.gateway, self.rule.name);
+        let consumer = client::consumer(&self.upstream, &self.client_id, &group)?;
+        // (upstream topic, partition) → (local topic, next upstream offset)
+        let mut positions: BTreeMap<(String, u32), (String, u64)> = BTreeMap::new();
+        let mut assignment = Vec::new();
+        for topic in &self.rule.topics {
+            let partitions = tokio::select! {
+                p = consumer.partitions(topic) => p?,
+                _ = self.stop.wait_for(|s| *s) => return Ok(()),
+            };
+            let local = self.rule.target_topic(&self.gateway, topic);
+            crate::mqtt::ensure_topic(&self.log, &local, partitions, &self.topic_defaults)
+                .await
+                .map_err(|e| e.to_string())?;
+            for partition in 0..partitions {
+                let key = cursor_key(&self.rule.name, topic, partition);
+                let stored = self
+                    .log
+                    .get_state::<u64>(NS_POSITION, &key)
+                    .map_err(|e| e.to_string())?;
+                let from = match stored {
+                    Some(n) => From::Offset(n),
+                    None if self.rule.start == "latest" => From::Latest,
+                    None => From::Earliest,
+                };
+                if let Some(n) = stored {
+                    positions.insert((topic.clone(), partition), (local.clone(), n));
+                }
+                assignment.push((topic.clone(), partition, from));
+            }
+        }
+        consumer.assign(&assignment)?;
+        set_state(&self.status, &self.metrics, LinkState::Connected);
+        info!(rule = %self.rule.name, partitions = assignment.len(), "replicating from upstream");
+        loop {
+            let mut received = Vec::new();
+            let first = tokio::select! {
+                r = consumer.recv() => Some(r),
+                _ = self.stop.wait_for(|s| *s) => return Ok(()),
+                _ = tokio::time::sleep(Duration::from_secs(1)) => None,
+            };
+            match first {
+                Some(r) => received.push(r?),
+                None => {
+                    self.report(&positions);
+                    continue;
+                }
+            }
+            // Whatever else is already there, up to a batch.
+            while received.len() < BATCH {
+                match tokio::time::timeout(Duration::from_millis(5), consumer.recv()).await {
+                    Ok(r) => received.push(r?),
+                    Err(_) => break,
+                }
+            }
+            self.append(received, &mut positions).await?;
+            self.report(&positions);
+        }
+    }
+
+    /// Appends `received` and the new positions in one write.
+    async fn append(
+        &self,
+        received: Vec<UpstreamRecord>,
+        positions: &mut BTreeMap<(String, u32), (String, u64)>,
+    ) -> Result<(), String> {
+        let count = received.len() as u64;
+        let bytes: usize = received
+            .iter()
+            .map(|r| r.key.as_ref().map_or(0, Bytes::len) + r.value.as_ref().map_or(0, Bytes::len))
+            .sum();
+        let mut per_partition: BTreeMap<(String, u32), Vec<NewRecord>> = BTreeMap::new();
+        let mut moved = BTreeMap::new();
+        for r in received {
+            let local = self.rule.target_topic(&self.gateway, &r.topic);
+            let partitions = self.log.topic(&local).map_or(1, |t| t.partitions);
+            moved.insert(
+                (r.topic.clone(), r.partition),
+                (local.clone(), r.offset + 1),
+            );
+            per_partition
+                .entry((local, r.partition % partitions))
+                .or_default()
+                .push(NewRecord {
+                    key: r.key,
+                    value: r.value,
+                    timestamp_ms: r.timestamp_ms,
+                    headers: r.headers,
+                });
+        }
+        let mut ops = Vec::new();
+        for ((topic, partition), records) in per_partition {
+            let bytes = batch(&records, kafka_protocol::records::Compression::None)
+                .map_err(|e| e.to_string())?;
+            ops.push(WriteOp::Append {
+                topic,
+                partition,
+                batches: vec![RecordBatch::parse(bytes).map_err(|e| e.to_string())?],
+            });
+        }
+        for ((topic, partition), (_, next)) in &moved {
+            let value = postcard::to_stdvec(next).map_err(|e| e.to_string())?;
+            ops.push(state_op(
+                NS_POSITION,
+                &cursor_key(&self.rule.name, topic, *partition),
+                Some(value),
+            ));
+        }
+        self.log.write(ops).await.map_err(|e| e.to_string())?;
+        positions.extend(moved);
+        let labels = rule_labels(&self.rule.name);
+        self.metrics.records.get_or_create(&labels).inc_by(count);
+        self.metrics
+            .bytes
+            .get_or_create(&labels)
+            .inc_by(bytes as u64);
+        let now = now_ms();
+        self.metrics
+            .last_success_seconds
+            .get_or_create(&labels)
+            .set(now / 1000);
+        self.status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .last_success_ms = Some(now);
+        Ok(())
+    }
+
+    fn report(&self, positions: &BTreeMap<(String, u32), (String, u64)>) {
+        let partitions = positions
+            .iter()
+            .map(|((topic, partition), (_, next))| PartitionStatus {
+                topic: topic.clone(),
+                partition: *partition,
+                cursor: *next,
+                ..Default::default()
+            })
+            .collect();
+        self.status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .partitions = partitions;
+    }
+}

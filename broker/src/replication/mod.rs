@@ -1,0 +1,454 @@
+//! Replication with a central Kafka-compatible cluster (issue #6).
+//!
+//! Up: chosen local topics flow to the centre (`uplink.rs`): the local log is the
+//! buffer, the cursor is committed only after the centre acknowledged, records carry
+//! their provenance. Down: upstream topics flow into local topics (`downlink.rs`),
+//! for commands that the MQTT downlink then delivers to devices. The Kafka client is
+//! behind two traits in `client.rs` (librdkafka).
+
+pub mod client;
+pub mod downlink;
+pub mod uplink;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tracing::info;
+
+use crate::storage::{Log, TopicConfig, TopicName};
+
+/// `[replication]` of the config.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReplicationConfig {
+    /// This gateway's name: in upstream topic names (`{gateway}`) and in every
+    /// replicated record's `weir.gateway` header. Default: the host name.
+    pub gateway_id: String,
+    pub upstream: Vec<UpstreamConfig>,
+    pub rule: Vec<RuleConfig>,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        Self {
+            gateway_id: default_gateway_id(),
+            upstream: Vec::new(),
+            rule: Vec::new(),
+        }
+    }
+}
+
+fn default_gateway_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty() && TopicName::new(h.clone()).is_ok())
+        .unwrap_or_else(|| "weir".to_string())
+}
+
+/// `[[replication.upstream]]`: a central cluster.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    pub name: String,
+    /// host:port[,host:port…]
+    pub bootstrap_servers: String,
+    /// Default: `weir-{gateway_id}`.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// plaintext (default), ssl, sasl_plaintext or sasl_ssl.
+    #[serde(default)]
+    pub security_protocol: Option<String>,
+    /// PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512.
+    #[serde(default)]
+    pub sasl_mechanism: Option<String>,
+    #[serde(default)]
+    pub sasl_username: Option<String>,
+    #[serde(default)]
+    pub sasl_password: Option<String>,
+    /// PEM files for TLS: the CA to trust, and a client certificate and key.
+    #[serde(default)]
+    pub ssl_ca_location: Option<String>,
+    #[serde(default)]
+    pub ssl_certificate_location: Option<String>,
+    #[serde(default)]
+    pub ssl_key_location: Option<String>,
+    /// Any other librdkafka property.
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// Local topics to the centre.
+    #[default]
+    Up,
+    /// Centre topics to local topics.
+    Down,
+}
+
+/// `[[replication.rule]]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    /// Names the rule's cursors: keep it stable.
+    pub name: String,
+    /// An `[[replication.upstream]]` name.
+    pub upstream: String,
+    #[serde(default)]
+    pub direction: Direction,
+    /// Source topics: local ones going up, upstream ones coming down.
+    pub topics: Vec<String>,
+    /// Destination topic name, with `{topic}` (the source topic) and `{gateway}`.
+    #[serde(default = "default_target")]
+    pub target: String,
+    /// Up only: none, gzip, snappy, lz4 (default) or zstd.
+    #[serde(default = "default_compression")]
+    pub compression: String,
+    /// Up only: bytes per upstream batch (librdkafka batch.size).
+    #[serde(default = "default_batch_bytes")]
+    pub batch_bytes: usize,
+    /// Up only: how long a batch may wait to fill, ms.
+    #[serde(default = "default_linger_ms")]
+    pub linger_ms: u64,
+    /// Up only: bytes per second this rule may send; 0 is no cap.
+    #[serde(default)]
+    pub max_bytes_per_sec: u64,
+    /// Up only: with a large backlog (over `priority_backlog` records), rules of a
+    /// higher priority on the same upstream go first; the others wait.
+    #[serde(default)]
+    pub priority: i32,
+    /// Where a new rule starts: earliest (default) or latest.
+    #[serde(default = "default_start")]
+    pub start: String,
+}
+
+fn default_target() -> String {
+    "{topic}".into()
+}
+fn default_compression() -> String {
+    "lz4".into()
+}
+fn default_batch_bytes() -> usize {
+    1024 * 1024
+}
+fn default_linger_ms() -> u64 {
+    5
+}
+fn default_start() -> String {
+    "earliest".into()
+}
+
+/// Records of backlog above which a rule makes lower-priority rules wait.
+pub const PRIORITY_BACKLOG: u64 = 1000;
+
+impl RuleConfig {
+    /// The destination topic of source `topic`.
+    pub fn target_topic(&self, gateway: &str, topic: &str) -> String {
+        self.target
+            .replace("{gateway}", gateway)
+            .replace("{topic}", topic)
+    }
+}
+
+impl ReplicationConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        TopicName::new(self.gateway_id.clone())
+            .map_err(|e| format!("[replication] gateway_id: {e}"))?;
+        let reserved = client::reserved_properties();
+        let mut names = std::collections::HashSet::new();
+        for u in &self.upstream {
+            if !names.insert(&u.name) {
+                return Err(format!("two upstreams are named {}", u.name));
+            }
+            if u.bootstrap_servers.trim().is_empty() {
+                return Err(format!("upstream {}: bootstrap_servers is empty", u.name));
+            }
+            if let Some(p) = &u.security_protocol
+                && !["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"].contains(&p.as_str())
+            {
+                return Err(format!(
+                    "upstream {}: security_protocol {p:?} is not plaintext, ssl, sasl_plaintext or sasl_ssl",
+                    u.name
+                ));
+            }
+            for key in u.properties.keys() {
+                if let Some(named) = reserved.get(key.as_str()) {
+                    return Err(format!(
+                        "upstream {}: set {key} with {named}, not in properties",
+                        u.name
+                    ));
+                }
+            }
+        }
+        let mut rules = std::collections::HashSet::new();
+        for r in &self.rule {
+            if !crate::plugins::registry::valid_name(&r.name) {
+                return Err(format!(
+                    "replication rule name {:?}: use a-z A-Z 0-9 . _ -",
+                    r.name
+                ));
+            }
+            if !rules.insert(&r.name) {
+                return Err(format!("two replication rules are named {}", r.name));
+            }
+            if !self.upstream.iter().any(|u| u.name == r.upstream) {
+                return Err(format!("rule {}: no upstream named {}", r.name, r.upstream));
+            }
+            if r.topics.is_empty() {
+                return Err(format!("rule {}: no topics", r.name));
+            }
+            if !["none", "gzip", "snappy", "lz4", "zstd"].contains(&r.compression.as_str()) {
+                return Err(format!(
+                    "rule {}: compression {:?} is not none, gzip, snappy, lz4 or zstd",
+                    r.name, r.compression
+                ));
+            }
+            if !["earliest", "latest"].contains(&r.start.as_str()) {
+                return Err(format!("rule {}: start is earliest or latest", r.name));
+            }
+            for topic in &r.topics {
+                TopicName::new(topic.clone()).map_err(|e| format!("rule {}: {e}", r.name))?;
+                TopicName::new(r.target_topic(&self.gateway_id, topic))
+                    .map_err(|e| format!("rule {}: target: {e}", r.name))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+type Labels = Vec<(String, String)>;
+
+/// `weir_replication_*` metrics.
+#[derive(Clone, Debug, Default)]
+pub struct ReplicationMetrics {
+    /// {rule, topic, partition}
+    pub lag_records: Family<Labels, Gauge>,
+    pub lag_bytes: Family<Labels, Gauge>,
+    /// {rule}
+    pub records: Family<Labels, Counter>,
+    pub bytes: Family<Labels, Counter>,
+    pub last_success_seconds: Family<Labels, Gauge>,
+    pub upstream_errors: Family<Labels, Counter>,
+    pub lost_records: Family<Labels, Counter>,
+    pub failed_records: Family<Labels, Counter>,
+    pub connected: Family<Labels, Gauge>,
+}
+
+impl ReplicationMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("replication");
+        r.register(
+            "lag_records",
+            "Records not yet acknowledged by the other side",
+            self.lag_records.clone(),
+        );
+        r.register(
+            "lag_bytes",
+            "Bytes not yet acknowledged by the other side (estimated from stored sizes)",
+            self.lag_bytes.clone(),
+        );
+        r.register("records", "Records replicated", self.records.clone());
+        r.register(
+            "bytes",
+            "Bytes of keys and values replicated",
+            self.bytes.clone(),
+        );
+        r.register(
+            "last_success_seconds",
+            "Unix time of the last acknowledged record",
+            self.last_success_seconds.clone(),
+        );
+        r.register(
+            "upstream_errors",
+            "Errors the upstream client reported (connections, requests)",
+            self.upstream_errors.clone(),
+        );
+        r.register(
+            "lost_records",
+            "Records deleted by local retention before they were replicated",
+            self.lost_records.clone(),
+        );
+        r.register(
+            "failed_records",
+            "Records the upstream refused for good (e.g. too large); skipped",
+            self.failed_records.clone(),
+        );
+        r.register(
+            "connected",
+            "1 while the upstream is reachable",
+            self.connected.clone(),
+        );
+    }
+}
+
+/// What a rule's runner is doing (logged at each change).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LinkState {
+    #[default]
+    Connecting,
+    Connected,
+    Disconnected,
+    BackingOff,
+    CaughtUp,
+}
+
+/// One partition of a rule, for `weir replication status`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionStatus {
+    pub topic: String,
+    pub partition: u32,
+    /// Next source offset not yet acknowledged (committed cursor or ahead of it).
+    pub cursor: u64,
+    pub high_watermark: u64,
+    pub lag_records: u64,
+    pub lag_bytes: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleStatus {
+    pub name: String,
+    pub upstream: String,
+    pub direction: Direction,
+    pub state: LinkState,
+    /// Unix ms of the last acknowledged record.
+    pub last_success_ms: Option<i64>,
+    pub upstream_errors: u64,
+    pub last_error: Option<String>,
+    pub lost_records: u64,
+    pub partitions: Vec<PartitionStatus>,
+}
+
+pub type SharedStatus = Arc<Mutex<RuleStatus>>;
+
+/// Sets the state, with a log line when it changes.
+pub fn set_state(status: &SharedStatus, metrics: &ReplicationMetrics, state: LinkState) {
+    let mut s = status.lock().unwrap_or_else(|e| e.into_inner());
+    if s.state != state {
+        info!(rule = %s.name, upstream = %s.upstream, from = ?s.state, to = ?state, "replication state");
+        s.state = state;
+        let connected = matches!(state, LinkState::Connected | LinkState::CaughtUp);
+        metrics
+            .connected
+            .get_or_create(&vec![("rule".to_string(), s.name.clone())])
+            .set(i64::from(connected));
+    }
+}
+
+/// The replication of a broker: one task per rule.
+pub struct Replication {
+    statuses: Vec<SharedStatus>,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl Replication {
+    /// The tasks, to wait for them at shutdown.
+    pub fn take_tasks(&self) -> Vec<tokio::task::JoinHandle<()>> {
+        std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    pub fn status(&self) -> Vec<RuleStatus> {
+        self.statuses
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).clone())
+            .collect()
+    }
+}
+
+/// Starts every rule's task.
+pub async fn start(
+    config: &ReplicationConfig,
+    log: &Log,
+    topic_defaults: &TopicConfig,
+    partitions: u32,
+    metrics: &ReplicationMetrics,
+    stop: &watch::Receiver<bool>,
+) -> anyhow::Result<Replication> {
+    let gate = uplink::PriorityGate::default();
+    let mut statuses = Vec::new();
+    let mut tasks = Vec::new();
+    for rule in &config.rule {
+        let upstream = config
+            .upstream
+            .iter()
+            .find(|u| u.name == rule.upstream)
+            .ok_or_else(|| anyhow::anyhow!("rule {}: no upstream {}", rule.name, rule.upstream))?
+            .clone();
+        let status = SharedStatus::new(Mutex::new(RuleStatus {
+            name: rule.name.clone(),
+            upstream: rule.upstream.clone(),
+            direction: rule.direction,
+            ..Default::default()
+        }));
+        let client_id = upstream
+            .client_id
+            .clone()
+            .unwrap_or_else(|| format!("weir-{}", config.gateway_id));
+        let task = match rule.direction {
+            Direction::Up => {
+                for topic in &rule.topics {
+                    crate::mqtt::ensure_topic(log, topic, partitions, topic_defaults).await?;
+                }
+                let runner = uplink::Uplink {
+                    rule: rule.clone(),
+                    upstream,
+                    client_id,
+                    gateway: config.gateway_id.clone(),
+                    log: log.clone(),
+                    metrics: metrics.clone(),
+                    status: status.clone(),
+                    gate: gate.clone(),
+                    stop: stop.clone(),
+                };
+                tokio::spawn(runner.run())
+            }
+            Direction::Down => {
+                let runner = downlink::Downlink {
+                    rule: rule.clone(),
+                    upstream,
+                    client_id,
+                    gateway: config.gateway_id.clone(),
+                    log: log.clone(),
+                    topic_defaults: topic_defaults.clone(),
+                    metrics: metrics.clone(),
+                    status: status.clone(),
+                    stop: stop.clone(),
+                };
+                tokio::spawn(runner.run())
+            }
+        };
+        info!(rule = %rule.name, upstream = %rule.upstream, direction = ?rule.direction,
+            topics = ?rule.topics, target = %rule.target, "replication rule started");
+        statuses.push(status);
+        tasks.push(task);
+    }
+    Ok(Replication {
+        statuses,
+        tasks: Mutex::new(tasks),
+    })
+}
+
+/// Cursor key of `rule` in `topic`/`partition`.
+fn cursor_key(rule: &str, topic: &str, partition: u32) -> String {
+    format!("{rule}/{topic}/{partition}")
+}
+
+fn rule_labels(rule: &str) -> Labels {
+    vec![("rule".to_string(), rule.to_string())]
+}
+
+fn partition_labels(rule: &str, topic: &str, partition: u32) -> Labels {
+    vec![
+        ("rule".to_string(), rule.to_string()),
+        ("topic".to_string(), topic.to_string()),
+        ("partition".to_string(), partition.to_string()),
+    ]
+}

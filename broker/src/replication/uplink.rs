@@ -1,0 +1,636 @@
+//! Up: local topics to the centre, store-and-forward.
+//!
+//! A rule's task reads each source partition from its cursor, sends every record
+//! with its key (so key partitioning holds upstream), its timestamp, its headers and
+//! four provenance headers (`weir.gateway`, `weir.source.topic`,
+//! `weir.source.partition`, `weir.source.offset`) through an idempotent producer, and
+//! moves the cursor (`replication.cursor/{rule}/{topic}/{partition}`) only over
+//! records the centre acknowledged, in order. An outage only delays: the producer
+//! never gives a record up, and the local log is the buffer; what it holds in memory
+//! is bounded by `MAX_PENDING` records. A producer that fails for good is replaced and
+//! sending starts again from the cursor (records the centre had but had not
+//! acknowledged may then arrive twice; the provenance headers tell them apart).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::FutureExt;
+use futures::stream::{FuturesUnordered, StreamExt};
+use kafka_protocol::records::RecordBatchDecoder;
+use tokio::sync::watch;
+use tracing::{error, warn};
+
+use super::client::{self, DeliveryError, LinkErrors, OutRecord, ProducerSettings, SendError};
+use super::{
+    LinkState, PRIORITY_BACKLOG, PartitionStatus, ReplicationMetrics, RuleConfig, SharedStatus,
+    UpstreamConfig, cursor_key, partition_labels, rule_labels, set_state,
+};
+use crate::storage::{Log, PartitionOffsets, ReadError, now_ms, state_op};
+
+const NS_CURSOR: &str = "replication.cursor";
+/// Records sent and not yet acknowledged, per rule, at most.
+const MAX_PENDING: usize = 100_000;
+/// Bytes read from the log at a time, per partition.
+const READ_BYTES: usize = 512 * 1024;
+
+/// A rule as the gate sees it: upstream, priority, backlog in records.
+type Standing = (String, i32, u64);
+
+/// Lets rules of a higher priority go first while they have a large backlog.
+#[derive(Clone, Default)]
+pub struct PriorityGate(Arc<Mutex<HashMap<String, Standing>>>);
+
+impl PriorityGate {
+    fn report(&self, rule: &RuleConfig, lag: u64) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(
+            rule.name.clone(),
+            (rule.upstream.clone(), rule.priority, lag),
+        );
+    }
+
+    /// False while a rule of a higher priority on the same upstream has a backlog.
+    fn open(&self, rule: &RuleConfig) -> bool {
+        !self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .any(|(upstream, priority, lag)| {
+                *upstream == rule.upstream && *priority > rule.priority && *lag > PRIORITY_BACKLOG
+            })
+    }
+}
+
+/// Bytes per second, with a one-second burst; unlimited at 0.
+struct TokenBucket {
+    rate: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    fn new(rate: u64) -> Self {
+        Self {
+            rate: rate as f64,
+            tokens: rate as f64,
+            last: Instant::now(),
+        }
+    }
+
+    fn take(&mut self, bytes: usize) -> bool {
+        if self.rate == 0.0 {
+            return true;
+        }
+        let now = Instant::now();
+        self.tokens =
+            (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.rate);
+        self.last = now;
+        // A record larger than a second's worth still goes, once the bucket is full.
+        if self.tokens >= (bytes as f64).min(self.rate) {
+            self.tokens -= bytes as f64;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+struct Part {
+    topic: String,
+    target: String,
+    partition: u32,
+    /// Next offset to send.
+    next_read: u64,
+    committed: u64,
+    /// Sent records, in offset order, and whether the centre acknowledged each.
+    pending: VecDeque<(u64, bool)>,
+    changes: watch::Receiver<PartitionOffsets>,
+    topic_ready: bool,
+    last_lag: u64,
+}
+
+impl Part {
+    /// Every record before this one is acknowledged.
+    fn acked(&self) -> u64 {
+        self.pending.front().map_or(self.next_read, |p| p.0)
+    }
+}
+
+pub struct Uplink {
+    pub rule: RuleConfig,
+    pub upstream: UpstreamConfig,
+    pub client_id: String,
+    pub gateway: String,
+    pub log: Log,
+    pub metrics: ReplicationMetrics,
+    pub status: SharedStatus,
+    pub gate: PriorityGate,
+    pub stop: watch::Receiver<bool>,
+}
+
+type Done = (usize, u64, usize, Result<(), DeliveryError>);
+
+impl Uplink {
+    pub async fn run(mut self) {
+        let mut parts = match self.parts().await {
+            Ok(p) => p,
+            Err(e) => {
+                error!(rule = %self.rule.name, error = %e, "replication rule cannot start");
+                self.status
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .last_error = Some(e);
+                return;
+            }
+        };
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            match self.session(&mut parts).await {
+                Ok(()) => return,
+                Err(reason) => {
+                    warn!(rule = %self.rule.name, error = %reason, backoff_ms = backoff.as_millis() as u64,
+                        "upstream producer failed; sending again from the last acknowledged record");
+                    self.status
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .last_error = Some(reason);
+                    set_state(&self.status, &self.metrics, LinkState::BackingOff);
+                    for part in &mut parts {
+                        part.next_read = part.acked();
+                        part.pending.clear();
+                        part.topic_ready = false;
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = self.stop.wait_for(|s| *s) => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+    }
+
+    /// The source partitions, from their cursors (placed at `start` the first time).
+    async fn parts(&self) -> Result<Vec<Part>, String> {
+        let mut parts = Vec::new();
+        let mut first = Vec::new();
+        for topic in &self.rule.topics {
+            let info = self
+                .log
+                .topic(topic)
+                .ok_or_else(|| format!("topic {topic} does not exist"))?;
+            for partition in 0..info.partitions {
+                let changes = self
+                    .log
+                    .watch(topic, partition)
+                    .map_err(|e| e.to_string())?;
+                let key = cursor_key(&self.rule.name, topic, partition);
+                let next = match self
+                    .log
+                    .get_state::<u64>(NS_CURSOR, &key)
+                    .map_err(|e| e.to_string())?
+                {
+                    Some(n) => n,
+                    None => {
+                        let offsets = *changes.borrow();
+                        let n = if self.rule.start == "latest" {
+                            offsets.high_watermark
+                        } else {
+                            offsets.log_start
+                        };
+                        first.push(state_op(NS_CURSOR, &key, Some(encode(n)?)));
+                        n
+                    }
+                };
+                parts.push(Part {
+                    topic: topic.clone(),
+                    target: self.rule.target_topic(&self.gateway, topic),
+                    partition,
+                    next_read: next,
+                    committed: next,
+                    pending: VecDeque::new(),
+                    changes,
+                    topic_ready: false,
+                    last_lag: 0,
+                });
+            }
+        }
+        if !first.is_empty() {
+            self.log.write(first).await.map_err(|e| e.to_string())?;
+        }
+        Ok(parts)
+    }
+
+    /// One producer's life: returns Ok when the broker stops, Err when the producer
+    /// failed for good.
+    async fn session(&mut self, parts: &mut [Part]) -> Result<(), String> {
+        let settings = ProducerSettings {
+            compression: self.rule.compression.clone(),
+            batch_bytes: self.rule.batch_bytes,
+            linger_ms: self.rule.linger_ms,
+            queue_kbytes: 64 * 1024,
+        };
+        let producer = client::producer(&self.upstream, &self.client_id, &settings)?;
+        let mut link = producer.link();
+        let mut seen_errors = LinkErrors::default();
+        let mut deliveries: FuturesUnordered<futures::future::BoxFuture<'static, Done>> =
+            FuturesUnordered::new();
+        let mut bucket = TokenBucket::new(self.rule.max_bytes_per_sec);
+        let mut last_commit = Instant::now();
+        let mut last_report = Instant::now() - Duration::from_secs(10);
+        let mut last_ensure = Instant::now() - Duration::from_secs(10);
+        let mut start_at = 0usize;
+        let labels = rule_labels(&self.rule.name);
+        set_state(&self.status, &self.metrics, LinkState::Connecting);
+        loop {
+            if *self.stop.borrow() {
+                return self.finish(parts, deliveries).await;
+            }
+            if last_ensure.elapsed() >= Duration::from_secs(2)
+                && parts.iter().any(|p| !p.topic_ready)
+            {
+                last_ensure = Instant::now();
+                let mut stop = self.stop.clone();
+                tokio::select! {
+                    _ = self.ensure_topics(producer.as_ref(), parts) => {}
+                    _ = stop.wait_for(|s| *s) => {}
+                }
+            }
+            // Send what is new, within the bounds.
+            let mut blocked = false;
+            if self.gate.open(&self.rule) && !parts.is_empty() {
+                start_at = (start_at + 1) % parts.len();
+                for k in 0..parts.len() {
+                    let i = (start_at + k) % parts.len();
+                    if blocked || !parts[i].topic_ready {
+                        continue;
+                    }
+                    blocked = self.fill(
+                        i,
+                        &mut parts[i],
+                        producer.as_ref(),
+                        &mut bucket,
+                        &mut deliveries,
+                    )?;
+                }
+            }
+            // Wait for a delivery, new records, a link event, the stop, or a moment.
+            let nap = if blocked { 20 } else { 200 };
+            let done = {
+                let mut waits: Vec<_> = parts
+                    .iter_mut()
+                    .map(|p| Box::pin(p.changes.changed().map(drop)))
+                    .collect();
+                let appended = async {
+                    if waits.is_empty() {
+                        std::future::pending::<()>().await
+                    } else {
+                        futures::future::select_all(waits.iter_mut()).await;
+                    }
+                };
+                tokio::select! {
+                    Some(done) = deliveries.next(), if !deliveries.is_empty() => Some(done),
+                    _ = appended, if !blocked => None,
+                    _ = link.changed() => None,
+                    _ = tokio::time::sleep(Duration::from_millis(nap)) => None,
+                    _ = self.stop.wait_for(|s| *s) => None,
+                }
+            };
+            let mut all_done: Vec<Done> = done.into_iter().collect();
+            while let Some(Some(d)) = deliveries.next().now_or_never() {
+                all_done.push(d);
+            }
+            for d in all_done {
+                self.delivered(parts, d)?;
+            }
+            let errors = link.borrow_and_update().clone();
+            if errors.count > seen_errors.count {
+                self.metrics
+                    .upstream_errors
+                    .get_or_create(&labels)
+                    .inc_by(errors.count - seen_errors.count);
+                let mut s = self.status.lock().unwrap_or_else(|e| e.into_inner());
+                s.upstream_errors = errors.count;
+                s.last_error = Some(errors.last.clone());
+                drop(s);
+                if errors.all_down {
+                    set_state(&self.status, &self.metrics, LinkState::Disconnected);
+                }
+                seen_errors = errors;
+            }
+            if parts.iter().any(|p| p.acked() != p.committed)
+                && (last_commit.elapsed() >= Duration::from_millis(100) || deliveries.is_empty())
+            {
+                self.commit(parts).await;
+                last_commit = Instant::now();
+            }
+            if last_report.elapsed() >= Duration::from_secs(1) {
+                last_report = Instant::now();
+                self.report(parts);
+            }
+        }
+    }
+
+    fn state(&self) -> LinkState {
+        self.status.lock().unwrap_or_else(|e| e.into_inner()).state
+    }
+
+    async fn ensure_topics(&self, producer: &dyn client::UpstreamProducer, parts: &mut [Part]) {
+        let mut targets: Vec<(String, String)> = parts
+            .iter()
+            .filter(|p| !p.topic_ready)
+            .map(|p| (p.topic.clone(), p.target.clone()))
+            .collect();
+        targets.dedup();
+        for (topic, target) in targets {
+            let partitions = self.log.topic(&topic).map_or(1, |t| t.partitions);
+            match producer.ensure_topic(&target, partitions).await {
+                Ok(()) => {
+                    for p in parts.iter_mut().filter(|p| p.target == target) {
+                        p.topic_ready = true;
+                    }
+                }
+                Err(e) => {
+                    self.status
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .last_error = Some(e);
+                }
+            }
+        }
+    }
+
+    /// Sends records of `part` from `next_read` until the bounds; true when blocked
+    /// (queue full, too much pending, bandwidth cap).
+    fn fill(
+        &self,
+        index: usize,
+        part: &mut Part,
+        producer: &dyn client::UpstreamProducer,
+        bucket: &mut TokenBucket,
+        deliveries: &mut FuturesUnordered<futures::future::BoxFuture<'static, Done>>,
+    ) -> Result<bool, String> {
+        loop {
+            if deliveries.len() >= MAX_PENDING {
+                return Ok(true);
+            }
+            let read = match self
+                .log
+                .read(&part.topic, part.partition, part.next_read, READ_BYTES)
+            {
+                Ok(r) => r,
+                Err(ReadError::OffsetOutOfRange { offsets, .. })
+                    if part.next_read < offsets.log_start =>
+                {
+                    self.lost(part, offsets.log_start);
+                    continue;
+                }
+                Err(ReadError::OffsetOutOfRange { .. }) => return Ok(false),
+                Err(e) => return Err(e.to_string()),
+            };
+            if read.batches.is_empty() {
+                return Ok(false);
+            }
+            for stored in read.batches {
+                let mut bytes = stored.into_bytes();
+                let set = RecordBatchDecoder::decode(&mut bytes)
+                    .map_err(|e| format!("cannot decode {}/{}: {e}", part.topic, part.partition))?;
+                for r in set.records {
+                    let offset = r.offset as u64;
+                    if offset < part.next_read {
+                        continue;
+                    }
+                    let size = r.key.as_ref().map_or(0, Bytes::len)
+                        + r.value.as_ref().map_or(0, Bytes::len);
+                    if deliveries.len() >= MAX_PENDING || !bucket.take(size) {
+                        return Ok(true);
+                    }
+                    let mut headers: Vec<(String, Bytes)> = r
+                        .headers
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.clone().unwrap_or_default()))
+                        .collect();
+                    headers.push(("weir.gateway".into(), Bytes::from(self.gateway.clone())));
+                    headers.push(("weir.source.topic".into(), Bytes::from(part.topic.clone())));
+                    headers.push((
+                        "weir.source.partition".into(),
+                        Bytes::from(part.partition.to_string()),
+                    ));
+                    headers.push(("weir.source.offset".into(), Bytes::from(offset.to_string())));
+                    let out = OutRecord {
+                        topic: &part.target,
+                        key: r.key.as_deref(),
+                        value: r.value.as_deref(),
+                        headers: &headers,
+                        timestamp_ms: r.timestamp,
+                    };
+                    match producer.send(&out) {
+                        Ok(delivery) => {
+                            part.pending.push_back((offset, false));
+                            deliveries.push(Box::pin(async move {
+                                (index, offset, size, delivery.await)
+                            }));
+                            part.next_read = offset + 1;
+                        }
+                        Err(SendError::QueueFull) => return Ok(true),
+                        Err(SendError::Permanent(reason)) => {
+                            self.failed(part, offset, &reason);
+                            part.next_read = offset + 1;
+                        }
+                        Err(SendError::Fatal(reason)) => return Err(reason),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Retention deleted records before they were sent: said, counted, skipped.
+    fn lost(&self, part: &mut Part, log_start: u64) {
+        let lost = log_start - part.next_read;
+        error!(rule = %self.rule.name, topic = %part.topic, partition = part.partition,
+            from = part.next_read, to = log_start - 1, records = lost,
+            "records deleted by retention before they were replicated: offsets lost");
+        self.metrics
+            .lost_records
+            .get_or_create(&rule_labels(&self.rule.name))
+            .inc_by(lost);
+        self.status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .lost_records += lost;
+        part.next_read = log_start;
+    }
+
+    fn failed(&self, part: &Part, offset: u64, reason: &str) {
+        error!(rule = %self.rule.name, topic = %part.topic, partition = part.partition, offset,
+            error = reason, "the upstream refused a record for good; skipped");
+        self.metrics
+            .failed_records
+            .get_or_create(&rule_labels(&self.rule.name))
+            .inc();
+    }
+
+    fn delivered(
+        &self,
+        parts: &mut [Part],
+        (index, offset, size, result): Done,
+    ) -> Result<(), String> {
+        let part = &mut parts[index];
+        match result {
+            Ok(()) => {
+                let labels = rule_labels(&self.rule.name);
+                self.metrics.records.get_or_create(&labels).inc();
+                self.metrics
+                    .bytes
+                    .get_or_create(&labels)
+                    .inc_by(size as u64);
+                let now = now_ms();
+                self.metrics
+                    .last_success_seconds
+                    .get_or_create(&labels)
+                    .set(now / 1000);
+                self.status
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .last_success_ms = Some(now);
+                if matches!(
+                    self.state(),
+                    LinkState::Connecting | LinkState::Disconnected | LinkState::BackingOff
+                ) {
+                    set_state(&self.status, &self.metrics, LinkState::Connected);
+                }
+            }
+            Err(DeliveryError::Permanent(reason)) => self.failed(part, offset, &reason),
+            Err(DeliveryError::Fatal(reason)) => return Err(reason),
+        }
+        if let Ok(i) = part.pending.binary_search_by_key(&offset, |p| p.0) {
+            part.pending[i].1 = true;
+        }
+        while part.pending.front().is_some_and(|p| p.1) {
+            part.pending.pop_front();
+        }
+        Ok(())
+    }
+
+    /// Commits every partition's acknowledged position in one write.
+    async fn commit(&self, parts: &mut [Part]) {
+        let mut ops = Vec::new();
+        let mut moved = Vec::new();
+        for (i, p) in parts.iter().enumerate() {
+            let acked = p.acked();
+            if acked != p.committed {
+                match encode(acked) {
+                    Ok(v) => ops.push(state_op(
+                        NS_CURSOR,
+                        &cursor_key(&self.rule.name, &p.topic, p.partition),
+                        Some(v),
+                    )),
+                    Err(_) => continue,
+                }
+                moved.push((i, acked));
+            }
+        }
+        match self.log.write(ops).await {
+            Ok(_) => {
+                for (i, acked) in moved {
+                    parts[i].committed = acked;
+                }
+            }
+            Err(e) => {
+                warn!(rule = %self.rule.name, error = %e, "cannot commit the replication cursors; retrying")
+            }
+        }
+    }
+
+    /// Lag per partition into the metrics, the status and the priority gate; loss
+    /// to retention noticed even while nothing can be sent.
+    fn report(&self, parts: &mut [Part]) {
+        for p in parts.iter_mut() {
+            let log_start = p.changes.borrow().log_start;
+            if p.next_read < log_start {
+                self.lost(p, log_start);
+            }
+        }
+        let mut total = 0;
+        let mut statuses = Vec::new();
+        let mut sizes: HashMap<String, Vec<crate::storage::PartitionInfo>> = HashMap::new();
+        for p in parts.iter_mut() {
+            let offsets = *p.changes.borrow();
+            let acked = p.acked();
+            let lag = offsets.high_watermark.saturating_sub(acked);
+            let infos = sizes.entry(p.topic.clone()).or_insert_with(|| {
+                self.log
+                    .describe(&p.topic)
+                    .map(|(_, d)| d)
+                    .unwrap_or_default()
+            });
+            let lag_bytes = infos
+                .iter()
+                .find(|i| i.partition == p.partition)
+                .map_or(0, |i| {
+                    let stored = i.high_watermark.saturating_sub(i.log_start).max(1);
+                    (i.bytes as u128 * u128::from(lag.min(stored)) / u128::from(stored)) as u64
+                });
+            let labels = partition_labels(&self.rule.name, &p.topic, p.partition);
+            self.metrics
+                .lag_records
+                .get_or_create(&labels)
+                .set(lag as i64);
+            self.metrics
+                .lag_bytes
+                .get_or_create(&labels)
+                .set(lag_bytes as i64);
+            total += lag;
+            p.last_lag = lag;
+            statuses.push(PartitionStatus {
+                topic: p.topic.clone(),
+                partition: p.partition,
+                cursor: acked,
+                high_watermark: offsets.high_watermark,
+                lag_records: lag,
+                lag_bytes,
+            });
+        }
+        self.gate.report(&self.rule, total);
+        self.status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .partitions = statuses;
+        match self.state() {
+            LinkState::Connected if total == 0 => {
+                set_state(&self.status, &self.metrics, LinkState::CaughtUp)
+            }
+            LinkState::CaughtUp if total > PRIORITY_BACKLOG => {
+                set_state(&self.status, &self.metrics, LinkState::Connected)
+            }
+            _ => {}
+        }
+    }
+
+    /// On stop: gives deliveries in flight a few seconds, then commits.
+    async fn finish(
+        &self,
+        parts: &mut [Part],
+        mut deliveries: FuturesUnordered<futures::future::BoxFuture<'static, Done>>,
+    ) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !deliveries.is_empty() {
+            match tokio::time::timeout_at(deadline, deliveries.next()).await {
+                Ok(Some(d)) => {
+                    if self.delivered(parts, d).is_err() {
+                        break;
+                    }
+                }
+                _ => break,
+            }
+        }
+        self.commit(parts).await;
+        Ok(())
+    }
+}
+
+fn encode(offset: u64) -> Result<Vec<u8>, String> {
+    postcard::to_stdvec(&offset).map_err(|e| e.to_string())
+}

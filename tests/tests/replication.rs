@@ -1,0 +1,400 @@
+//! Replication to a central cluster: Tansu (a third-party Kafka-compatible broker)
+//! and a second Weir as the centre; a flapping link, an outage with a SIGKILL of the
+//! edge, retention outrunning the uplink, and commands coming down to devices.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use weir_tests::{
+    Background, Broker, Proxy, Tansu, dump_records, free_addr, mosquitto_sub, run_with_stdin,
+    weir_bin, workspace_bin,
+};
+
+const GATEWAY: &str = "gw-test";
+
+fn edge_config(upstream: &str, extra: &str) -> String {
+    edge_config_with(upstream, "", extra)
+}
+
+fn edge_config_with(upstream: &str, topic_defaults: &str, extra: &str) -> String {
+    format!(
+        r#"
+[topic_defaults]
+partitions = 3
+{topic_defaults}
+
+[replication]
+gateway_id = "{GATEWAY}"
+
+[[replication.upstream]]
+name = "centre"
+bootstrap_servers = "{upstream}"
+
+[[replication.rule]]
+name = "up"
+upstream = "centre"
+topics = ["telemetry"]
+target = "{{gateway}}.{{topic}}"
+linger_ms = 20
+batch_bytes = 65536
+{extra}"#
+    )
+}
+
+fn produce(broker: &Broker, topic: &str, lines: &str) {
+    assert!(run_with_stdin(
+        Command::new(weir_bin()).args(["produce", "-b", &broker.bootstrap(), topic, "-K", ":"]),
+        lines
+    ));
+}
+
+fn replicated(edge: &Broker) -> f64 {
+    edge.metric("weir_replication_records_total{rule=\"up\"}")
+}
+
+/// Waits (bounded) until the edge's rule has `records` acknowledged by the centre.
+fn wait_replicated(edge: &Broker, records: usize) {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while replicated(edge) < records as f64 {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {records} replicated; status: {}",
+            replicated(edge),
+            edge.cli(&["replication", "status"]).stdout
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn headers(h: &str) -> HashMap<&str, &str> {
+    h.split(',').filter_map(|kv| kv.split_once('=')).collect()
+}
+
+/// Checks the centre's copy of the edge's `telemetry`: every record once by its
+/// provenance, the same key and value as stored at the edge, in the edge's order per
+/// source partition, in the partition the key puts it in.
+fn assert_exact_copy(edge: &Broker, centre_bootstrap: &str) -> usize {
+    let topic = format!("{GATEWAY}.telemetry");
+    let centre = dump_records(centre_bootstrap, &topic);
+    let local = dump_records(&edge.bootstrap(), "telemetry");
+    // The edge's records by (partition, offset): kcat prints them in offset order.
+    let mut by_offset: HashMap<(u32, u64), (&str, &str)> = HashMap::new();
+    let mut next: BTreeMap<u32, u64> = BTreeMap::new();
+    for (p, k, v, _) in &local {
+        let o = next.entry(*p).or_default();
+        by_offset.insert((*p, *o), (k, v));
+        *o += 1;
+    }
+    let mut seen = HashSet::new();
+    let mut last: HashMap<u32, u64> = HashMap::new();
+    for (p, k, v, h) in &centre {
+        let h = headers(h);
+        assert_eq!(h.get("weir.gateway"), Some(&GATEWAY), "{h:?}");
+        assert_eq!(h.get("weir.source.topic"), Some(&"telemetry"), "{h:?}");
+        let sp: u32 = h["weir.source.partition"].parse().unwrap();
+        let so: u64 = h["weir.source.offset"].parse().unwrap();
+        assert!(seen.insert((sp, so)), "{sp}/{so} arrived twice");
+        assert_eq!(
+            by_offset.get(&(sp, so)),
+            Some(&(k.as_str(), v.as_str())),
+            "{sp}/{so}"
+        );
+        assert_eq!(*p, sp, "the key puts it in the same partition upstream");
+        if let Some(prev) = last.insert(sp, so) {
+            assert!(so > prev, "{sp}: {so} after {prev}");
+        }
+    }
+    if seen.len() != local.len() {
+        let mut missing: Vec<(u32, u64)> = by_offset
+            .keys()
+            .filter(|k| !seen.contains(*k))
+            .copied()
+            .collect();
+        missing.sort();
+        panic!(
+            "{} of {} stored records are not upstream, e.g. {:?}",
+            missing.len(),
+            local.len(),
+            &missing[..missing.len().min(20)]
+        );
+    }
+    seen.len()
+}
+
+/// Replicates 30,000 records to the centre behind `proxy` while the proxy drops
+/// every connection 25 times; the centre must hold an exact copy.
+fn replicate_over_a_flapping_link(
+    proxy: &Proxy,
+    centre_bootstrap: &str,
+    dir: &std::path::Path,
+    cuts: usize,
+) {
+    let edge =
+        Broker::start_with_config(&dir.join("edge"), &edge_config(&proxy.addr.to_string(), ""));
+    let total = 30_000;
+    let lines: String = (0..total)
+        .map(|i| format!("dev-{:03}:{i}\n", i % 100))
+        .collect();
+    let producing = {
+        let bootstrap = edge.bootstrap();
+        std::thread::spawn(move || {
+            for chunk in lines.lines().collect::<Vec<_>>().chunks(3000) {
+                let mut text = chunk.join("\n");
+                text.push('\n');
+                assert!(run_with_stdin(
+                    Command::new(weir_bin()).args([
+                        "produce",
+                        "-b",
+                        &bootstrap,
+                        "telemetry",
+                        "-K",
+                        ":"
+                    ]),
+                    &text
+                ));
+            }
+        })
+    };
+    // The link drops every connection, mid-batch, many times while records flow.
+    for _ in 0..cuts {
+        std::thread::sleep(Duration::from_millis(150));
+        proxy.cut();
+    }
+    producing.join().unwrap();
+    wait_replicated(&edge, total);
+    let copied = assert_exact_copy(&edge, centre_bootstrap);
+    assert_eq!(copied, total);
+    if cuts > 0 {
+        assert!(edge.metric("weir_replication_upstream_errors_total{rule=\"up\"}") > 0.0);
+    }
+    let status = edge.cli(&["replication", "status", "--json"]);
+    let status: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+    assert_eq!(status[0]["state"], "caught_up", "{status}");
+}
+
+#[test]
+fn replicates_to_weir_exactly_once_over_a_flapping_link() {
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(free_addr());
+    let config = format!("[kafka]\nadvertised = \"{}\"\n", proxy.addr);
+    let centre = Broker::start_with_config(&dir.path().join("centre"), &config);
+    proxy.set_target(centre.kafka);
+    replicate_over_a_flapping_link(&proxy, &centre.kafka.to_string(), dir.path(), 25);
+}
+
+#[test]
+fn replicates_to_tansu_exactly_once_over_a_flapping_link() {
+    let dir = tempfile::tempdir().unwrap();
+    let tansu_addr = free_addr();
+    let proxy = Proxy::start(tansu_addr);
+    let tansu = Tansu::start(tansu_addr, proxy.addr);
+    replicate_over_a_flapping_link(&proxy, &tansu.addr.to_string(), dir.path(), 25);
+}
+
+#[test]
+fn an_outage_and_a_sigkill_of_the_edge_lose_and_duplicate_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut centre = Broker::start(&dir.path().join("centre"), &[]);
+    let ingest = r#"
+[[mqtt.ingest]]
+filter = "sensors/{device}/#"
+topic = "telemetry"
+key = "{device}"
+"#;
+    let config = edge_config(&centre.kafka.to_string(), ingest);
+    let mut edge = Broker::start_with_config(&dir.path().join("edge"), &config);
+    let config_path = dir.path().join("edge.toml");
+    let sim = |acked: &std::path::Path, duration: &str| {
+        let mut cmd = Command::new(workspace_bin("weir-sim"));
+        cmd.args([
+            "--broker",
+            &edge.mqtt.to_string(),
+            "--quiet",
+            "--devices",
+            "20",
+        ])
+        .args(["--rate", "40", "--duration", duration, "--persistent"])
+        .args(["--acked-log", acked.to_str().unwrap()]);
+        cmd
+    };
+    let before = dir.path().join("acked-before.txt");
+    let (status, summary) =
+        Background::spawn(&mut sim(&before, "2")).finish(Duration::from_secs(60));
+    assert!(status.success(), "{summary}");
+    wait_replicated(&edge, 500);
+    // The centre goes away; devices keep publishing; the edge is killed and comes
+    // back during the outage.
+    assert!(centre.terminate().success());
+    let during = dir.path().join("acked-during.txt");
+    let load = Background::spawn(&mut sim(&during, "6"));
+    std::thread::sleep(Duration::from_secs(3));
+    edge.restart(true, &["--config", config_path.to_str().unwrap()]);
+    let (status, summary) = load.finish(Duration::from_secs(120));
+    assert!(status.success(), "{summary}");
+    let stored = weir_tests::dump_records(&edge.bootstrap(), "telemetry").len();
+    assert!(
+        replicated(&edge) == 0.0 || stored > 0,
+        "records kept at the edge during the outage"
+    );
+    centre.relaunch(&[]);
+    wait_replicated(&edge, 1);
+    // Everything the edge stored, hence everything PUBACKed, reaches the centre once.
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let status = edge.cli(&["replication", "status", "--json"]).stdout;
+        if status.contains("\"caught_up\"") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never caught up: {status}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let copied = assert_exact_copy(&edge, &centre.bootstrap());
+    let acked: Vec<String> = [before, during]
+        .iter()
+        .flat_map(|f| {
+            std::fs::read_to_string(f)
+                .unwrap()
+                .lines()
+                .map(String::from)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let upstream: HashSet<(String, u64)> =
+        dump_records(&centre.bootstrap(), &format!("{GATEWAY}.telemetry"))
+            .into_iter()
+            .map(|(_, _, v, _)| {
+                let v: serde_json::Value = serde_json::from_str(&v).unwrap();
+                (
+                    v["device"].as_str().unwrap().to_string(),
+                    v["seq"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+    let missing: Vec<&String> = acked
+        .iter()
+        .filter(|a| {
+            let (d, s) = a.split_once(' ').unwrap();
+            !upstream.contains(&(d.to_string(), s.parse().unwrap()))
+        })
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged messages missing upstream: {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+    assert!(
+        acked.len() > 1000,
+        "too few messages to mean anything: {}",
+        acked.len()
+    );
+    assert!(copied >= acked.len());
+}
+
+#[test]
+fn retention_outrunning_the_uplink_is_a_counted_and_logged_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let centre = Broker::start(&dir.path().join("centre"), &[]);
+    let proxy = Proxy::start(centre.kafka);
+    proxy.set_open(false);
+    // The centre is unreachable and the edge keeps about 20 kB per partition.
+    let config = edge_config_with(
+        &proxy.addr.to_string(),
+        "retention_bytes = 20000",
+        "[storage]\nretention_check_interval_ms = 100\n",
+    );
+    let edge = Broker::start_with_config(&dir.path().join("edge"), &config);
+    let total = 3000;
+    for chunk in (0..total).collect::<Vec<_>>().chunks(100) {
+        let lines: String = chunk
+            .iter()
+            .map(|i| format!("dev-{:03}:reading {i:0>90}\n", i % 30))
+            .collect();
+        produce(&edge, "telemetry", &lines);
+    }
+    edge.wait_log("offsets lost");
+    let lost = edge.metric("weir_replication_lost_records_total{rule=\"up\"}");
+    assert!(lost > 0.0);
+    let line = edge
+        .log()
+        .into_iter()
+        .find(|l| l.contains("offsets lost"))
+        .unwrap();
+    assert!(line.contains("from=0") && line.contains("to="), "{line}");
+    // The link comes back: what retention kept goes up, and lost + sent is everything.
+    proxy.set_open(true);
+    let kept = dump_records(&edge.bootstrap(), "telemetry").len();
+    wait_replicated(&edge, kept);
+    let lost = edge.metric("weir_replication_lost_records_total{rule=\"up\"}");
+    let upstream = dump_records(&centre.bootstrap(), &format!("{GATEWAY}.telemetry")).len();
+    assert_eq!(
+        lost as usize + upstream,
+        total,
+        "lost {lost}, upstream {upstream}"
+    );
+}
+
+#[test]
+fn commands_come_down_from_the_centre_to_devices() {
+    let dir = tempfile::tempdir().unwrap();
+    let centre = Broker::start(&dir.path().join("centre"), &[]);
+    produce(&centre, "commands", "dev-1:reboot\n");
+    let config = format!(
+        r#"
+[replication]
+gateway_id = "{GATEWAY}"
+
+[[replication.upstream]]
+name = "centre"
+bootstrap_servers = "{}"
+
+[[replication.rule]]
+name = "down"
+upstream = "centre"
+direction = "down"
+topics = ["commands"]
+target = "{{topic}}"
+
+[[mqtt.downlink]]
+topic = "commands"
+mqtt_topic = "devices/{{key}}/commands"
+"#,
+        centre.kafka
+    );
+    let mut edge = Broker::start_with_config(&dir.path().join("edge"), &config);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while dump_records(&edge.bootstrap(), "commands").is_empty() {
+        assert!(Instant::now() < deadline, "reboot never came down");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // `reboot` came down before anyone subscribed (it is in the local topic, checked
+    // below); `update firmware` is sent while a device listens.
+    let sub = mosquitto_sub(
+        edge.mqtt.port(),
+        30,
+        &["-t", "devices/+/commands", "-v", "-C", "1", "-q", "1"],
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    produce(&centre, "commands", "dev-2:update firmware\n");
+    let (status, out) = sub.finish(Duration::from_secs(60));
+    assert!(status.success(), "{out}");
+    assert_eq!(out.trim(), "devices/dev-2/commands update firmware");
+    // Exactly once into the local topic, across a restart of the edge.
+    edge.restart(
+        true,
+        &["--config", dir.path().join("edge.toml").to_str().unwrap()],
+    );
+    produce(&centre, "commands", "dev-3:ping\n");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let local = dump_records(&edge.bootstrap(), "commands");
+        if local.len() >= 3 {
+            let values: Vec<&str> = local.iter().map(|r| r.2.as_str()).collect();
+            assert_eq!(values, ["reboot", "update firmware", "ping"]);
+            break;
+        }
+        assert!(Instant::now() < deadline, "{local:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
