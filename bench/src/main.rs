@@ -4,6 +4,7 @@
 //!
 //!   kafka-bench compare --weir target/release/weir --tansu PATH [--records N]
 //!   kafka-bench run --bootstrap HOST:PORT --topic T --records N --size S --acks all
+//!   kafka-bench catchup --weir target/release/weir --tansu PATH [--records N]
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -50,6 +51,23 @@ enum Cmd {
         partitions: i32,
         /// Scratch directory for Weir's data.
         #[arg(long, default_value = "weir-kafka-bench")]
+        dir: PathBuf,
+    },
+    /// Replication catch-up: a backlog at the edge replicated to Tansu, against a
+    /// plain librdkafka producer writing the same records to the same Tansu.
+    Catchup {
+        #[arg(long, default_value = "target/release/weir")]
+        weir: PathBuf,
+        #[arg(long)]
+        tansu: PathBuf,
+        #[arg(long, default_value_t = 1_000_000)]
+        records: usize,
+        #[arg(long, default_value_t = 100)]
+        size: usize,
+        #[arg(long, default_value_t = 3)]
+        partitions: i32,
+        /// Scratch directory for the edge's data.
+        #[arg(long, default_value = "weir-catchup-bench")]
         dir: PathBuf,
     },
 }
@@ -158,10 +176,20 @@ fn wait_port(addr: &str) -> anyhow::Result<()> {
 
 fn start_weir(bin: &Path, dir: &Path) -> anyhow::Result<(Server, String, String)> {
     let _ = std::fs::remove_dir_all(dir);
+    start_weir_with(bin, dir, &[])
+}
+
+/// Starts Weir on `dir` as it is, with `extra` arguments.
+fn start_weir_with(
+    bin: &Path,
+    dir: &Path,
+    extra: &[&str],
+) -> anyhow::Result<(Server, String, String)> {
     let (kafka, admin) = (weir_tests::free_addr(), weir_tests::free_addr());
     let child = Command::new(bin)
         .args(["serve", "--data-dir"])
         .arg(dir)
+        .args(extra)
         .args([
             "--kafka-listen",
             &kafka.to_string(),
@@ -281,6 +309,136 @@ fn compare(
     Ok(())
 }
 
+/// Produces `records` keyed records of `size` bytes as the replicator does
+/// (idempotent, acks=all, lz4, linger 5 ms, 1 MB batches, Java's partitioner);
+/// returns the seconds until every one was acknowledged.
+fn produce_like_the_replicator(
+    bootstrap: &str,
+    topic: &str,
+    records: usize,
+    size: usize,
+) -> anyhow::Result<f64> {
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("compression.type", "lz4")
+        .set("linger.ms", "5")
+        .set("batch.size", "1048576")
+        .set("partitioner", "murmur2_random")
+        .set("queue.buffering.max.messages", "1000000")
+        .set("queue.buffering.max.kbytes", "65536")
+        .create()?;
+    let payload = vec![b'x'; size];
+    let started = Instant::now();
+    let mut sent = 0usize;
+    while sent < records {
+        let key = format!("dev-{:04}", sent % 1000);
+        match producer.send(
+            BaseRecord::<String, [u8]>::to(topic)
+                .key(&key)
+                .payload(&payload),
+        ) {
+            Ok(()) => sent += 1,
+            Err((e, _))
+                if matches!(
+                    e.rdkafka_error_code(),
+                    Some(rdkafka::types::RDKafkaErrorCode::QueueFull)
+                ) =>
+            {
+                producer.poll(Duration::from_millis(1));
+            }
+            Err((e, _)) => anyhow::bail!("produce: {e}"),
+        }
+    }
+    producer.flush(Duration::from_secs(600))?;
+    Ok(started.elapsed().as_secs_f64())
+}
+
+/// A metric's value from Weir's `/metrics` at `admin` (0 when absent).
+fn metric(admin: &str, name: &str) -> f64 {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(admin) else {
+        return 0.0;
+    };
+    let _ = write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    );
+    let mut text = String::new();
+    let _ = stream.read_to_string(&mut text);
+    text.lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(' ')?;
+            (k == name).then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or(0.0)
+}
+
+fn catchup(
+    weir: &Path,
+    tansu: &Path,
+    records: usize,
+    size: usize,
+    partitions: i32,
+    dir: &Path,
+) -> anyhow::Result<()> {
+    let (_tansu_server, tansu_addr) = start_tansu(tansu)?;
+    // The peer: a plain librdkafka producer, the same records, the same Tansu.
+    create_topic_tansu(tansu, &tansu_addr, "baseline", partitions)?;
+    let baseline = produce_like_the_replicator(&tansu_addr, "baseline", records, size)?;
+    // A backlog at the edge: stored while no rule replicates it.
+    let (edge, kafka, admin) = start_weir(weir, dir)?;
+    create_topic_weir(weir, &admin, "telemetry", partitions)?;
+    produce_like_the_replicator(&kafka, "telemetry", records, size)?;
+    // SIGTERM, so that the restart below does not include redb's crash repair.
+    let mut edge = edge;
+    Command::new("kill")
+        .args(["-TERM", &edge.0.id().to_string()])
+        .status()?;
+    edge.0.wait()?;
+    drop(edge);
+    let config = dir.with_extension("toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[replication]\ngateway_id = \"edge\"\n\n[[replication.upstream]]\nname = \"centre\"\nbootstrap_servers = \"{tansu_addr}\"\n\n[[replication.rule]]\nname = \"bench\"\nupstream = \"centre\"\ntopics = [\"telemetry\"]\ntarget = \"{{gateway}}.{{topic}}\"\n"
+        ),
+    )?;
+    // The edge comes back with the rule: the whole backlog goes up.
+    let started = Instant::now();
+    let (_edge, _, admin) = start_weir_with(
+        weir,
+        dir,
+        &["--config", config.to_str().unwrap_or_default()],
+    )?;
+    let deadline = started + Duration::from_secs(900);
+    while metric(&admin, "weir_replication_records_total{rule=\"bench\"}") < records as f64 {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the backlog did not go up in 15 minutes"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let replicated = started.elapsed().as_secs_f64();
+    let mb = (records * size) as f64 / 1e6;
+    println!("| sender | records | seconds | records/s | MB/s (values) |\n|---|---|---|---|---|");
+    for (name, secs) in [
+        ("librdkafka producer", baseline),
+        ("weir replication catch-up", replicated),
+    ] {
+        println!(
+            "| {name} | {records} | {secs:.2} | {:.0} | {:.1} |",
+            records as f64 / secs,
+            mb / secs
+        );
+    }
+    println!("\ncatch-up / producer: {:.2}", baseline / replicated);
+    let _ = std::fs::remove_dir_all(dir);
+    let _ = std::fs::remove_file(config);
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Cmd::Run {
@@ -301,6 +459,14 @@ fn main() -> anyhow::Result<()> {
             partitions,
             dir,
         } => compare(&weir, &tansu, records, partitions, &dir)?,
+        Cmd::Catchup {
+            weir,
+            tansu,
+            records,
+            size,
+            partitions,
+            dir,
+        } => catchup(&weir, &tansu, records, size, partitions, &dir)?,
     }
     Ok(())
 }

@@ -411,8 +411,10 @@ mod tests {
             keys
         };
         let mut documented = keys(text);
-        // `advertised` has no default value, so the example shows it commented out.
+        // `advertised` has no default value and `gateway_id` defaults to the host
+        // name, so the example shows them commented out.
         documented.push("kafka.advertised".into());
+        documented.push("replication.gateway_id".into());
         documented.sort();
         let mut all = keys(&full);
         all.push("kafka.advertised".into());

@@ -373,6 +373,14 @@ pub async fn start(
     stop: &watch::Receiver<bool>,
 ) -> anyhow::Result<Replication> {
     let gate = uplink::PriorityGate::default();
+    // Every up rule reports its backlog to the gate before any sends, so a low
+    // priority rule cannot start first on a backlog a higher one has.
+    let ups = config
+        .rule
+        .iter()
+        .filter(|r| r.direction == Direction::Up)
+        .count();
+    let registered = Arc::new(tokio::sync::Barrier::new(ups.max(1)));
     let mut statuses = Vec::new();
     let mut tasks = Vec::new();
     for rule in &config.rule {
@@ -406,6 +414,7 @@ pub async fn start(
                     metrics: metrics.clone(),
                     status: status.clone(),
                     gate: gate.clone(),
+                    registered: registered.clone(),
                     stop: stop.clone(),
                 };
                 tokio::spawn(runner.run())

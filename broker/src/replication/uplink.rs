@@ -127,6 +127,8 @@ pub struct Uplink {
     pub metrics: ReplicationMetrics,
     pub status: SharedStatus,
     pub gate: PriorityGate,
+    /// Passed once every up rule reported its first backlog to the gate.
+    pub registered: Arc<tokio::sync::Barrier>,
     pub stop: watch::Receiver<bool>,
 }
 
@@ -134,7 +136,24 @@ type Done = (usize, u64, usize, Result<(), DeliveryError>);
 
 impl Uplink {
     pub async fn run(mut self) {
-        let mut parts = match self.parts().await {
+        let parts = self.parts().await;
+        if let Ok(parts) = &parts {
+            let backlog = parts
+                .iter()
+                .map(|p| {
+                    p.changes
+                        .borrow()
+                        .high_watermark
+                        .saturating_sub(p.next_read)
+                })
+                .sum();
+            self.gate.report(&self.rule, backlog);
+        }
+        tokio::select! {
+            _ = self.registered.wait() => {}
+            _ = self.stop.wait_for(|s| *s) => return,
+        }
+        let mut parts = match parts {
             Ok(p) => p,
             Err(e) => {
                 error!(rule = %self.rule.name, error = %e, "replication rule cannot start");
