@@ -97,26 +97,7 @@ fn produce_consume(
         .create()?;
     let payload = vec![b'x'; size];
     let started = Instant::now();
-    let mut sent = 0usize;
-    while sent < records {
-        let key = format!("k{}", sent % 1000);
-        let record = BaseRecord::to(topic)
-            .key(&key)
-            .payload(&payload)
-            .partition((sent as i32) % partitions);
-        match producer.send(record) {
-            Ok(()) => sent += 1,
-            Err((e, _))
-                if matches!(
-                    e.rdkafka_error_code(),
-                    Some(rdkafka::types::RDKafkaErrorCode::QueueFull)
-                ) =>
-            {
-                producer.poll(Duration::from_millis(1));
-            }
-            Err((e, _)) => anyhow::bail!("produce: {e}"),
-        }
-    }
+    send_all(&producer, topic, records, &payload, Some(partitions))?;
     producer.flush(Duration::from_secs(120))?;
     let produce_secs = started.elapsed().as_secs_f64();
 
@@ -309,6 +290,40 @@ fn compare(
     Ok(())
 }
 
+/// Queues `records` records with keys `dev-0000`..`dev-0999` (to `partitions`
+/// round robin, or by key), waiting whenever the client's queue is full.
+fn send_all(
+    producer: &BaseProducer,
+    topic: &str,
+    records: usize,
+    payload: &[u8],
+    partitions: Option<i32>,
+) -> anyhow::Result<()> {
+    let mut sent = 0usize;
+    while sent < records {
+        let key = format!("dev-{:04}", sent % 1000);
+        let mut record = BaseRecord::<String, [u8]>::to(topic)
+            .key(&key)
+            .payload(payload);
+        if let Some(n) = partitions {
+            record = record.partition(sent as i32 % n);
+        }
+        match producer.send(record) {
+            Ok(()) => sent += 1,
+            Err((e, _))
+                if matches!(
+                    e.rdkafka_error_code(),
+                    Some(rdkafka::types::RDKafkaErrorCode::QueueFull)
+                ) =>
+            {
+                producer.poll(Duration::from_millis(1));
+            }
+            Err((e, _)) => anyhow::bail!("produce: {e}"),
+        }
+    }
+    Ok(())
+}
+
 /// Produces `records` keyed records of `size` bytes as the replicator does
 /// (idempotent, acks=all, lz4, linger 5 ms, 1 MB batches, Java's partitioner);
 /// returns the seconds until every one was acknowledged.
@@ -331,48 +346,9 @@ fn produce_like_the_replicator(
         .create()?;
     let payload = vec![b'x'; size];
     let started = Instant::now();
-    let mut sent = 0usize;
-    while sent < records {
-        let key = format!("dev-{:04}", sent % 1000);
-        match producer.send(
-            BaseRecord::<String, [u8]>::to(topic)
-                .key(&key)
-                .payload(&payload),
-        ) {
-            Ok(()) => sent += 1,
-            Err((e, _))
-                if matches!(
-                    e.rdkafka_error_code(),
-                    Some(rdkafka::types::RDKafkaErrorCode::QueueFull)
-                ) =>
-            {
-                producer.poll(Duration::from_millis(1));
-            }
-            Err((e, _)) => anyhow::bail!("produce: {e}"),
-        }
-    }
+    send_all(&producer, topic, records, &payload, None)?;
     producer.flush(Duration::from_secs(600))?;
     Ok(started.elapsed().as_secs_f64())
-}
-
-/// A metric's value from Weir's `/metrics` at `admin` (0 when absent).
-fn metric(admin: &str, name: &str) -> f64 {
-    use std::io::{Read, Write};
-    let Ok(mut stream) = std::net::TcpStream::connect(admin) else {
-        return 0.0;
-    };
-    let _ = write!(
-        stream,
-        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    );
-    let mut text = String::new();
-    let _ = stream.read_to_string(&mut text);
-    text.lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(' ')?;
-            (k == name).then(|| v.trim().parse().ok())?
-        })
-        .unwrap_or(0.0)
 }
 
 fn catchup(
@@ -413,7 +389,10 @@ fn catchup(
         &["--config", config.to_str().unwrap_or_default()],
     )?;
     let deadline = started + Duration::from_secs(900);
-    while metric(&admin, "weir_replication_records_total{rule=\"bench\"}") < records as f64 {
+    let admin: std::net::SocketAddr = admin.parse()?;
+    while weir_tests::metric_at(admin, "weir_replication_records_total{rule=\"bench\"}")
+        < records as f64
+    {
         anyhow::ensure!(
             Instant::now() < deadline,
             "the backlog did not go up in 15 minutes"

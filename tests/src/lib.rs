@@ -356,23 +356,7 @@ impl Broker {
 
     /// A Prometheus metric's value from `/metrics` (0 if absent).
     pub fn metric(&self, name: &str) -> f64 {
-        let mut stream = match std::net::TcpStream::connect(self.admin) {
-            Ok(s) => s,
-            Err(_) => return 0.0,
-        };
-        use std::io::{Read, Write};
-        let _ = write!(
-            stream,
-            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        );
-        let mut text = String::new();
-        let _ = stream.read_to_string(&mut text);
-        text.lines()
-            .find_map(|l| {
-                let (k, v) = l.split_once(' ')?;
-                (k == name).then(|| v.trim().parse().ok())?
-            })
-            .unwrap_or(0.0)
+        metric_at(self.admin, name)
     }
 
     /// Waits (bounded) until `metric` reaches `at_least`.
@@ -422,6 +406,27 @@ impl Broker {
     pub fn mqtt_port(&self) -> String {
         self.mqtt.port().to_string()
     }
+}
+
+/// A Prometheus metric's value from the `/metrics` of the admin API at `admin` (0 if
+/// absent or unreachable).
+pub fn metric_at(admin: SocketAddr, name: &str) -> f64 {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(admin) else {
+        return 0.0;
+    };
+    let _ = write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    );
+    let mut text = String::new();
+    let _ = stream.read_to_string(&mut text);
+    text.lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(' ')?;
+            (k == name).then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or(0.0)
 }
 
 /// A background process whose stdout is collected, killed on drop.

@@ -17,11 +17,11 @@ use tracing::{info, warn};
 use super::client::{self, From, UpstreamRecord};
 use super::{
     LinkState, PartitionStatus, ReplicationMetrics, RuleConfig, SharedStatus, UpstreamConfig,
-    cursor_key, rule_labels, set_state,
+    cursor_key, record_success, set_state,
 };
 use crate::record_batch::RecordBatch;
 use crate::record_batch::build::{NewRecord, batch};
-use crate::storage::{Log, TopicConfig, WriteOp, now_ms, state_op};
+use crate::storage::{Log, TopicConfig, WriteOp, state_op};
 
 const NS_POSITION: &str = "replication.down";
 /// Records appended per write, at most.
@@ -175,21 +175,13 @@ impl Downlink {
         }
         self.log.write(ops).await.map_err(|e| e.to_string())?;
         positions.extend(moved);
-        let labels = rule_labels(&self.rule.name);
-        self.metrics.records.get_or_create(&labels).inc_by(count);
-        self.metrics
-            .bytes
-            .get_or_create(&labels)
-            .inc_by(bytes as u64);
-        let now = now_ms();
-        self.metrics
-            .last_success_seconds
-            .get_or_create(&labels)
-            .set(now / 1000);
-        self.status
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .last_success_ms = Some(now);
+        record_success(
+            &self.metrics,
+            &self.status,
+            &self.rule.name,
+            count,
+            bytes as u64,
+        );
         Ok(())
     }
 

@@ -445,6 +445,28 @@ pub async fn start(
     })
 }
 
+/// Counts `records` (`bytes` of keys and values) the other side took, now.
+fn record_success(
+    metrics: &ReplicationMetrics,
+    status: &SharedStatus,
+    rule: &str,
+    records: u64,
+    bytes: u64,
+) {
+    let labels = rule_labels(rule);
+    metrics.records.get_or_create(&labels).inc_by(records);
+    metrics.bytes.get_or_create(&labels).inc_by(bytes);
+    let now = crate::storage::now_ms();
+    metrics
+        .last_success_seconds
+        .get_or_create(&labels)
+        .set(now / 1000);
+    status
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .last_success_ms = Some(now);
+}
+
 /// Cursor key of `rule` in `topic`/`partition`.
 fn cursor_key(rule: &str, topic: &str, partition: u32) -> String {
     format!("{rule}/{topic}/{partition}")

@@ -25,9 +25,9 @@ use tracing::{error, warn};
 use super::client::{self, DeliveryError, LinkErrors, OutRecord, ProducerSettings, SendError};
 use super::{
     LinkState, PRIORITY_BACKLOG, PartitionStatus, ReplicationMetrics, RuleConfig, SharedStatus,
-    UpstreamConfig, cursor_key, partition_labels, rule_labels, set_state,
+    UpstreamConfig, cursor_key, partition_labels, record_success, rule_labels, set_state,
 };
-use crate::storage::{Log, PartitionOffsets, ReadError, now_ms, state_op};
+use crate::storage::{Log, PartitionOffsets, ReadError, state_op};
 
 const NS_CURSOR: &str = "replication.cursor";
 /// Records sent and not yet acknowledged, per rule, at most.
@@ -499,21 +499,7 @@ impl Uplink {
         let part = &mut parts[index];
         match result {
             Ok(()) => {
-                let labels = rule_labels(&self.rule.name);
-                self.metrics.records.get_or_create(&labels).inc();
-                self.metrics
-                    .bytes
-                    .get_or_create(&labels)
-                    .inc_by(size as u64);
-                let now = now_ms();
-                self.metrics
-                    .last_success_seconds
-                    .get_or_create(&labels)
-                    .set(now / 1000);
-                self.status
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .last_success_ms = Some(now);
+                record_success(&self.metrics, &self.status, &self.rule.name, 1, size as u64);
                 if matches!(
                     self.state(),
                     LinkState::Connecting | LinkState::Disconnected | LinkState::BackingOff

@@ -20,7 +20,7 @@ use apache_avro::Schema;
 use apache_avro::rabin::Rabin;
 use apache_avro::types::Value;
 use apache_avro::writer::datum::GenericDatumWriter;
-use weir_plugin::{BatchResult, InputRecord, Level, Output, Plugin, Source, log};
+use weir_plugin::{BatchResult, InputRecord, Level, Plugin, Source, log};
 
 enum Framing {
     Raw,
@@ -118,31 +118,17 @@ impl Plugin for JsonToAvro {
         SETTINGS.with(|cell| {
             let cell = cell.borrow();
             let s = cell.as_ref().expect("init ran");
-            let mut result = BatchResult::default();
-            let writer = match GenericDatumWriter::builder(&s.schema)
+            match GenericDatumWriter::builder(&s.schema)
                 .validate(false)
                 .build()
             {
-                Ok(w) => w,
-                Err(e) => {
-                    for i in 0..records.len() {
-                        result.fail(i, format!("schema: {e}"));
-                    }
-                    return result;
+                Ok(writer) => {
+                    BatchResult::map_values(records, &s.output, |value| encode(s, &writer, value))
                 }
-            };
-            for (i, record) in records.into_iter().enumerate() {
-                match encode(s, &writer, record.value.as_deref()) {
-                    Ok(avro) => result.emit(
-                        Output::to(&s.output, i)
-                            .key(record.key)
-                            .value(avro)
-                            .headers(record.headers),
-                    ),
-                    Err(reason) => result.fail(i, reason),
+                Err(e) => {
+                    BatchResult::map_values(records, &s.output, |_| Err(format!("schema: {e}")))
                 }
             }
-            result
         })
     }
 }

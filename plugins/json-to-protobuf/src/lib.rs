@@ -16,7 +16,7 @@ use std::cell::RefCell;
 use base64::Engine;
 use prost::Message;
 use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor};
-use weir_plugin::{BatchResult, InputRecord, Level, Output, Plugin, Source, log};
+use weir_plugin::{BatchResult, InputRecord, Level, Plugin, Source, log};
 
 struct Settings {
     message: MessageDescriptor,
@@ -85,19 +85,7 @@ impl Plugin for JsonToProtobuf {
         SETTINGS.with(|cell| {
             let cell = cell.borrow();
             let s = cell.as_ref().expect("init ran");
-            let mut result = BatchResult::default();
-            for (i, record) in records.into_iter().enumerate() {
-                match encode(s, record.value.as_deref()) {
-                    Ok(bytes) => result.emit(
-                        Output::to(&s.output, i)
-                            .key(record.key)
-                            .value(bytes)
-                            .headers(record.headers),
-                    ),
-                    Err(reason) => result.fail(i, reason),
-                }
-            }
-            result
+            BatchResult::map_values(records, &s.output, |value| encode(s, value))
         })
     }
 }

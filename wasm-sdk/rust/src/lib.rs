@@ -79,6 +79,30 @@ impl BatchResult {
             reason: reason.into(),
         });
     }
+
+    /// The common shape of a converter: each record's value through `convert`, out
+    /// to `target` with the record's key and headers, or to the dead-letter topic
+    /// with the error.
+    pub fn map_values(
+        records: Vec<InputRecord>,
+        target: &str,
+        mut convert: impl FnMut(Option<&[u8]>) -> Result<Vec<u8>, String>,
+    ) -> BatchResult {
+        let mut result = BatchResult::default();
+        result.outputs.reserve(records.len());
+        for (i, record) in records.into_iter().enumerate() {
+            match convert(record.value.as_deref()) {
+                Ok(value) => result.emit(
+                    Output::to(target, i)
+                        .key(record.key)
+                        .value(value)
+                        .headers(record.headers),
+                ),
+                Err(reason) => result.fail(i, reason),
+            }
+        }
+        result
+    }
 }
 
 /// Builds an [`OutputRecord`]: `Output::to("alarms", i).key(k).value(v)`.
