@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
@@ -97,7 +98,7 @@ fn produce_consume(
         .create()?;
     let payload = vec![b'x'; size];
     let started = Instant::now();
-    send_all(&producer, topic, records, &payload, Some(partitions))?;
+    send_all(&producer, topic, records, &payload, Some(partitions), false)?;
     producer.flush(Duration::from_secs(120))?;
     let produce_secs = started.elapsed().as_secs_f64();
 
@@ -298,6 +299,7 @@ fn send_all(
     records: usize,
     payload: &[u8],
     partitions: Option<i32>,
+    provenance: bool,
 ) -> anyhow::Result<()> {
     let mut sent = 0usize;
     while sent < records {
@@ -307,6 +309,31 @@ fn send_all(
             .payload(payload);
         if let Some(n) = partitions {
             record = record.partition(sent as i32 % n);
+        }
+        if provenance {
+            // What the replicator adds to each record: the baseline sends the same
+            // bytes (source partition and offset approximated).
+            let offset = (sent / 3).to_string();
+            let partition = (sent % 3).to_string();
+            record = record.headers(
+                OwnedHeaders::new_with_capacity(4)
+                    .insert(Header {
+                        key: "weir.gateway",
+                        value: Some("edge"),
+                    })
+                    .insert(Header {
+                        key: "weir.source.topic",
+                        value: Some("telemetry"),
+                    })
+                    .insert(Header {
+                        key: "weir.source.partition",
+                        value: Some(&partition),
+                    })
+                    .insert(Header {
+                        key: "weir.source.offset",
+                        value: Some(&offset),
+                    }),
+            );
         }
         match producer.send(record) {
             Ok(()) => sent += 1,
@@ -332,6 +359,7 @@ fn produce_like_the_replicator(
     topic: &str,
     records: usize,
     size: usize,
+    provenance: bool,
 ) -> anyhow::Result<f64> {
     let producer: BaseProducer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
@@ -346,7 +374,7 @@ fn produce_like_the_replicator(
         .create()?;
     let payload = vec![b'x'; size];
     let started = Instant::now();
-    send_all(&producer, topic, records, &payload, None)?;
+    send_all(&producer, topic, records, &payload, None, provenance)?;
     producer.flush(Duration::from_secs(600))?;
     Ok(started.elapsed().as_secs_f64())
 }
@@ -362,11 +390,13 @@ fn catchup(
     let (_tansu_server, tansu_addr) = start_tansu(tansu)?;
     // The peer: a plain librdkafka producer, the same records, the same Tansu.
     create_topic_tansu(tansu, &tansu_addr, "baseline", partitions)?;
-    let baseline = produce_like_the_replicator(&tansu_addr, "baseline", records, size)?;
+    let baseline = produce_like_the_replicator(&tansu_addr, "baseline", records, size, true)?;
+    create_topic_tansu(tansu, &tansu_addr, "bare", partitions)?;
+    let bare = produce_like_the_replicator(&tansu_addr, "bare", records, size, false)?;
     // A backlog at the edge: stored while no rule replicates it.
     let (edge, kafka, admin) = start_weir(weir, dir)?;
     create_topic_weir(weir, &admin, "telemetry", partitions)?;
-    produce_like_the_replicator(&kafka, "telemetry", records, size)?;
+    produce_like_the_replicator(&kafka, "telemetry", records, size, false)?;
     // SIGTERM, so that the restart below does not include redb's crash repair.
     let mut edge = edge;
     Command::new("kill")
@@ -403,7 +433,11 @@ fn catchup(
     let mb = (records * size) as f64 / 1e6;
     println!("| sender | records | seconds | records/s | MB/s (values) |\n|---|---|---|---|---|");
     for (name, secs) in [
-        ("librdkafka producer", baseline),
+        ("librdkafka producer, records without headers", bare),
+        (
+            "librdkafka producer, the same records (with provenance headers)",
+            baseline,
+        ),
         ("weir replication catch-up", replicated),
     ] {
         println!(
@@ -412,7 +446,11 @@ fn catchup(
             mb / secs
         );
     }
-    println!("\ncatch-up / producer: {:.2}", baseline / replicated);
+    println!(
+        "\ncatch-up / producer of the same records: {:.2} (/ producer without headers: {:.2})",
+        baseline / replicated,
+        bare / replicated
+    );
     let _ = std::fs::remove_dir_all(dir);
     let _ = std::fs::remove_file(config);
     Ok(())

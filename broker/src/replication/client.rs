@@ -16,9 +16,11 @@ use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{
+    BaseRecord, DeliveryResult, Producer, ProducerContext, PurgeConfig, ThreadedProducer,
+};
 use rdkafka::{Offset, TopicPartitionList};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tracing::{debug, warn};
 
 use super::UpstreamConfig;
@@ -30,7 +32,7 @@ pub struct OutRecord<'a> {
     pub topic: &'a str,
     pub key: Option<&'a [u8]>,
     pub value: Option<&'a [u8]>,
-    pub headers: &'a [(String, Bytes)],
+    pub headers: &'a [(&'a str, &'a [u8])],
     pub timestamp_ms: i64,
 }
 
@@ -43,7 +45,12 @@ pub enum DeliveryError {
     Fatal(String),
 }
 
-pub type Delivery = BoxFuture<'static, Result<(), DeliveryError>>;
+/// The acknowledgement (or refusal) of the record sent with `token`.
+#[derive(Debug)]
+pub struct Delivered {
+    pub token: usize,
+    pub result: Result<(), DeliveryError>,
+}
 
 #[derive(Debug)]
 pub enum SendError {
@@ -62,11 +69,13 @@ pub struct LinkErrors {
     pub all_down: bool,
 }
 
-/// What replication needs of a producer.
+/// What replication needs of a producer. Deliveries come back, in no particular
+/// order across partitions, on the channel `producer` returned with it.
 pub trait UpstreamProducer: Send + Sync {
-    /// Queues `record`; the delivery resolves once the centre acknowledged it
-    /// (acks=all, idempotent: retries never duplicate within this producer).
-    fn send(&self, record: &OutRecord<'_>) -> Result<Delivery, SendError>;
+    /// Queues `record`; its `Delivered` (with `token`) comes once the centre
+    /// acknowledged it (acks=all, idempotent: retries never duplicate within this
+    /// producer).
+    fn send(&self, record: &OutRecord<'_>, token: usize) -> Result<(), SendError>;
     /// Creates `topic` upstream with `partitions` partitions unless it exists.
     fn ensure_topic<'a>(
         &'a self,
@@ -157,6 +166,36 @@ impl ClientContext for LinkContext {
 
 impl ConsumerContext for LinkContext {}
 
+/// The producer's context: link errors, and each delivery onto a channel (called on
+/// the producer's polling thread: one channel send per record, no future, no wake
+/// per record while the receiver is busy).
+struct DeliveryContext {
+    link: LinkContext,
+    deliveries: mpsc::UnboundedSender<Delivered>,
+}
+
+impl ClientContext for DeliveryContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        self.link.log(level, fac, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.link.error(error, reason);
+    }
+}
+
+impl ProducerContext for DeliveryContext {
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, token: usize) {
+        let result = match result {
+            Ok(_) => Ok(()),
+            Err((e, _)) => Err(delivery_error(e.clone())),
+        };
+        let _ = self.deliveries.send(Delivered { token, result });
+    }
+}
+
 fn base_config(upstream: &UpstreamConfig, client_id: &str) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &upstream.bootstrap_servers)
@@ -188,19 +227,23 @@ fn base_config(upstream: &UpstreamConfig, client_id: &str) -> ClientConfig {
 }
 
 struct RdProducer {
-    producer: FutureProducer<LinkContext>,
+    producer: ThreadedProducer<DeliveryContext>,
     admin: AdminClient<LinkContext>,
     errors: watch::Receiver<LinkErrors>,
 }
 
-/// An idempotent librdkafka producer to `upstream`.
+/// The deliveries of a producer's records.
+pub type Deliveries = mpsc::UnboundedReceiver<Delivered>;
+
+/// An idempotent librdkafka producer to `upstream`, and its deliveries.
 pub fn producer(
     upstream: &UpstreamConfig,
     client_id: &str,
     settings: &ProducerSettings,
-) -> Result<Arc<dyn UpstreamProducer>, String> {
+) -> Result<(Arc<dyn UpstreamProducer>, Deliveries), String> {
     let context = LinkContext::new(&upstream.name);
     let errors = context.errors.subscribe();
+    let (deliveries, received) = mpsc::unbounded_channel();
     let mut config = base_config(upstream, client_id);
     config
         .set("enable.idempotence", "true")
@@ -219,17 +262,21 @@ pub fn producer(
             settings.queue_kbytes.to_string(),
         )
         .set("queue.buffering.max.messages", "1000000");
-    let producer: FutureProducer<LinkContext> = config
-        .create_with_context(context.clone())
+    let producer: ThreadedProducer<DeliveryContext> = config
+        .create_with_context(DeliveryContext {
+            link: context.clone(),
+            deliveries,
+        })
         .map_err(|e| format!("cannot create the producer: {e}"))?;
     let admin: AdminClient<LinkContext> = base_config(upstream, client_id)
         .create_with_context(context)
         .map_err(|e| format!("cannot create the admin client: {e}"))?;
-    Ok(Arc::new(RdProducer {
+    let producer: Arc<dyn UpstreamProducer> = Arc::new(RdProducer {
         producer,
         admin,
         errors,
-    }))
+    });
+    Ok((producer, received))
 }
 
 fn delivery_error(e: KafkaError) -> DeliveryError {
@@ -244,39 +291,33 @@ fn delivery_error(e: KafkaError) -> DeliveryError {
 }
 
 impl UpstreamProducer for RdProducer {
-    fn send(&self, record: &OutRecord<'_>) -> Result<Delivery, SendError> {
+    fn send(&self, record: &OutRecord<'_>, token: usize) -> Result<(), SendError> {
         let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
         for (key, value) in record.headers {
             headers = headers.insert(Header {
                 key,
-                value: Some(value.as_ref()),
+                value: Some(*value),
             });
         }
-        let mut out: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(record.topic)
-            .headers(headers)
-            .timestamp(record.timestamp_ms);
+        let mut out: BaseRecord<'_, [u8], [u8], usize> =
+            BaseRecord::with_opaque_to(record.topic, token)
+                .headers(headers)
+                .timestamp(record.timestamp_ms);
         if let Some(key) = record.key {
             out = out.key(key);
         }
         if let Some(value) = record.value {
             out = out.payload(value);
         }
-        match self.producer.send_result(out) {
-            Ok(future) => Ok(Box::pin(async move {
-                match future.await {
-                    Ok(Ok(_)) => Ok(()),
-                    Ok(Err((e, _))) => Err(delivery_error(e)),
-                    Err(_) => Err(DeliveryError::Fatal("the producer was closed".into())),
-                }
-            })),
-            Err((e, _)) => Err(match e.rdkafka_error_code() {
+        self.producer
+            .send(out)
+            .map_err(|(e, _)| match e.rdkafka_error_code() {
                 Some(RDKafkaErrorCode::QueueFull) => SendError::QueueFull,
                 _ => match delivery_error(e) {
                     DeliveryError::Permanent(m) => SendError::Permanent(m),
                     DeliveryError::Fatal(m) => SendError::Fatal(m),
                 },
-            }),
-        }
+            })
     }
 
     fn ensure_topic<'a>(
@@ -307,7 +348,7 @@ impl Drop for RdProducer {
     fn drop(&mut self) {
         // Whatever is still queued is sent again by the next producer, from the cursor.
         self.producer
-            .purge(rdkafka::producer::PurgeConfig::default().queue().inflight());
+            .purge(PurgeConfig::default().queue().inflight());
     }
 }
 

@@ -11,18 +11,19 @@
 //! sending starts again from the cursor (records the centre had but had not
 //! acknowledged may then arrive twice; the provenance headers tell them apart).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::FutureExt;
-use futures::stream::{FuturesUnordered, StreamExt};
 use kafka_protocol::records::RecordBatchDecoder;
 use tokio::sync::watch;
 use tracing::{error, warn};
 
-use super::client::{self, DeliveryError, LinkErrors, OutRecord, ProducerSettings, SendError};
+use super::client::{
+    self, Delivered, DeliveryError, LinkErrors, OutRecord, ProducerSettings, SendError,
+};
 use super::{
     LinkState, PRIORITY_BACKLOG, PartitionStatus, ReplicationMetrics, RuleConfig, SharedStatus,
     UpstreamConfig, cursor_key, partition_labels, record_success, rule_labels, set_state,
@@ -101,13 +102,13 @@ struct Part {
     topic: String,
     target: String,
     partition: u32,
+    partition_text: String,
     /// Next offset to send.
     next_read: u64,
     committed: u64,
-    /// Sent records, in offset order, and whether the centre acknowledged each.
-    pending: VecDeque<(u64, bool)>,
+    /// Sent records, in offset order: offset, bytes, acknowledged yet.
+    pending: VecDeque<(u64, u32, bool)>,
     changes: watch::Receiver<PartitionOffsets>,
-    topic_ready: bool,
     last_lag: u64,
 }
 
@@ -131,8 +132,6 @@ pub struct Uplink {
     pub registered: Arc<tokio::sync::Barrier>,
     pub stop: watch::Receiver<bool>,
 }
-
-type Done = (usize, u64, usize, Result<(), DeliveryError>);
 
 impl Uplink {
     pub async fn run(mut self) {
@@ -179,7 +178,6 @@ impl Uplink {
                     for part in &mut parts {
                         part.next_read = part.acked();
                         part.pending.clear();
-                        part.topic_ready = false;
                     }
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
@@ -227,11 +225,11 @@ impl Uplink {
                     topic: topic.clone(),
                     target: self.rule.target_topic(&self.gateway, topic),
                     partition,
+                    partition_text: partition.to_string(),
                     next_read: next,
                     committed: next,
                     pending: VecDeque::new(),
                     changes,
-                    topic_ready: false,
                     last_lag: 0,
                 });
             }
@@ -251,31 +249,35 @@ impl Uplink {
             linger_ms: self.rule.linger_ms,
             queue_kbytes: 64 * 1024,
         };
-        let producer = client::producer(&self.upstream, &self.client_id, &settings)?;
+        let (producer, mut deliveries) =
+            client::producer(&self.upstream, &self.client_id, &settings)?;
         let mut link = producer.link();
         let mut seen_errors = LinkErrors::default();
-        let mut deliveries: FuturesUnordered<futures::future::BoxFuture<'static, Done>> =
-            FuturesUnordered::new();
+        let mut in_flight = 0usize;
+        let mut committing: Option<Commit> = None;
         let mut bucket = TokenBucket::new(self.rule.max_bytes_per_sec);
         let mut last_commit = Instant::now();
         let mut last_report = Instant::now() - Duration::from_secs(10);
-        let mut last_ensure = Instant::now() - Duration::from_secs(10);
+        // The target topics are created upstream (unless they exist) beside the loop;
+        // a partition sends once its target is there (records sent to a topic that
+        // does not exist yet would sit in librdkafka's queue, slowly).
+        let created = Arc::new(Created::default());
+        let _creating = AbortOnDrop(tokio::spawn(create_targets(
+            producer.clone(),
+            self.targets(parts),
+            created.clone(),
+            self.status.clone(),
+        )));
         let mut start_at = 0usize;
         let labels = rule_labels(&self.rule.name);
         set_state(&self.status, &self.metrics, LinkState::Connecting);
         loop {
             if *self.stop.borrow() {
-                return self.finish(parts, deliveries).await;
-            }
-            if last_ensure.elapsed() >= Duration::from_secs(2)
-                && parts.iter().any(|p| !p.topic_ready)
-            {
-                last_ensure = Instant::now();
-                let mut stop = self.stop.clone();
-                tokio::select! {
-                    _ = self.ensure_topics(producer.as_ref(), parts) => {}
-                    _ = stop.wait_for(|s| *s) => {}
+                if let Some(c) = committing.take() {
+                    let result = c.write.await.map(drop).map_err(|e| e.to_string());
+                    self.committed(parts, c.moved, result);
                 }
+                return self.finish(parts, deliveries, in_flight).await;
             }
             // Send what is new, within the bounds.
             let mut blocked = false;
@@ -283,7 +285,13 @@ impl Uplink {
                 start_at = (start_at + 1) % parts.len();
                 for k in 0..parts.len() {
                     let i = (start_at + k) % parts.len();
-                    if blocked || !parts[i].topic_ready {
+                    if blocked
+                        || !created
+                            .topics
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .contains(&parts[i].target)
+                    {
                         continue;
                     }
                     blocked = self.fill(
@@ -291,7 +299,7 @@ impl Uplink {
                         &mut parts[i],
                         producer.as_ref(),
                         &mut bucket,
-                        &mut deliveries,
+                        &mut in_flight,
                     )?;
                 }
             }
@@ -310,20 +318,20 @@ impl Uplink {
                     }
                 };
                 tokio::select! {
-                    Some(done) = deliveries.next(), if !deliveries.is_empty() => Some(done),
+                    Some(done) = deliveries.recv(), if in_flight > 0 => Some(done),
                     _ = appended, if !blocked => None,
                     _ = link.changed() => None,
+                    _ = created.notify.notified() => None,
                     _ = tokio::time::sleep(Duration::from_millis(nap)) => None,
                     _ = self.stop.wait_for(|s| *s) => None,
                 }
             };
-            let mut all_done: Vec<Done> = done.into_iter().collect();
-            while let Some(Some(d)) = deliveries.next().now_or_never() {
+            let mut all_done: Vec<Delivered> = done.into_iter().collect();
+            while let Ok(d) = deliveries.try_recv() {
                 all_done.push(d);
             }
-            for d in all_done {
-                self.delivered(parts, d)?;
-            }
+            in_flight -= all_done.len().min(in_flight);
+            self.delivered(parts, all_done)?;
             let errors = link.borrow_and_update().clone();
             if errors.count > seen_errors.count {
                 self.metrics
@@ -339,10 +347,17 @@ impl Uplink {
                 }
                 seen_errors = errors;
             }
-            if parts.iter().any(|p| p.acked() != p.committed)
-                && (last_commit.elapsed() >= Duration::from_millis(100) || deliveries.is_empty())
+            if let Some(c) = &mut committing
+                && let Some(result) = (&mut c.write).now_or_never()
             {
-                self.commit(parts).await;
+                let c = committing.take().expect("checked");
+                self.committed(parts, c.moved, result.map(drop).map_err(|e| e.to_string()));
+            }
+            if committing.is_none()
+                && parts.iter().any(|p| p.acked() != p.committed)
+                && (last_commit.elapsed() >= Duration::from_millis(100) || in_flight == 0)
+            {
+                committing = self.start_commit(parts).await;
                 last_commit = Instant::now();
             }
             if last_report.elapsed() >= Duration::from_secs(1) {
@@ -352,33 +367,21 @@ impl Uplink {
         }
     }
 
-    fn state(&self) -> LinkState {
-        self.status.lock().unwrap_or_else(|e| e.into_inner()).state
-    }
-
-    async fn ensure_topics(&self, producer: &dyn client::UpstreamProducer, parts: &mut [Part]) {
-        let mut targets: Vec<(String, String)> = parts
+    /// Each target topic with the partition count of its source.
+    fn targets(&self, parts: &[Part]) -> Vec<(String, u32)> {
+        let mut targets: Vec<(String, u32)> = parts
             .iter()
-            .filter(|p| !p.topic_ready)
-            .map(|p| (p.topic.clone(), p.target.clone()))
+            .map(|p| {
+                let partitions = self.log.topic(&p.topic).map_or(1, |t| t.partitions);
+                (p.target.clone(), partitions)
+            })
             .collect();
         targets.dedup();
-        for (topic, target) in targets {
-            let partitions = self.log.topic(&topic).map_or(1, |t| t.partitions);
-            match producer.ensure_topic(&target, partitions).await {
-                Ok(()) => {
-                    for p in parts.iter_mut().filter(|p| p.target == target) {
-                        p.topic_ready = true;
-                    }
-                }
-                Err(e) => {
-                    self.status
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .last_error = Some(e);
-                }
-            }
-        }
+        targets
+    }
+
+    fn state(&self) -> LinkState {
+        self.status.lock().unwrap_or_else(|e| e.into_inner()).state
     }
 
     /// Sends records of `part` from `next_read` until the bounds; true when blocked
@@ -389,10 +392,10 @@ impl Uplink {
         part: &mut Part,
         producer: &dyn client::UpstreamProducer,
         bucket: &mut TokenBucket,
-        deliveries: &mut FuturesUnordered<futures::future::BoxFuture<'static, Done>>,
+        in_flight: &mut usize,
     ) -> Result<bool, String> {
         loop {
-            if deliveries.len() >= MAX_PENDING {
+            if *in_flight >= MAX_PENDING {
                 return Ok(true);
             }
             let read = match self
@@ -423,21 +426,21 @@ impl Uplink {
                     }
                     let size = r.key.as_ref().map_or(0, Bytes::len)
                         + r.value.as_ref().map_or(0, Bytes::len);
-                    if deliveries.len() >= MAX_PENDING || !bucket.take(size) {
+                    if *in_flight >= MAX_PENDING || !bucket.take(size) {
                         return Ok(true);
                     }
-                    let mut headers: Vec<(String, Bytes)> = r
+                    let offset_text = offset.to_string();
+                    let mut headers: Vec<(&str, &[u8])> = r
                         .headers
                         .iter()
-                        .map(|(k, v)| (k.to_string(), v.clone().unwrap_or_default()))
+                        .map(|(k, v)| (k.as_str(), v.as_deref().unwrap_or_default()))
                         .collect();
-                    headers.push(("weir.gateway".into(), Bytes::from(self.gateway.clone())));
-                    headers.push(("weir.source.topic".into(), Bytes::from(part.topic.clone())));
-                    headers.push((
-                        "weir.source.partition".into(),
-                        Bytes::from(part.partition.to_string()),
-                    ));
-                    headers.push(("weir.source.offset".into(), Bytes::from(offset.to_string())));
+                    headers.extend([
+                        ("weir.gateway", self.gateway.as_bytes()),
+                        ("weir.source.topic", part.topic.as_bytes()),
+                        ("weir.source.partition", part.partition_text.as_bytes()),
+                        ("weir.source.offset", offset_text.as_bytes()),
+                    ]);
                     let out = OutRecord {
                         topic: &part.target,
                         key: r.key.as_deref(),
@@ -445,12 +448,10 @@ impl Uplink {
                         headers: &headers,
                         timestamp_ms: r.timestamp,
                     };
-                    match producer.send(&out) {
-                        Ok(delivery) => {
-                            part.pending.push_back((offset, false));
-                            deliveries.push(Box::pin(async move {
-                                (index, offset, size, delivery.await)
-                            }));
+                    match producer.send(&out, token(index, offset)) {
+                        Ok(()) => {
+                            part.pending.push_back((offset, size as u32, false));
+                            *in_flight += 1;
                             part.next_read = offset + 1;
                         }
                         Err(SendError::QueueFull) => return Ok(true),
@@ -491,54 +492,80 @@ impl Uplink {
             .inc();
     }
 
-    fn delivered(
-        &self,
-        parts: &mut [Part],
-        (index, offset, size, result): Done,
-    ) -> Result<(), String> {
-        let part = &mut parts[index];
-        match result {
-            Ok(()) => {
-                record_success(&self.metrics, &self.status, &self.rule.name, 1, size as u64);
-                if matches!(
-                    self.state(),
-                    LinkState::Connecting | LinkState::Disconnected | LinkState::BackingOff
-                ) {
-                    set_state(&self.status, &self.metrics, LinkState::Connected);
+    /// Takes delivery results: marks the records acknowledged, counts them once.
+    fn delivered(&self, parts: &mut [Part], done: Vec<Delivered>) -> Result<(), String> {
+        let (mut records, mut bytes) = (0u64, 0u64);
+        let mut fatal = None;
+        for Delivered { token, result } in done {
+            let (index, offset) = untoken(token);
+            let Some(part) = parts.get_mut(index) else {
+                continue;
+            };
+            let Ok(i) = part.pending.binary_search_by_key(&offset, |p| p.0) else {
+                continue;
+            };
+            match result {
+                Ok(()) => {
+                    records += 1;
+                    bytes += u64::from(part.pending[i].1);
+                }
+                Err(DeliveryError::Permanent(reason)) => self.failed(part, offset, &reason),
+                Err(DeliveryError::Fatal(reason)) => {
+                    fatal = Some(reason);
+                    continue;
                 }
             }
-            Err(DeliveryError::Permanent(reason)) => self.failed(part, offset, &reason),
-            Err(DeliveryError::Fatal(reason)) => return Err(reason),
+            part.pending[i].2 = true;
+            while part.pending.front().is_some_and(|p| p.2) {
+                part.pending.pop_front();
+            }
         }
-        if let Ok(i) = part.pending.binary_search_by_key(&offset, |p| p.0) {
-            part.pending[i].1 = true;
+        if records > 0 {
+            record_success(&self.metrics, &self.status, &self.rule.name, records, bytes);
+            if matches!(
+                self.state(),
+                LinkState::Connecting | LinkState::Disconnected | LinkState::BackingOff
+            ) {
+                set_state(&self.status, &self.metrics, LinkState::Connected);
+            }
         }
-        while part.pending.front().is_some_and(|p| p.1) {
-            part.pending.pop_front();
-        }
-        Ok(())
+        fatal.map_or(Ok(()), Err)
     }
 
-    /// Commits every partition's acknowledged position in one write.
-    async fn commit(&self, parts: &mut [Part]) {
+    /// Queues the write of every partition's acknowledged position; the loop goes
+    /// on meanwhile, and `committed` moves when the write is durable.
+    async fn start_commit(&self, parts: &[Part]) -> Option<Commit> {
         let mut ops = Vec::new();
         let mut moved = Vec::new();
         for (i, p) in parts.iter().enumerate() {
             let acked = p.acked();
-            if acked != p.committed {
-                match encode(acked) {
-                    Ok(v) => ops.push(state_op(
-                        NS_CURSOR,
-                        &cursor_key(&self.rule.name, &p.topic, p.partition),
-                        Some(v),
-                    )),
-                    Err(_) => continue,
-                }
+            if acked != p.committed
+                && let Ok(v) = encode(acked)
+            {
+                ops.push(state_op(
+                    NS_CURSOR,
+                    &cursor_key(&self.rule.name, &p.topic, p.partition),
+                    Some(v),
+                ));
                 moved.push((i, acked));
             }
         }
-        match self.log.write(ops).await {
-            Ok(_) => {
+        if ops.is_empty() {
+            return None;
+        }
+        match self.log.submit(ops).await {
+            Ok(write) => Some(Commit { moved, write }),
+            Err(e) => {
+                warn!(rule = %self.rule.name, error = %e, "cannot commit the replication cursors; retrying");
+                None
+            }
+        }
+    }
+
+    /// Applies a finished commit.
+    fn committed(&self, parts: &mut [Part], moved: Vec<(usize, u64)>, result: Result<(), String>) {
+        match result {
+            Ok(()) => {
                 for (i, acked) in moved {
                     parts[i].committed = acked;
                 }
@@ -546,6 +573,14 @@ impl Uplink {
             Err(e) => {
                 warn!(rule = %self.rule.name, error = %e, "cannot commit the replication cursors; retrying")
             }
+        }
+    }
+
+    /// Commits now and waits for it (at the end of a session).
+    async fn commit(&self, parts: &mut [Part]) {
+        if let Some(Commit { moved, write }) = self.start_commit(parts).await {
+            let result = write.await.map(drop).map_err(|e| e.to_string());
+            self.committed(parts, moved, result);
         }
     }
 
@@ -618,13 +653,15 @@ impl Uplink {
     async fn finish(
         &self,
         parts: &mut [Part],
-        mut deliveries: FuturesUnordered<futures::future::BoxFuture<'static, Done>>,
+        mut deliveries: client::Deliveries,
+        mut in_flight: usize,
     ) -> Result<(), String> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while !deliveries.is_empty() {
-            match tokio::time::timeout_at(deadline, deliveries.next()).await {
+        while in_flight > 0 {
+            match tokio::time::timeout_at(deadline, deliveries.recv()).await {
                 Ok(Some(d)) => {
-                    if self.delivered(parts, d).is_err() {
+                    in_flight -= 1;
+                    if self.delivered(parts, vec![d]).is_err() {
                         break;
                     }
                 }
@@ -634,6 +671,59 @@ impl Uplink {
         self.commit(parts).await;
         Ok(())
     }
+}
+
+/// A cursor write under way: which partitions move where once it is durable.
+struct Commit {
+    moved: Vec<(usize, u64)>,
+    write: crate::storage::PendingWrite,
+}
+
+/// Creates each target topic upstream unless it exists, retrying every 2 s.
+async fn create_targets(
+    producer: Arc<dyn client::UpstreamProducer>,
+    targets: Vec<(String, u32)>,
+    created: Arc<Created>,
+    status: SharedStatus,
+) {
+    for (topic, partitions) in targets {
+        while let Err(e) = producer.ensure_topic(&topic, partitions).await {
+            status.lock().unwrap_or_else(|e| e.into_inner()).last_error = Some(e);
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        created
+            .topics
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(topic);
+        created.notify.notify_one();
+    }
+}
+
+/// The target topics known to exist upstream; the session loop is woken when one
+/// is added.
+#[derive(Default)]
+struct Created {
+    topics: Mutex<HashSet<String>>,
+    notify: tokio::sync::Notify,
+}
+
+/// Aborts the task when the session that started it ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A delivery's token: the partition's index in the rule and the offset.
+fn token(index: usize, offset: u64) -> usize {
+    (index << 48) | (offset as usize & ((1 << 48) - 1))
+}
+
+fn untoken(token: usize) -> (usize, u64) {
+    (token >> 48, (token & ((1 << 48) - 1)) as u64)
 }
 
 fn encode(offset: u64) -> Result<Vec<u8>, String> {
