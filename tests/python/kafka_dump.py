@@ -5,7 +5,7 @@ It reads until nothing more arrives for 3 s rather than up to the high watermark
 Tansu 0.6.0 reports high watermarks behind what it serves. confluent-kafka bundles a
 recent librdkafka, which Tansu serves (kcat's 2.0.2 it does not).
 
-    kafka_dump.py BOOTSTRAP TOPIC
+    kafka_dump.py BOOTSTRAP TOPIC [CA.pem]    (with a CA: over TLS, trusting it)
 """
 
 import sys
@@ -16,13 +16,14 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 def main():
     bootstrap, topic = sys.argv[1], sys.argv[2]
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": "kafka-dump",
-            "enable.auto.commit": False,
-        }
-    )
+    config = {
+        "bootstrap.servers": bootstrap,
+        "group.id": "kafka-dump",
+        "enable.auto.commit": False,
+    }
+    if len(sys.argv) > 3:
+        config.update({"security.protocol": "ssl", "ssl.ca.location": sys.argv[3]})
+    consumer = Consumer(config)
     metadata = consumer.list_topics(topic, timeout=30)
     if topic not in metadata.topics or metadata.topics[topic].error is not None:
         return

@@ -657,7 +657,20 @@ impl Drop for Tansu {
 /// Every record of `topic` on the Kafka broker at `bootstrap` (partition by
 /// partition, in offset order): (partition, key, value, headers as "k=v,k=v").
 pub fn dump_records(bootstrap: &str, topic: &str) -> Vec<(u32, String, String, String)> {
-    let out = python("kafka_dump.py", &[bootstrap, topic]);
+    dump_records_over(bootstrap, topic, None)
+}
+
+/// `dump_records`, over TLS when given the CA to trust.
+pub fn dump_records_over(
+    bootstrap: &str,
+    topic: &str,
+    ca: Option<&Path>,
+) -> Vec<(u32, String, String, String)> {
+    let mut args = vec![bootstrap, topic];
+    if let Some(ca) = ca {
+        args.push(ca.to_str().expect("utf-8 path"));
+    }
+    let out = python("kafka_dump.py", &args);
     assert!(
         out.status.success(),
         "kafka_dump.py {topic}: {}",
@@ -672,4 +685,109 @@ pub fn dump_records(bootstrap: &str, topic: &str) -> Vec<(u32, String, String, S
             (next().parse().unwrap_or(u32::MAX), next(), next(), next())
         })
         .collect()
+}
+
+/// A TLS-terminating proxy: clients speak TLS to it (a self-signed certificate for
+/// 127.0.0.1, written to `ca_pem` for them to trust); it speaks plain TCP to the
+/// target. Lets a test check that a client's TLS settings work end to end.
+pub struct TlsProxy {
+    pub addr: SocketAddr,
+    pub ca_pem: PathBuf,
+    target: Arc<Mutex<SocketAddr>>,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl TlsProxy {
+    pub fn start(dir: &Path) -> TlsProxy {
+        use openssl::ssl::{Ssl, SslAcceptor, SslMethod};
+        let (cert, key) = self_signed_certificate();
+        let ca_pem = dir.join("ca.pem");
+        std::fs::write(&ca_pem, cert.to_pem().unwrap()).unwrap();
+        let mut builder = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls()).unwrap();
+        builder.set_private_key(&key).unwrap();
+        builder.set_certificate(&cert).unwrap();
+        let acceptor = Arc::new(builder.build());
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let target = Arc::new(Mutex::new(addr));
+        let to = target.clone();
+        runtime.spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                let target = *to.lock().unwrap();
+                tokio::spawn(async move {
+                    let Ok(ssl) = Ssl::new(acceptor.context()) else {
+                        return;
+                    };
+                    let Ok(mut tls) = tokio_openssl::SslStream::new(ssl, client) else {
+                        return;
+                    };
+                    if std::pin::Pin::new(&mut tls).accept().await.is_err() {
+                        return;
+                    }
+                    let Ok(mut server) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut server).await;
+                });
+            }
+        });
+        TlsProxy {
+            addr,
+            ca_pem,
+            target,
+            _runtime: runtime,
+        }
+    }
+
+    /// Sends new connections to `target` from now on.
+    pub fn set_target(&self, target: SocketAddr) {
+        *self.target.lock().unwrap() = target;
+    }
+}
+
+/// A self-signed certificate (its own CA) for 127.0.0.1 and localhost, valid a day.
+fn self_signed_certificate() -> (
+    openssl::x509::X509,
+    openssl::pkey::PKey<openssl::pkey::Private>,
+) {
+    use openssl::asn1::Asn1Time;
+    use openssl::bn::BigNum;
+    use openssl::hash::MessageDigest;
+    use openssl::pkey::PKey;
+    use openssl::rsa::Rsa;
+    use openssl::x509::extension::{BasicConstraints, SubjectAlternativeName};
+    use openssl::x509::{X509, X509NameBuilder};
+    let key = PKey::from_rsa(Rsa::generate(2048).unwrap()).unwrap();
+    let mut name = X509NameBuilder::new().unwrap();
+    name.append_entry_by_text("CN", "localhost").unwrap();
+    let name = name.build();
+    let mut b = X509::builder().unwrap();
+    b.set_version(2).unwrap();
+    b.set_serial_number(&BigNum::from_u32(1).unwrap().to_asn1_integer().unwrap())
+        .unwrap();
+    b.set_subject_name(&name).unwrap();
+    b.set_issuer_name(&name).unwrap();
+    b.set_pubkey(&key).unwrap();
+    b.set_not_before(&Asn1Time::days_from_now(0).unwrap())
+        .unwrap();
+    b.set_not_after(&Asn1Time::days_from_now(1).unwrap())
+        .unwrap();
+    let san = SubjectAlternativeName::new()
+        .ip("127.0.0.1")
+        .dns("localhost")
+        .build(&b.x509v3_context(None, None))
+        .unwrap();
+    b.append_extension(san).unwrap();
+    b.append_extension(BasicConstraints::new().critical().ca().build().unwrap())
+        .unwrap();
+    b.sign(&key, MessageDigest::sha256()).unwrap();
+    (b.build(), key)
 }

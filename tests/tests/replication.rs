@@ -75,8 +75,17 @@ fn headers(h: &str) -> HashMap<&str, &str> {
 /// provenance, the same key and value as stored at the edge, in the edge's order per
 /// source partition, in the partition the key puts it in.
 fn assert_exact_copy(edge: &Broker, centre_bootstrap: &str) -> usize {
+    assert_exact_copy_over(edge, centre_bootstrap, None)
+}
+
+/// `assert_exact_copy`, reading the centre over TLS when given the CA.
+fn assert_exact_copy_over(
+    edge: &Broker,
+    centre_bootstrap: &str,
+    ca: Option<&std::path::Path>,
+) -> usize {
     let topic = format!("{GATEWAY}.telemetry");
-    let centre = dump_records(centre_bootstrap, &topic);
+    let centre = weir_tests::dump_records_over(centre_bootstrap, &topic, ca);
     let local = dump_records(&edge.bootstrap(), "telemetry");
     // The edge's records by (partition, offset): kcat prints them in offset order.
     let mut by_offset: HashMap<(u32, u64), (&str, &str)> = HashMap::new();
@@ -521,4 +530,31 @@ priority = 10
         edge.log().join("\n")
     );
     wait_replicated(&edge, backlog);
+}
+
+#[test]
+fn replicates_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = weir_tests::TlsProxy::start(dir.path());
+    let config = format!("[kafka]\nadvertised = \"{}\"\n", tls.addr);
+    let centre = Broker::start_with_config(&dir.path().join("centre"), &config);
+    tls.set_target(centre.kafka);
+    let upstream_tls = format!(
+        "security_protocol = \"ssl\"\nssl_ca_location = \"{}\"\n",
+        tls.ca_pem.display()
+    );
+    let config = edge_config(&tls.addr.to_string(), "").replace(
+        "[[replication.rule]]",
+        &format!("{upstream_tls}\n[[replication.rule]]"),
+    );
+    let edge = Broker::start_with_config(&dir.path().join("edge"), &config);
+    let lines: String = (0..1000)
+        .map(|i| format!("dev-{:03}:{i}\n", i % 10))
+        .collect();
+    produce(&edge, "telemetry", &lines);
+    wait_replicated(&edge, 1000);
+    assert_eq!(
+        assert_exact_copy_over(&edge, &tls.addr.to_string(), Some(&tls.ca_pem)),
+        1000
+    );
 }
