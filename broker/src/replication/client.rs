@@ -113,7 +113,6 @@ pub trait UpstreamConsumer: Send + Sync {
     fn assign(&self, positions: &[(String, u32, From)]) -> Result<(), String>;
     /// The next record of the assigned partitions.
     fn recv(&self) -> BoxFuture<'_, Result<UpstreamRecord, String>>;
-    fn link(&self) -> watch::Receiver<LinkErrors>;
 }
 
 /// Settings of one producer (a replication rule's).
@@ -354,7 +353,6 @@ impl Drop for RdProducer {
 
 struct RdConsumer {
     consumer: StreamConsumer<LinkContext>,
-    errors: watch::Receiver<LinkErrors>,
 }
 
 /// A librdkafka consumer of `upstream`; `group` only names it (positions are kept
@@ -365,7 +363,6 @@ pub fn consumer(
     group: &str,
 ) -> Result<Arc<dyn UpstreamConsumer>, String> {
     let context = LinkContext::new(&upstream.name);
-    let errors = context.errors.subscribe();
     let consumer: StreamConsumer<LinkContext> = base_config(upstream, client_id)
         .set("group.id", group)
         .set("enable.auto.commit", "false")
@@ -374,7 +371,7 @@ pub fn consumer(
         .set("queued.max.messages.kbytes", "16384")
         .create_with_context(context)
         .map_err(|e| format!("cannot create the consumer: {e}"))?;
-    Ok(Arc::new(RdConsumer { consumer, errors }))
+    Ok(Arc::new(RdConsumer { consumer }))
 }
 
 impl UpstreamConsumer for RdConsumer {
@@ -435,10 +432,6 @@ impl UpstreamConsumer for RdConsumer {
                 timestamp_ms: m.timestamp().to_millis().unwrap_or(0),
             })
         })
-    }
-
-    fn link(&self) -> watch::Receiver<LinkErrors> {
-        self.errors.clone()
     }
 }
 
