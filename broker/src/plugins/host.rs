@@ -24,6 +24,23 @@ mod bindings {
     });
 }
 
+/// World `packed-plugin`: the same contract, batches packed in one buffer each way.
+mod packed_bindings {
+    wasmtime::component::bindgen!({
+        world: "packed-plugin",
+        path: "../wasm-sdk/wit",
+        with: {
+            "weir:plugin/types": super::bindings::weir::plugin::types,
+            "weir:plugin/host": super::bindings::weir::plugin::host,
+        },
+    });
+}
+
+/// The packed layout, the same file the Rust SDK compiles.
+#[allow(unreachable_pub, dead_code)]
+#[path = "../../../wasm-sdk/rust/src/packed.rs"]
+mod packed;
+
 pub use bindings::weir::plugin::types::{
     BatchResult, Failure, Header, InputRecord, Level, OutputRecord, Source,
 };
@@ -117,6 +134,10 @@ impl PluginHost {
         let mut config = Config::new();
         config.wasm_component_model(true);
         config.epoch_interruption(true);
+        if std::env::var_os("WEIR_PLUGIN_PERFMAP").is_some() {
+            // `perf record` then names plugin functions (/tmp/perf-PID.map).
+            config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+        }
         let engine = Engine::new(&config).map_err(|e| PluginError::Compile(e.to_string()))?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
@@ -187,15 +208,23 @@ impl PluginHost {
     }
 
     /// Checks that `module` is a Weir plugin this host can run: its imports are ones
-    /// the host offers and it exports `init` and `process` with the contract's types.
-    /// Runs none of its code.
+    /// the host offers and it exports `init` and `process` (world `plugin`) or
+    /// `process-packed` (world `packed-plugin`) with the contract's types. Runs none
+    /// of its code.
     pub fn check(&self, module: &Module) -> Result<(), PluginError> {
+        self.pre(module).map(drop)
+    }
+
+    fn pre(&self, module: &Module) -> Result<Pre, PluginError> {
         let pre = self
             .linker
             .instantiate_pre(&module.component)
             .map_err(|e| PluginError::Instantiate(format!("{e:#}")))?;
+        if let Ok(packed) = packed_bindings::PackedPluginPre::new(pre.clone()) {
+            return Ok(Pre::Packed(packed));
+        }
         bindings::PluginPre::new(pre)
-            .map(drop)
+            .map(Pre::Typed)
             .map_err(|e| PluginError::Instantiate(format!("{e:#}")))
     }
 
@@ -223,10 +252,17 @@ impl PluginHost {
         store.limiter(|s| &mut s.limits);
         let ticks = ticks(limits.call_timeout);
         store.set_epoch_deadline(ticks);
-        let plugin = bindings::Plugin::instantiate(&mut store, &module.component, &self.linker)
-            .map_err(|e| PluginError::Instantiate(format!("{e:#}")))?;
+        let instantiated = match self.pre(module)? {
+            Pre::Typed(pre) => pre.instantiate(&mut store).map(Exports::Typed),
+            Pre::Packed(pre) => pre.instantiate(&mut store).map(Exports::Packed),
+        };
+        let plugin = instantiated.map_err(|e| PluginError::Instantiate(format!("{e:#}")))?;
         store.set_epoch_deadline(ticks);
-        match plugin.call_init(&mut store, params) {
+        let init = match &plugin {
+            Exports::Typed(p) => p.call_init(&mut store, params),
+            Exports::Packed(p) => p.call_init(&mut store, params),
+        };
+        match init {
             Ok(Ok(())) => {}
             Ok(Err(message)) => return Err(PluginError::Init(message)),
             Err(trap) => return Err(PluginError::Trap(describe(&trap, limits))),
@@ -237,16 +273,30 @@ impl PluginHost {
             plugin,
             ticks,
             limits,
+            packed: Vec::new(),
         })
     }
+}
+
+/// A component checked against one of the two worlds.
+enum Pre {
+    Typed(bindings::PluginPre<State>),
+    Packed(packed_bindings::PackedPluginPre<State>),
+}
+
+enum Exports {
+    Typed(bindings::Plugin),
+    Packed(packed_bindings::PackedPlugin),
 }
 
 /// A live plugin instance. After a `Trap` error it must be dropped.
 pub struct Instance {
     store: Store<State>,
-    plugin: bindings::Plugin,
+    plugin: Exports,
     ticks: u64,
     limits: Limits,
+    /// The buffer a packed batch is written to, kept for the next call.
+    packed: Vec<u8>,
 }
 
 impl Instance {
@@ -256,10 +306,72 @@ impl Instance {
         records: &[InputRecord],
     ) -> Result<BatchResult, PluginError> {
         self.store.set_epoch_deadline(self.ticks);
-        self.plugin
-            .call_process(&mut self.store, source, records)
-            .map_err(|trap| PluginError::Trap(describe(&trap, self.limits)))
+        let trap = |trap: wasmtime::Error| PluginError::Trap(describe(&trap, self.limits));
+        let plugin = match &self.plugin {
+            Exports::Typed(plugin) => {
+                return plugin
+                    .call_process(&mut self.store, source, records)
+                    .map_err(trap);
+            }
+            Exports::Packed(plugin) => plugin,
+        };
+        let mut batch = packed::Writer::new(std::mem::take(&mut self.packed));
+        for r in records {
+            let headers = r
+                .headers
+                .iter()
+                .map(|h| (h.key.as_str(), h.value.as_slice()));
+            let body = packed::Body {
+                key: r.key.as_deref(),
+                value: r.value.as_deref(),
+                headers: packed::RawHeaders::default(),
+            };
+            batch.input(r.offset, r.timestamp_ms, body, headers);
+        }
+        let batch = batch.finish();
+        let result = plugin.call_process_packed(&mut self.store, source, &batch);
+        self.packed = batch;
+        let result = result.map_err(trap)?;
+        let outputs = unpack_outputs(&result.outputs)
+            .map_err(|e| PluginError::Trap(format!("the plugin returned a {e}")))?;
+        Ok(BatchResult {
+            outputs,
+            failures: result.failures,
+        })
     }
+}
+
+/// The outputs of a packed result, checked: they come from the plugin.
+fn unpack_outputs(buf: &[u8]) -> Result<Vec<OutputRecord>, packed::Malformed> {
+    let mut reader = packed::Reader::new(buf);
+    let count = reader.count()?;
+    // Each output takes at least 28 bytes, so `count` cannot ask for more than the
+    // buffer's worth of room.
+    let mut outputs = Vec::with_capacity((count as usize).min(buf.len() / 28));
+    for _ in 0..count {
+        let (input, target, body) = reader.output()?;
+        let headers = body
+            .headers
+            .iter()
+            .map(|h| {
+                h.map(|(key, value)| Header {
+                    key: key.to_string(),
+                    value: value.to_vec(),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        outputs.push(OutputRecord {
+            input,
+            target: target.to_string(),
+            key: body.key.map(<[u8]>::to_vec),
+            value: body.value.map(<[u8]>::to_vec),
+            headers,
+        });
+    }
+    if !reader.is_empty() {
+        return Err(packed::Malformed("bytes after the last output"));
+    }
+    Ok(outputs)
 }
 
 /// The reason a call failed, in the words a plugin author needs: the trap itself,
@@ -301,4 +413,60 @@ fn load_cached(engine: &Engine, path: &Path) -> wasmtime::Result<Component> {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn output(input: u32, target: &str, key: Option<&[u8]>, value: Option<&[u8]>) -> Vec<u8> {
+        let mut w = packed::Writer::default();
+        let body = packed::Body {
+            key,
+            value,
+            headers: packed::RawHeaders::default(),
+        };
+        let headers = [("h", &b"1"[..]), ("h", &b""[..])];
+        w.output(input, target, body, headers.iter().copied());
+        w.finish()
+    }
+
+    #[test]
+    fn packed_outputs_round_trip() {
+        let buf = output(3, "alarms", None, Some(b"hot"));
+        let outputs = unpack_outputs(&buf).unwrap();
+        assert_eq!(outputs.len(), 1);
+        let o = &outputs[0];
+        assert_eq!((o.input, o.target.as_str()), (3, "alarms"));
+        assert_eq!((o.key.as_deref(), o.value.as_deref()), (None, Some(&b"hot"[..])));
+        let headers: Vec<_> = o
+            .headers
+            .iter()
+            .map(|h| (h.key.as_str(), h.value.as_slice()))
+            .collect();
+        assert_eq!(headers, [("h", &b"1"[..]), ("h", &b""[..])]);
+        assert!(unpack_outputs(&packed::Writer::default().finish()).unwrap().is_empty());
+    }
+
+    /// Whatever a plugin returns, unpacking gives outputs or an error, never a panic
+    /// or an allocation sized by a count it claims.
+    #[test]
+    fn malformed_packed_outputs_are_errors() {
+        let good = output(0, "out", Some(b"k"), Some(b"v"));
+        for cut in 0..good.len() {
+            assert!(unpack_outputs(&good[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut trailing = good.clone();
+        trailing.push(0);
+        assert!(unpack_outputs(&trailing).is_err());
+        let mut huge_count = good.clone();
+        huge_count[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(unpack_outputs(&huge_count).is_err());
+        let mut bad_target = good.clone();
+        bad_target[12] = 0xff; // the first byte of "out"
+        assert!(unpack_outputs(&bad_target).is_err());
+        let mut long_value = good;
+        long_value[19..23].copy_from_slice(&1000u32.to_le_bytes()); // value_len
+        assert!(unpack_outputs(&long_value).is_err());
+    }
 }

@@ -7,7 +7,7 @@
 //! a frame (or a frame of an unknown version) fails to the dead-letter topic.
 
 use serde_json::json;
-use weir_plugin::{BatchResult, InputRecord, Output, Plugin, Source};
+use weir_plugin::{Batch, BatchResult, Output, Plugin, Source};
 
 struct FrameDecode;
 
@@ -16,10 +16,10 @@ impl Plugin for FrameDecode {
         Ok(())
     }
 
-    fn process(_source: Source, records: Vec<InputRecord>) -> BatchResult {
+    fn process(_source: Source, records: Batch<'_>) -> BatchResult {
         let mut result = BatchResult::default();
         for (i, r) in records.iter().enumerate() {
-            match sensor_frame::decode(r.value.as_deref().unwrap_or_default()) {
+            match sensor_frame::decode(r.value.unwrap_or_default()) {
                 Ok(f) => {
                     let value = json!({
                         "device_id": f.device_id,
@@ -29,11 +29,8 @@ impl Plugin for FrameDecode {
                         "humidity_pct": f64::from(f.humidity_dpct) / 10.0,
                         "battery_v": f64::from(f.battery_mv) / 1000.0,
                     });
-                    result.emit(
-                        Output::to("json", i)
-                            .key(r.key.clone())
-                            .value(value.to_string()),
-                    );
+                    let value = value.to_string();
+                    result.emit(Output::to("json", i).key(r.key).value(value.as_bytes()));
                 }
                 Err(sensor_frame::FrameError::UnknownVersion(v)) => {
                     result.fail(i, format!("sensor frame version {v} is unknown"))

@@ -2,7 +2,7 @@
 //! without end, `trap` panics, `huge` returns 80 MiB of output, `nowhere` names an
 //! output the pipeline does not have. Anything else passes through to `out`.
 
-use weir_plugin::{BatchResult, InputRecord, Output, Plugin, Source};
+use weir_plugin::{Batch, BatchResult, Output, Plugin, Source};
 
 struct Hostile;
 
@@ -11,7 +11,7 @@ impl Plugin for Hostile {
         Ok(())
     }
 
-    fn process(_source: Source, records: Vec<InputRecord>) -> BatchResult {
+    fn process(_source: Source, records: Batch<'_>) -> BatchResult {
         let mut result = BatchResult::default();
         for (i, r) in records.iter().enumerate() {
             match r.text().unwrap_or_default() {
@@ -30,15 +30,16 @@ impl Plugin for Hostile {
                 }
                 "trap" => panic!("record {} asked for it", r.offset),
                 "huge" => {
+                    let mebibyte = vec![b'x'; 1024 * 1024];
                     for _ in 0..80 {
-                        result.emit(Output::to("out", i).value(vec![b'x'; 1024 * 1024]));
+                        result.emit(Output::to("out", i).value(&mebibyte));
                     }
                 }
-                "nowhere" => result.emit(Output::to("nowhere", i).value("lost")),
+                "nowhere" => result.emit(Output::to("nowhere", i).value(b"lost")),
                 _ => result.emit(
                     Output::to("out", i)
-                        .key(r.key.clone())
-                        .value(r.value.clone().unwrap_or_default()),
+                        .key(r.key)
+                        .value(r.value.unwrap_or_default()),
                 ),
             }
         }

@@ -12,7 +12,7 @@
 
 use std::cell::RefCell;
 
-use weir_plugin::{BatchResult, InputRecord, Level, Output, Plugin, Source, log};
+use weir_plugin::{Batch, BatchResult, Level, Output, Plugin, Source, log};
 
 mod filter;
 
@@ -32,15 +32,15 @@ impl Plugin for JsonFilter {
         Ok(())
     }
 
-    fn process(_source: Source, records: Vec<InputRecord>) -> BatchResult {
+    fn process(_source: Source, records: Batch<'_>) -> BatchResult {
         SETTINGS.with(|cell| {
             let s = cell.borrow();
             let mut result = BatchResult::default();
             for (i, record) in records.iter().enumerate() {
-                match transform(&s, record.value.as_deref()) {
+                match transform(&s, record.value) {
                     Ok(None) => {}
                     Ok(Some((target, value))) => {
-                        result.emit(Output::to(target, i).key(record.key.clone()).value(value));
+                        result.emit(Output::to(target, i).key(record.key).value(&value));
                     }
                     Err(reason) => result.fail(i, reason),
                 }

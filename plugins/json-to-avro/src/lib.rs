@@ -20,7 +20,7 @@ use apache_avro::Schema;
 use apache_avro::rabin::Rabin;
 use apache_avro::types::Value;
 use apache_avro::writer::datum::GenericDatumWriter;
-use weir_plugin::{BatchResult, InputRecord, Level, Plugin, Source, log};
+use weir_plugin::{Batch, BatchResult, Level, Plugin, Source, log};
 
 enum Framing {
     Raw,
@@ -114,7 +114,7 @@ impl Plugin for JsonToAvro {
         Ok(())
     }
 
-    fn process(_source: Source, records: Vec<InputRecord>) -> BatchResult {
+    fn process(_source: Source, records: Batch<'_>) -> BatchResult {
         SETTINGS.with(|cell| {
             let cell = cell.borrow();
             let s = cell.as_ref().expect("init ran");

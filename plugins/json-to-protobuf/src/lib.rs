@@ -16,7 +16,7 @@ use std::cell::RefCell;
 use base64::Engine;
 use prost::Message;
 use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor};
-use weir_plugin::{BatchResult, InputRecord, Level, Plugin, Source, log};
+use weir_plugin::{Batch, BatchResult, Level, Plugin, Source, log};
 
 struct Settings {
     message: MessageDescriptor,
@@ -81,7 +81,7 @@ impl Plugin for JsonToProtobuf {
         Ok(())
     }
 
-    fn process(_source: Source, records: Vec<InputRecord>) -> BatchResult {
+    fn process(_source: Source, records: Batch<'_>) -> BatchResult {
         SETTINGS.with(|cell| {
             let cell = cell.borrow();
             let s = cell.as_ref().expect("init ran");

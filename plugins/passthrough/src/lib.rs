@@ -1,7 +1,7 @@
 //! Every record to the `out` output, key, value and headers unchanged: the smallest
 //! plugin, and the measure of what the plugin boundary itself costs.
 
-use weir_plugin::{BatchResult, InputRecord, OutputRecord, Plugin, Source};
+use weir_plugin::{Batch, BatchResult, Output, Plugin, Source};
 
 struct PassThrough;
 
@@ -10,17 +10,14 @@ impl Plugin for PassThrough {
         Ok(())
     }
 
-    fn process(_source: Source, records: Vec<InputRecord>) -> BatchResult {
+    fn process(_source: Source, records: Batch<'_>) -> BatchResult {
         let mut result = BatchResult::default();
-        result.outputs.reserve(records.len());
-        for (i, r) in records.into_iter().enumerate() {
-            result.emit(OutputRecord {
-                input: i as u32,
-                target: "out".into(),
-                key: r.key,
-                value: r.value,
-                headers: r.headers,
-            });
+        for (i, r) in records.iter().enumerate() {
+            let mut output = Output::to("out", i).key(r.key).headers(r.headers);
+            if let Some(value) = r.value {
+                output = output.value(value);
+            }
+            result.emit(output);
         }
         result
     }
