@@ -361,13 +361,22 @@ impl Broker {
 
     /// Waits (bounded) until `metric` reaches `at_least`.
     pub fn wait_metric(&self, name: &str, at_least: f64) {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        self.wait_metric_within(name, at_least, Duration::from_secs(30));
+    }
+
+    /// `wait_metric` with its own bound (compiling a large component, say); on
+    /// timeout the broker's last log lines are in the message.
+    pub fn wait_metric_within(&self, name: &str, at_least: f64, within: Duration) {
+        let deadline = Instant::now() + within;
         while self.metric(name) < at_least {
-            assert!(
-                Instant::now() < deadline,
-                "{name} stayed below {at_least}: {}",
-                self.metric(name)
-            );
+            if Instant::now() >= deadline {
+                let log = self.log();
+                let tail = log[log.len().saturating_sub(20)..].join("\n");
+                panic!(
+                    "{name} stayed below {at_least}: {}; the broker's log ends with\n{tail}",
+                    self.metric(name)
+                );
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
     }

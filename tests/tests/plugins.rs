@@ -306,7 +306,13 @@ params = {{ fields = "name,email" }}
         "people",
         "p1:{\"name\":\"Ann\",\"email\":\"a@x\",\"t\":21.5}\np2:[1,2]\np3:{\"t\":3}\n",
     );
-    broker.wait_metric(&metric("redact", "records_in_total"), 3.0);
+    // The first call waits for the component to compile: tens of seconds for an
+    // interpreter under a debug build on a busy machine.
+    broker.wait_metric_within(
+        &metric("redact", "records_in_total"),
+        3.0,
+        Duration::from_secs(180),
+    );
     broker.wait_metric(&metric("redact", "records_out_total"), 2.0);
     assert_eq!(
         consume(&broker, "people-clean"),
@@ -335,7 +341,13 @@ params = {{ threshold = "3" }}
         "events",
         "e1:{\"severity\":5,\"msg\":\"fire\"}\ne2:{\"severity\":1}\ne3:nope\n",
     );
-    broker.wait_metric(&metric("route", "records_in_total"), 3.0);
+    // The first call waits for the component to compile: tens of seconds for an
+    // interpreter under a debug build on a busy machine.
+    broker.wait_metric_within(
+        &metric("route", "records_in_total"),
+        3.0,
+        Duration::from_secs(180),
+    );
     broker.wait_metric(&metric("route", "failed_total"), 1.0);
     assert_eq!(
         consume(&broker, "alarms"),

@@ -438,14 +438,21 @@ mod tests {
         assert_eq!(outputs.len(), 1);
         let o = &outputs[0];
         assert_eq!((o.input, o.target.as_str()), (3, "alarms"));
-        assert_eq!((o.key.as_deref(), o.value.as_deref()), (None, Some(&b"hot"[..])));
+        assert_eq!(
+            (o.key.as_deref(), o.value.as_deref()),
+            (None, Some(&b"hot"[..]))
+        );
         let headers: Vec<_> = o
             .headers
             .iter()
             .map(|h| (h.key.as_str(), h.value.as_slice()))
             .collect();
         assert_eq!(headers, [("h", &b"1"[..]), ("h", &b""[..])]);
-        assert!(unpack_outputs(&packed::Writer::default().finish()).unwrap().is_empty());
+        assert!(
+            unpack_outputs(&packed::Writer::default().finish())
+                .unwrap()
+                .is_empty()
+        );
     }
 
     /// Whatever a plugin returns, unpacking gives outputs or an error, never a panic
