@@ -301,7 +301,7 @@ enum BenchCommand {
         /// Where passthrough.wasm and json_filter.wasm are.
         #[arg(long, default_value = "plugins/target/wasm32-wasip2/release")]
         dir: PathBuf,
-        /// Seconds per measurement.
+        /// Seconds per measurement, split into 5 alternating rounds of WASM and native.
         #[arg(long, default_value_t = 2.0)]
         seconds: f64,
     },
