@@ -476,6 +476,28 @@ mqtt_topic = "devices/{{key}}/commands"
         assert!(Instant::now() < deadline, "{local:?}");
         std::thread::sleep(Duration::from_millis(200));
     }
+    // The centre goes away: the downlink counts the errors and says it is cut off
+    // (disconnected, or backing off between attempts to reconnect).
+    let mut centre = centre;
+    centre.kill();
+    edge.wait_metric_within(
+        "weir_replication_upstream_errors_total{rule=\"down\"}",
+        1.0,
+        Duration::from_secs(60),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = edge.cli(&["replication", "status", "--json"]).stdout;
+        let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+        let rule = &status.as_array().unwrap()[0];
+        let cut_off = ["disconnected", "backing_off", "connecting"]
+            .contains(&rule["state"].as_str().unwrap_or(""));
+        if cut_off && rule["upstream_errors"].as_u64() > Some(0) && rule["last_error"].is_string() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{rule}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 #[test]

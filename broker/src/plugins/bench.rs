@@ -72,12 +72,11 @@ pub fn run(plugins_dir: &Path, seconds: f64) -> anyhow::Result<Vec<Row>> {
                         .map(|r| r.outputs.len())
                         .unwrap_or(0)
                 }));
-                native_per_sec = native_per_sec.max(rate(&records, batch, slice, |chunk| {
-                    match plugin {
+                native_per_sec =
+                    native_per_sec.max(rate(&records, batch, slice, |chunk| match plugin {
                         "pass-through" => native_pass_through(chunk).len(),
                         _ => native_json_filter(&settings, chunk).len(),
-                    }
-                }));
+                    }));
             }
             rows.push(Row {
                 plugin,

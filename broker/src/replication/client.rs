@@ -113,6 +113,8 @@ pub trait UpstreamConsumer: Send + Sync {
     fn assign(&self, positions: &[(String, u32, From)]) -> Result<(), String>;
     /// The next record of the assigned partitions.
     fn recv(&self) -> BoxFuture<'_, Result<UpstreamRecord, String>>;
+    /// Connection errors, as they happen (the consumer retries by itself meanwhile).
+    fn link(&self) -> watch::Receiver<LinkErrors>;
 }
 
 /// Settings of one producer (a replication rule's).
@@ -432,6 +434,10 @@ impl UpstreamConsumer for RdConsumer {
                 timestamp_ms: m.timestamp().to_millis().unwrap_or(0),
             })
         })
+    }
+
+    fn link(&self) -> watch::Receiver<LinkErrors> {
+        self.consumer.context().errors.subscribe()
     }
 }
 

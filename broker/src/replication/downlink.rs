@@ -17,7 +17,7 @@ use tracing::{info, warn};
 use super::client::{self, From, UpstreamRecord};
 use super::{
     LinkState, PartitionStatus, ReplicationMetrics, RuleConfig, SharedStatus, UpstreamConfig,
-    cursor_key, record_success, set_state,
+    add_upstream_errors, cursor_key, note_link_errors, record_success, set_state,
 };
 use crate::record_batch::RecordBatch;
 use crate::record_batch::build::{NewRecord, batch};
@@ -48,10 +48,7 @@ impl Downlink {
                 Err(reason) => {
                     warn!(rule = %self.rule.name, error = %reason, backoff_ms = backoff.as_millis() as u64,
                         "replication from upstream failed; retrying");
-                    self.status
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .last_error = Some(reason);
+                    add_upstream_errors(&self.status, &self.metrics, 1, reason);
                     set_state(&self.status, &self.metrics, LinkState::BackingOff);
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
@@ -97,6 +94,8 @@ impl Downlink {
             }
         }
         consumer.assign(&assignment)?;
+        let mut link = consumer.link();
+        let mut seen_errors = link.borrow_and_update().clone();
         set_state(&self.status, &self.metrics, LinkState::Connected);
         info!(rule = %self.rule.name, partitions = assignment.len(), "replicating from upstream");
         loop {
@@ -104,8 +103,11 @@ impl Downlink {
             let first = tokio::select! {
                 r = consumer.recv() => Some(r),
                 _ = self.stop.wait_for(|s| *s) => return Ok(()),
+                _ = link.changed() => None,
                 _ = tokio::time::sleep(Duration::from_secs(1)) => None,
             };
+            let errors = link.borrow_and_update().clone();
+            note_link_errors(&self.status, &self.metrics, &mut seen_errors, errors);
             match first {
                 Some(r) => received.push(r?),
                 None => {
@@ -113,6 +115,8 @@ impl Downlink {
                     continue;
                 }
             }
+            // Records flow again, whatever the client said before.
+            set_state(&self.status, &self.metrics, LinkState::Connected);
             // Whatever else is already there, up to a batch.
             while received.len() < BATCH {
                 match tokio::time::timeout(Duration::from_millis(5), consumer.recv()).await {

@@ -22,6 +22,7 @@ use tokio::sync::watch;
 use tracing::info;
 
 use crate::storage::{Log, TopicConfig, TopicName};
+use client::LinkErrors;
 
 /// `[replication]` of the config.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -338,9 +339,44 @@ pub fn set_state(status: &SharedStatus, metrics: &ReplicationMetrics, state: Lin
         let connected = matches!(state, LinkState::Connected | LinkState::CaughtUp);
         metrics
             .connected
-            .get_or_create(&vec![("rule".to_string(), s.name.clone())])
+            .get_or_create(&rule_labels(&s.name))
             .set(i64::from(connected));
     }
+}
+
+/// Counts upstream errors a rule has not seen yet (`now` against `seen`) in its
+/// status and metrics, and marks it disconnected when no broker of the centre is
+/// reachable. Both directions call it on every change of their client's link.
+pub fn note_link_errors(
+    status: &SharedStatus,
+    metrics: &ReplicationMetrics,
+    seen: &mut LinkErrors,
+    now: LinkErrors,
+) {
+    if now.count <= seen.count {
+        return;
+    }
+    add_upstream_errors(status, metrics, now.count - seen.count, now.last.clone());
+    if now.all_down {
+        set_state(status, metrics, LinkState::Disconnected);
+    }
+    *seen = now;
+}
+
+/// Adds `count` upstream errors, the last saying `last`.
+pub fn add_upstream_errors(
+    status: &SharedStatus,
+    metrics: &ReplicationMetrics,
+    count: u64,
+    last: String,
+) {
+    let mut s = status.lock().unwrap_or_else(|e| e.into_inner());
+    metrics
+        .upstream_errors
+        .get_or_create(&rule_labels(&s.name))
+        .inc_by(count);
+    s.upstream_errors += count;
+    s.last_error = Some(last);
 }
 
 /// The replication of a broker: one task per rule.

@@ -26,7 +26,8 @@ use super::client::{
 };
 use super::{
     LinkState, PRIORITY_BACKLOG, PartitionStatus, ReplicationMetrics, RuleConfig, SharedStatus,
-    UpstreamConfig, cursor_key, partition_labels, record_success, rule_labels, set_state,
+    UpstreamConfig, cursor_key, note_link_errors, partition_labels, record_success, rule_labels,
+    set_state,
 };
 use crate::storage::{Log, PartitionOffsets, ReadError, state_op};
 
@@ -269,7 +270,6 @@ impl Uplink {
             self.status.clone(),
         )));
         let mut start_at = 0usize;
-        let labels = rule_labels(&self.rule.name);
         set_state(&self.status, &self.metrics, LinkState::Connecting);
         loop {
             if *self.stop.borrow() {
@@ -333,20 +333,7 @@ impl Uplink {
             in_flight -= all_done.len().min(in_flight);
             self.delivered(parts, all_done)?;
             let errors = link.borrow_and_update().clone();
-            if errors.count > seen_errors.count {
-                self.metrics
-                    .upstream_errors
-                    .get_or_create(&labels)
-                    .inc_by(errors.count - seen_errors.count);
-                let mut s = self.status.lock().unwrap_or_else(|e| e.into_inner());
-                s.upstream_errors = errors.count;
-                s.last_error = Some(errors.last.clone());
-                drop(s);
-                if errors.all_down {
-                    set_state(&self.status, &self.metrics, LinkState::Disconnected);
-                }
-                seen_errors = errors;
-            }
+            note_link_errors(&self.status, &self.metrics, &mut seen_errors, errors);
             if let Some(c) = &mut committing
                 && let Some(result) = (&mut c.write).now_or_never()
             {
