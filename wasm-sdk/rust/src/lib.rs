@@ -64,7 +64,9 @@ macro_rules! plugin {
         pub struct __WeirPluginExport;
 
         impl $crate::bindings::Guest for __WeirPluginExport {
-            fn init(params: ::std::vec::Vec<(String, String)>) -> Result<(), String> {
+            fn init(
+                params: ::std::vec::Vec<(::std::string::String, ::std::string::String)>,
+            ) -> ::std::result::Result<(), ::std::string::String> {
                 <$t as $crate::Plugin>::init(params)
             }
 
