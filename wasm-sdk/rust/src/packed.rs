@@ -187,10 +187,6 @@ impl Writer {
         Writer { buf, count: 0 }
     }
 
-    pub fn reserve(&mut self, bytes: usize) {
-        self.buf.reserve(bytes);
-    }
-
     /// Items written so far.
     pub fn count(&self) -> u32 {
         self.count
