@@ -222,6 +222,10 @@ struct ServeArgs {
     /// Log filter, e.g. info or weir=debug. RUST_LOG overrides it.
     #[arg(long)]
     log_level: Option<String>,
+    /// Test only: replication never writes its cursors (as if every write were
+    /// lost to a crash), to show the centre is read back.
+    #[arg(long, hide = true)]
+    unsafe_hold_replication_cursors: bool,
 }
 
 impl ServeArgs {
@@ -248,6 +252,7 @@ impl ServeArgs {
         if let Some(v) = &self.log_level {
             config.log.level = v.clone();
         }
+        config.replication.unsafe_hold_cursors = self.unsafe_hold_replication_cursors;
         config.validate()?;
         Ok(config)
     }

@@ -67,6 +67,19 @@ fn wait_replicated(edge: &Broker, records: usize) {
     }
 }
 
+/// Waits (bounded) until the edge's rule says it caught up.
+fn wait_caught_up(edge: &Broker) {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let status = edge.cli(&["replication", "status", "--json"]).stdout;
+        if status.contains("\"caught_up\"") {
+            return;
+        }
+        assert!(Instant::now() < deadline, "never caught up: {status}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
 fn headers(h: &str) -> HashMap<&str, &str> {
     h.split(',').filter_map(|kv| kv.split_once('=')).collect()
 }
@@ -319,15 +332,7 @@ key = "{device}"
     centre.come_back();
     wait_replicated(&edge, 1);
     // Everything the edge stored, hence everything PUBACKed, reaches the centre once.
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        let status = edge.cli(&["replication", "status", "--json"]).stdout;
-        if status.contains("\"caught_up\"") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "never caught up: {status}");
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    wait_caught_up(&edge);
     let copied = assert_exact_copy(&edge, &centre.for_reading());
     let acked: Vec<String> = [before, during]
         .iter()
@@ -369,6 +374,41 @@ key = "{device}"
         acked.len()
     );
     assert!(copied >= acked.len());
+}
+
+/// The edge writes no cursor while the centre takes every record, then dies
+/// (SIGKILL): everything it sent lies past its durable cursors, as the last records
+/// before any crash do. Restarted, it must find them at the centre (reading it back)
+/// and send none of them again, then go on with new records.
+#[test]
+fn records_the_centre_took_before_a_crash_are_not_sent_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let tansu_addr = free_addr();
+    let tansu = Tansu::start(tansu_addr, tansu_addr);
+    let config = dir.path().join("edge.toml");
+    std::fs::write(&config, edge_config(&tansu.addr.to_string(), "")).unwrap();
+    let config = config.to_str().unwrap();
+    let mut edge = Broker::start(
+        &dir.path().join("edge"),
+        &["--config", config, "--unsafe-hold-replication-cursors"],
+    );
+    let lines = |from: usize, to: usize| -> String {
+        (from..to)
+            .map(|i| format!("dev{}:reading {i}\n", i % 40))
+            .collect()
+    };
+    produce(&edge, "telemetry", &lines(0, 3000));
+    wait_replicated(&edge, 3000);
+    edge.restart(true, &["--config", config]);
+    produce(&edge, "telemetry", &lines(3000, 4000));
+    wait_replicated(&edge, 1000);
+    wait_caught_up(&edge);
+    assert_eq!(assert_exact_copy(&edge, &tansu.addr.to_string()), 4000);
+    assert_eq!(
+        edge.metric("weir_replication_already_upstream_total{rule=\"up\"}"),
+        3000.0
+    );
+    assert_eq!(replicated(&edge), 1000.0, "only the new records were sent");
 }
 
 #[test]

@@ -45,11 +45,18 @@ pub enum DeliveryError {
     Fatal(String),
 }
 
+/// Where the centre put a record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Position {
+    pub partition: u32,
+    pub offset: u64,
+}
+
 /// The acknowledgement (or refusal) of the record sent with `token`.
 #[derive(Debug)]
 pub struct Delivered {
     pub token: usize,
-    pub result: Result<(), DeliveryError>,
+    pub result: Result<Position, DeliveryError>,
 }
 
 #[derive(Debug)]
@@ -116,6 +123,31 @@ pub trait UpstreamConsumer: Send + Sync {
     /// Connection errors, as they happen (the consumer retries by itself meanwhile).
     fn link(&self) -> watch::Receiver<LinkErrors>;
 }
+
+/// Called with each record a scan reads: its position and headers.
+pub type Visit<'h> = dyn FnMut(Position, &[(&str, &[u8])]) + Send + 'h;
+
+/// Reads the centre back: what is already in a topic before a producer resends.
+pub trait UpstreamReader: Send + Sync {
+    /// Low and high watermark of each partition of `topic`, by partition, as the
+    /// centre's ListOffsets gives them (Tansu's high watermark can be short: a
+    /// scan's ends are the ones to trust).
+    fn ends<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<Vec<(u64, u64)>, String>>;
+    /// Reads each `(partition, from)` of `topic` from `from` to the partition's end
+    /// (where a fetch reports it reached the high watermark), calling `visit` with
+    /// every record's position and headers; returns the end of each partition.
+    /// Fails when nothing comes for `STALL`.
+    fn scan<'a>(
+        &'a self,
+        topic: &'a str,
+        from: &'a [(u32, u64)],
+        visit: &'a mut Visit<'_>,
+    ) -> BoxFuture<'a, Result<BTreeMap<u32, u64>, String>>;
+}
+
+/// How long a read-back may wait for the next record before it gives up (and is
+/// tried again).
+const STALL: Duration = Duration::from_secs(30);
 
 /// Settings of one producer (a replication rule's).
 pub struct ProducerSettings {
@@ -190,7 +222,10 @@ impl ProducerContext for DeliveryContext {
 
     fn delivery(&self, result: &DeliveryResult<'_>, token: usize) {
         let result = match result {
-            Ok(_) => Ok(()),
+            Ok(m) => Ok(Position {
+                partition: m.partition() as u32,
+                offset: m.offset() as u64,
+            }),
             Err((e, _)) => Err(delivery_error(e.clone())),
         };
         let _ = self.deliveries.send(Delivered { token, result });
@@ -438,6 +473,113 @@ impl UpstreamConsumer for RdConsumer {
 
     fn link(&self) -> watch::Receiver<LinkErrors> {
         self.consumer.context().errors.subscribe()
+    }
+}
+
+struct RdReader {
+    consumer: StreamConsumer<LinkContext>,
+}
+
+/// A librdkafka consumer of `upstream` that reads partitions to their end once.
+pub fn reader(
+    upstream: &UpstreamConfig,
+    client_id: &str,
+) -> Result<Arc<dyn UpstreamReader>, String> {
+    let consumer: StreamConsumer<LinkContext> = base_config(upstream, client_id)
+        .set("group.id", format!("{client_id}-read-back"))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "true")
+        .set("queued.max.messages.kbytes", "16384")
+        .create_with_context(LinkContext::new(&upstream.name))
+        .map_err(|e| format!("cannot create the read-back consumer: {e}"))?;
+    Ok(Arc::new(RdReader { consumer }))
+}
+
+impl UpstreamReader for RdReader {
+    fn ends<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<Vec<(u64, u64)>, String>> {
+        Box::pin(async move {
+            let client = self.consumer.client();
+            tokio::task::block_in_place(|| {
+                let metadata = client
+                    .fetch_metadata(Some(topic), Duration::from_secs(5))
+                    .map_err(|e| format!("metadata of {topic}: {e}"))?;
+                let partitions = match metadata.topics().iter().find(|t| t.name() == topic) {
+                    Some(t) if t.error().is_none() && !t.partitions().is_empty() => {
+                        t.partitions().len()
+                    }
+                    _ => return Err(format!("topic {topic} does not exist upstream")),
+                };
+                (0..partitions as i32)
+                    .map(|p| {
+                        let (low, high) = self
+                            .consumer
+                            .fetch_watermarks(topic, p, Duration::from_secs(5))
+                            .map_err(|e| format!("watermarks of {topic}/{p}: {e}"))?;
+                        Ok((low.max(0) as u64, high.max(0) as u64))
+                    })
+                    .collect()
+            })
+        })
+    }
+
+    fn scan<'a>(
+        &'a self,
+        topic: &'a str,
+        from: &'a [(u32, u64)],
+        visit: &'a mut Visit<'_>,
+    ) -> BoxFuture<'a, Result<BTreeMap<u32, u64>, String>> {
+        Box::pin(async move {
+            let mut list = TopicPartitionList::new();
+            for (p, offset) in from {
+                list.add_partition_offset(topic, *p as i32, Offset::Offset(*offset as i64))
+                    .map_err(|e| e.to_string())?;
+            }
+            self.consumer.assign(&list).map_err(|e| e.to_string())?;
+            // Partition → the offset after the last record read (or the start).
+            let mut open: BTreeMap<u32, u64> = from.iter().copied().collect();
+            let mut ends = BTreeMap::new();
+            while !open.is_empty() {
+                let m = match tokio::time::timeout(STALL, self.consumer.recv()).await {
+                    Err(_) => return Err(format!("reading {topic} back: nothing for {STALL:?}")),
+                    Ok(Err(KafkaError::PartitionEOF(p))) => {
+                        if let Some(next) = open.remove(&(p as u32)) {
+                            let position = self
+                                .consumer
+                                .position()
+                                .ok()
+                                .and_then(|l| {
+                                    l.find_partition(topic, p).and_then(|e| e.offset().to_raw())
+                                })
+                                .filter(|o| *o >= 0)
+                                .map_or(0, |o| o as u64);
+                            ends.insert(p as u32, next.max(position));
+                        }
+                        continue;
+                    }
+                    Ok(Err(e)) => return Err(format!("reading {topic} back: {e}")),
+                    Ok(Ok(m)) => m,
+                };
+                let position = Position {
+                    partition: m.partition() as u32,
+                    offset: m.offset() as u64,
+                };
+                let Some(next) = open.get_mut(&position.partition) else {
+                    continue;
+                };
+                *next = position.offset + 1;
+                let headers: Vec<(&str, &[u8])> = m
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|h| (h.key, h.value.unwrap_or_default()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                visit(position, &headers);
+            }
+            Ok(ends)
+        })
     }
 }
 

@@ -8,6 +8,7 @@
 
 pub mod client;
 pub mod downlink;
+pub mod readback;
 pub mod uplink;
 
 use std::collections::BTreeMap;
@@ -33,6 +34,10 @@ pub struct ReplicationConfig {
     pub gateway_id: String,
     pub upstream: Vec<UpstreamConfig>,
     pub rule: Vec<RuleConfig>,
+    /// Test only (`weir serve --unsafe-hold-replication-cursors`): never write the
+    /// up rules' cursors.
+    #[serde(skip)]
+    pub unsafe_hold_cursors: bool,
 }
 
 impl Default for ReplicationConfig {
@@ -41,6 +46,7 @@ impl Default for ReplicationConfig {
             gateway_id: default_gateway_id(),
             upstream: Vec::new(),
             rule: Vec::new(),
+            unsafe_hold_cursors: false,
         }
     }
 }
@@ -240,6 +246,7 @@ pub struct ReplicationMetrics {
     pub upstream_errors: Family<Labels, Counter>,
     pub lost_records: Family<Labels, Counter>,
     pub failed_records: Family<Labels, Counter>,
+    pub already_upstream: Family<Labels, Counter>,
     pub connected: Family<Labels, Gauge>,
 }
 
@@ -281,6 +288,11 @@ impl ReplicationMetrics {
             "failed_records",
             "Records the upstream refused for good (e.g. too large); skipped",
             self.failed_records.clone(),
+        );
+        r.register(
+            "already_upstream",
+            "Records found at the centre when reading it back (sent before a restart), not sent again",
+            self.already_upstream.clone(),
         );
         r.register(
             "connected",
@@ -408,6 +420,9 @@ pub async fn start(
     metrics: &ReplicationMetrics,
     stop: &watch::Receiver<bool>,
 ) -> anyhow::Result<Replication> {
+    if config.unsafe_hold_cursors {
+        tracing::warn!("test only: replication cursors are never written");
+    }
     let gate = uplink::PriorityGate::default();
     // Every up rule reports its backlog to the gate before any sends, so a low
     // priority rule cannot start first on a backlog a higher one has.
@@ -452,6 +467,7 @@ pub async fn start(
                     gate: gate.clone(),
                     registered: registered.clone(),
                     stop: stop.clone(),
+                    hold_cursors: config.unsafe_hold_cursors,
                 };
                 tokio::spawn(runner.run())
             }

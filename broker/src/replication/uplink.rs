@@ -8,10 +8,11 @@
 //! records the centre acknowledged, in order. An outage only delays: the producer
 //! never gives a record up, and the local log is the buffer; what it holds in memory
 //! is bounded by `MAX_PENDING` records. A producer that fails for good is replaced and
-//! sending starts again from the cursor (records the centre had but had not
-//! acknowledged may then arrive twice; the provenance headers tell them apart).
+//! sending starts again from the cursor. Before a target sends, each producer reads
+//! the centre back from the rule's floor (`readback`), so records the centre took
+//! before a crash or a failed producer, past the durable cursor, are not sent twice.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -19,11 +20,12 @@ use bytes::Bytes;
 use futures::FutureExt;
 use kafka_protocol::records::RecordBatchDecoder;
 use tokio::sync::watch;
-use tracing::{error, warn};
+use tracing::{error, info, warn};
 
 use super::client::{
-    self, Delivered, DeliveryError, LinkErrors, OutRecord, ProducerSettings, SendError,
+    self, Delivered, DeliveryError, LinkErrors, OutRecord, Position, ProducerSettings, SendError,
 };
+use super::readback::{self, Floor, Found, Source};
 use super::{
     LinkState, PRIORITY_BACKLOG, PartitionStatus, ReplicationMetrics, RuleConfig, SharedStatus,
     UpstreamConfig, cursor_key, note_link_errors, partition_labels, record_success, rule_labels,
@@ -32,6 +34,8 @@ use super::{
 use crate::storage::{Log, PartitionOffsets, ReadError, state_op};
 
 const NS_CURSOR: &str = "replication.cursor";
+/// `{rule}/{target}` → the target's floor (`readback`).
+const NS_FLOOR: &str = "replication.floor";
 /// Records sent and not yet acknowledged, per rule, at most.
 const MAX_PENDING: usize = 100_000;
 /// Bytes read from the log at a time, per partition.
@@ -107,16 +111,51 @@ struct Part {
     /// Next offset to send.
     next_read: u64,
     committed: u64,
-    /// Sent records, in offset order: offset, bytes, acknowledged yet.
-    pending: VecDeque<(u64, u32, bool)>,
+    /// Sent records, in offset order.
+    pending: VecDeque<Pending>,
     changes: watch::Receiver<PartitionOffsets>,
     last_lag: u64,
+    /// This producer read its target back and wrote the floor: it may send.
+    armed: bool,
+    /// Its cursor was placed by this run and nothing was sent since.
+    fresh: bool,
+    /// Records past the cursor the read-back found upstream, not sent again:
+    /// source offset → position upstream.
+    copies: BTreeMap<u64, Position>,
+    /// Upstream partition → one past the highest position this producer's
+    /// deliveries reached (the partition's end before it sent, until one does).
+    top: BTreeMap<u32, u64>,
+}
+
+/// A record sent (or found upstream) and not yet under the cursor.
+struct Pending {
+    offset: u64,
+    bytes: u32,
+    acked: bool,
+    /// Where it is upstream, once acknowledged.
+    at: Option<Position>,
 }
 
 impl Part {
     /// Every record before this one is acknowledged.
     fn acked(&self) -> u64 {
-        self.pending.front().map_or(self.next_read, |p| p.0)
+        self.pending.front().map_or(self.next_read, |p| p.offset)
+    }
+
+    /// Drops the acknowledged records at the front.
+    fn settle(&mut self) {
+        while self.pending.front().is_some_and(|p| p.acked) {
+            self.pending.pop_front();
+        }
+    }
+
+    /// Back to the last acknowledged record, for a new producer.
+    fn rewind(&mut self) {
+        self.next_read = self.acked();
+        self.pending.clear();
+        self.armed = false;
+        self.copies.clear();
+        self.top.clear();
     }
 }
 
@@ -132,12 +171,14 @@ pub struct Uplink {
     /// Passed once every up rule reported its first backlog to the gate.
     pub registered: Arc<tokio::sync::Barrier>,
     pub stop: watch::Receiver<bool>,
+    /// Test only: never write cursors (see `ReplicationConfig`).
+    pub hold_cursors: bool,
 }
 
 impl Uplink {
     pub async fn run(mut self) {
         let parts = self.parts().await;
-        if let Ok(parts) = &parts {
+        if let Ok((parts, _)) = &parts {
             let backlog = parts
                 .iter()
                 .map(|p| {
@@ -153,7 +194,7 @@ impl Uplink {
             _ = self.registered.wait() => {}
             _ = self.stop.wait_for(|s| *s) => return,
         }
-        let mut parts = match parts {
+        let (mut parts, mut floors) = match parts {
             Ok(p) => p,
             Err(e) => {
                 error!(rule = %self.rule.name, error = %e, "replication rule cannot start");
@@ -166,7 +207,7 @@ impl Uplink {
         };
         let mut backoff = Duration::from_millis(500);
         loop {
-            match self.session(&mut parts).await {
+            match self.session(&mut parts, &mut floors).await {
                 Ok(()) => return,
                 Err(reason) => {
                     warn!(rule = %self.rule.name, error = %reason, backoff_ms = backoff.as_millis() as u64,
@@ -176,9 +217,11 @@ impl Uplink {
                         .unwrap_or_else(|e| e.into_inner())
                         .last_error = Some(reason);
                     set_state(&self.status, &self.metrics, LinkState::BackingOff);
+                    // The floor as it is now, so the next producer finds what this
+                    // one delivered past the cursors.
+                    self.commit(&mut parts, &mut floors).await;
                     for part in &mut parts {
-                        part.next_read = part.acked();
-                        part.pending.clear();
+                        part.rewind();
                     }
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
@@ -190,8 +233,9 @@ impl Uplink {
         }
     }
 
-    /// The source partitions, from their cursors (placed at `start` the first time).
-    async fn parts(&self) -> Result<Vec<Part>, String> {
+    /// The source partitions, from their cursors (placed at `start` the first time),
+    /// and each target's floor.
+    async fn parts(&self) -> Result<(Vec<Part>, HashMap<String, Floor>), String> {
         let mut parts = Vec::new();
         let mut first = Vec::new();
         for topic in &self.rule.topics {
@@ -205,11 +249,11 @@ impl Uplink {
                     .watch(topic, partition)
                     .map_err(|e| e.to_string())?;
                 let key = cursor_key(&self.rule.name, topic, partition);
-                let next = match self
+                let stored = self
                     .log
                     .get_state::<u64>(NS_CURSOR, &key)
-                    .map_err(|e| e.to_string())?
-                {
+                    .map_err(|e| e.to_string())?;
+                let next = match stored {
                     Some(n) => n,
                     None => {
                         let offsets = *changes.borrow();
@@ -232,18 +276,46 @@ impl Uplink {
                     pending: VecDeque::new(),
                     changes,
                     last_lag: 0,
+                    armed: false,
+                    fresh: stored.is_none(),
+                    copies: BTreeMap::new(),
+                    top: BTreeMap::new(),
                 });
             }
         }
         if !first.is_empty() {
             self.log.write(first).await.map_err(|e| e.to_string())?;
         }
-        Ok(parts)
+        let mut floors = HashMap::new();
+        for part in &parts {
+            if floors.contains_key(&part.target) {
+                continue;
+            }
+            let stored = self
+                .log
+                .get_state::<BTreeMap<u32, u64>>(NS_FLOOR, &self.floor_key(&part.target))
+                .map_err(|e| e.to_string())?;
+            let floor = match stored {
+                Some(at) => Floor::At(at),
+                None if parts.iter().all(|p| p.target != part.target || p.fresh) => Floor::Fresh,
+                None => Floor::Unknown,
+            };
+            floors.insert(part.target.clone(), floor);
+        }
+        Ok((parts, floors))
+    }
+
+    fn floor_key(&self, target: &str) -> String {
+        format!("{}/{target}", self.rule.name)
     }
 
     /// One producer's life: returns Ok when the broker stops, Err when the producer
     /// failed for good.
-    async fn session(&mut self, parts: &mut [Part]) -> Result<(), String> {
+    async fn session(
+        &mut self,
+        parts: &mut [Part],
+        floors: &mut HashMap<String, Floor>,
+    ) -> Result<(), String> {
         let settings = ProducerSettings {
             compression: self.rule.compression.clone(),
             batch_bytes: self.rule.batch_bytes,
@@ -259,14 +331,16 @@ impl Uplink {
         let mut bucket = TokenBucket::new(self.rule.max_bytes_per_sec);
         let mut last_commit = Instant::now();
         let mut last_report = Instant::now() - Duration::from_secs(10);
-        // The target topics are created upstream (unless they exist) beside the loop;
-        // a partition sends once its target is there (records sent to a topic that
-        // does not exist yet would sit in librdkafka's queue, slowly).
-        let created = Arc::new(Created::default());
-        let _creating = AbortOnDrop(tokio::spawn(create_targets(
+        // The target topics are created upstream (unless they exist) and read back
+        // beside the loop; a partition sends once its target is ready (records sent
+        // to a topic that does not exist yet would sit in librdkafka's queue, slowly).
+        let prepared = Arc::new(Prepared::default());
+        let _preparing = AbortOnDrop(tokio::spawn(prepare_targets(
             producer.clone(),
-            self.targets(parts),
-            created.clone(),
+            client::reader(&self.upstream, &self.client_id)?,
+            self.gateway.clone(),
+            self.targets(parts, floors),
+            prepared.clone(),
             self.status.clone(),
         )));
         let mut start_at = 0usize;
@@ -275,23 +349,18 @@ impl Uplink {
             if *self.stop.borrow() {
                 if let Some(c) = committing.take() {
                     let result = c.write.await.map(drop).map_err(|e| e.to_string());
-                    self.committed(parts, c.moved, result);
+                    self.committed(parts, floors, c.moved, c.floors, result);
                 }
-                return self.finish(parts, deliveries, in_flight).await;
+                return self.finish(parts, floors, deliveries, in_flight).await;
             }
+            self.arm(parts, floors, &prepared).await?;
             // Send what is new, within the bounds.
             let mut blocked = false;
             if self.gate.open(&self.rule) && !parts.is_empty() {
                 start_at = (start_at + 1) % parts.len();
                 for k in 0..parts.len() {
                     let i = (start_at + k) % parts.len();
-                    if blocked
-                        || !created
-                            .topics
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .contains(&parts[i].target)
-                    {
+                    if blocked || !parts[i].armed {
                         continue;
                     }
                     blocked = self.fill(
@@ -321,7 +390,7 @@ impl Uplink {
                     Some(done) = deliveries.recv(), if in_flight > 0 => Some(done),
                     _ = appended, if !blocked => None,
                     _ = link.changed() => None,
-                    _ = created.notify.notified() => None,
+                    _ = prepared.notify.notified() => None,
                     _ = tokio::time::sleep(Duration::from_millis(nap)) => None,
                     _ = self.stop.wait_for(|s| *s) => None,
                 }
@@ -338,13 +407,14 @@ impl Uplink {
                 && let Some(result) = (&mut c.write).now_or_never()
             {
                 let c = committing.take().expect("checked");
-                self.committed(parts, c.moved, result.map(drop).map_err(|e| e.to_string()));
+                let result = result.map(drop).map_err(|e| e.to_string());
+                self.committed(parts, floors, c.moved, c.floors, result);
             }
             if committing.is_none()
                 && parts.iter().any(|p| p.acked() != p.committed)
                 && (last_commit.elapsed() >= Duration::from_millis(100) || in_flight == 0)
             {
-                committing = self.start_commit(parts).await;
+                committing = self.start_commit(parts, floors).await;
                 last_commit = Instant::now();
             }
             if last_report.elapsed() >= Duration::from_secs(1) {
@@ -354,17 +424,72 @@ impl Uplink {
         }
     }
 
-    /// Each target topic with the partition count of its source.
-    fn targets(&self, parts: &[Part]) -> Vec<(String, u32)> {
-        let mut targets: Vec<(String, u32)> = parts
-            .iter()
-            .map(|p| {
-                let partitions = self.log.topic(&p.topic).map_or(1, |t| t.partitions);
-                (p.target.clone(), partitions)
-            })
-            .collect();
-        targets.dedup();
+    /// Each target topic: what preparing it needs.
+    fn targets(&self, parts: &[Part], floors: &HashMap<String, Floor>) -> Vec<Target> {
+        let mut targets: Vec<Target> = Vec::new();
+        for p in parts {
+            let source = (p.topic.clone(), p.partition, p.acked(), p.fresh);
+            match targets.iter_mut().find(|t| t.topic == p.target) {
+                Some(t) => t.sources.push(source),
+                None => targets.push(Target {
+                    topic: p.target.clone(),
+                    partitions: self.log.topic(&p.topic).map_or(1, |t| t.partitions),
+                    floor: floors.get(&p.target).cloned().unwrap_or(Floor::Unknown),
+                    sources: vec![source],
+                }),
+            }
+        }
         targets
+    }
+
+    /// Arms the parts of each target that was read back: what the centre has past
+    /// their cursors is noted (and not sent), and the floor is made durable before
+    /// anything is sent.
+    async fn arm(
+        &self,
+        parts: &mut [Part],
+        floors: &mut HashMap<String, Floor>,
+        prepared: &Prepared,
+    ) -> Result<(), String> {
+        let ready: Vec<(String, Found)> = prepared
+            .ready
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .collect();
+        for (target, mut found) in ready {
+            if found.count() > 0 {
+                info!(rule = %self.rule.name, target = %target, records = found.count(),
+                    "records past the cursors are at the centre already (sent before a restart); not sending them again");
+            }
+            for p in parts.iter_mut().filter(|p| p.target == target) {
+                p.copies = found
+                    .copies
+                    .remove(&(p.topic.clone(), p.partition))
+                    .unwrap_or_default();
+                p.top = found.ends.clone();
+                p.armed = true;
+                p.fresh = false;
+            }
+            let floor = target_floor(parts, &target);
+            self.log
+                .write(vec![state_op(
+                    NS_FLOOR,
+                    &self.floor_key(&target),
+                    Some(postcard::to_stdvec(&floor).map_err(|e| e.to_string())?),
+                )])
+                .await
+                .map_err(|e| format!("cannot write the floor of {target}: {e}"))?;
+            floors.insert(target, Floor::At(floor));
+            // The centre answered the read-back: the link is up.
+            if matches!(
+                self.state(),
+                LinkState::Connecting | LinkState::Disconnected | LinkState::BackingOff
+            ) {
+                set_state(&self.status, &self.metrics, LinkState::Connected);
+            }
+        }
+        Ok(())
     }
 
     fn state(&self) -> LinkState {
@@ -413,6 +538,21 @@ impl Uplink {
                     }
                     let size = r.key.as_ref().map_or(0, Bytes::len)
                         + r.value.as_ref().map_or(0, Bytes::len);
+                    if let Some(at) = part.copies.remove(&offset) {
+                        part.pending.push_back(Pending {
+                            offset,
+                            bytes: size as u32,
+                            acked: true,
+                            at: Some(at),
+                        });
+                        part.settle();
+                        part.next_read = offset + 1;
+                        self.metrics
+                            .already_upstream
+                            .get_or_create(&rule_labels(&self.rule.name))
+                            .inc();
+                        continue;
+                    }
                     if *in_flight >= MAX_PENDING || !bucket.take(size) {
                         return Ok(true);
                     }
@@ -437,7 +577,12 @@ impl Uplink {
                     };
                     match producer.send(&out, token(index, offset)) {
                         Ok(()) => {
-                            part.pending.push_back((offset, size as u32, false));
+                            part.pending.push_back(Pending {
+                                offset,
+                                bytes: size as u32,
+                                acked: false,
+                                at: None,
+                            });
                             *in_flight += 1;
                             part.next_read = offset + 1;
                         }
@@ -488,13 +633,16 @@ impl Uplink {
             let Some(part) = parts.get_mut(index) else {
                 continue;
             };
-            let Ok(i) = part.pending.binary_search_by_key(&offset, |p| p.0) else {
+            let Ok(i) = part.pending.binary_search_by_key(&offset, |p| p.offset) else {
                 continue;
             };
             match result {
-                Ok(()) => {
+                Ok(at) => {
                     records += 1;
-                    bytes += u64::from(part.pending[i].1);
+                    bytes += u64::from(part.pending[i].bytes);
+                    part.pending[i].at = Some(at);
+                    let top = part.top.entry(at.partition).or_default();
+                    *top = (*top).max(at.offset + 1);
                 }
                 Err(DeliveryError::Permanent(reason)) => self.failed(part, offset, &reason),
                 Err(DeliveryError::Fatal(reason)) => {
@@ -502,10 +650,8 @@ impl Uplink {
                     continue;
                 }
             }
-            part.pending[i].2 = true;
-            while part.pending.front().is_some_and(|p| p.2) {
-                part.pending.pop_front();
-            }
+            part.pending[i].acked = true;
+            part.settle();
         }
         if records > 0 {
             record_success(&self.metrics, &self.status, &self.rule.name, records, bytes);
@@ -519,11 +665,32 @@ impl Uplink {
         fatal.map_or(Ok(()), Err)
     }
 
-    /// Queues the write of every partition's acknowledged position; the loop goes
-    /// on meanwhile, and `committed` moves when the write is durable.
-    async fn start_commit(&self, parts: &[Part]) -> Option<Commit> {
+    /// Queues the write of every partition's acknowledged position, with the floor
+    /// of each target; the loop goes on meanwhile, and `committed` moves when the
+    /// write is durable.
+    async fn start_commit(
+        &self,
+        parts: &[Part],
+        floors: &HashMap<String, Floor>,
+    ) -> Option<Commit> {
+        if self.hold_cursors {
+            return None;
+        }
         let mut ops = Vec::new();
         let mut moved = Vec::new();
+        let mut new_floors = Vec::new();
+        for (target, known) in floors {
+            if !parts.iter().any(|p| p.target == *target && p.armed) {
+                continue;
+            }
+            let floor = target_floor(parts, target);
+            if *known != Floor::At(floor.clone())
+                && let Ok(v) = postcard::to_stdvec(&floor)
+            {
+                ops.push(state_op(NS_FLOOR, &self.floor_key(target), Some(v)));
+                new_floors.push((target.clone(), floor));
+            }
+        }
         for (i, p) in parts.iter().enumerate() {
             let acked = p.acked();
             if acked != p.committed
@@ -541,7 +708,11 @@ impl Uplink {
             return None;
         }
         match self.log.submit(ops).await {
-            Ok(write) => Some(Commit { moved, write }),
+            Ok(write) => Some(Commit {
+                moved,
+                floors: new_floors,
+                write,
+            }),
             Err(e) => {
                 warn!(rule = %self.rule.name, error = %e, "cannot commit the replication cursors; retrying");
                 None
@@ -550,11 +721,21 @@ impl Uplink {
     }
 
     /// Applies a finished commit.
-    fn committed(&self, parts: &mut [Part], moved: Vec<(usize, u64)>, result: Result<(), String>) {
+    fn committed(
+        &self,
+        parts: &mut [Part],
+        floors: &mut HashMap<String, Floor>,
+        moved: Vec<(usize, u64)>,
+        new_floors: Vec<(String, BTreeMap<u32, u64>)>,
+        result: Result<(), String>,
+    ) {
         match result {
             Ok(()) => {
                 for (i, acked) in moved {
                     parts[i].committed = acked;
+                }
+                for (target, floor) in new_floors {
+                    floors.insert(target, Floor::At(floor));
                 }
             }
             Err(e) => {
@@ -564,10 +745,10 @@ impl Uplink {
     }
 
     /// Commits now and waits for it (at the end of a session).
-    async fn commit(&self, parts: &mut [Part]) {
-        if let Some(Commit { moved, write }) = self.start_commit(parts).await {
-            let result = write.await.map(drop).map_err(|e| e.to_string());
-            self.committed(parts, moved, result);
+    async fn commit(&self, parts: &mut [Part], floors: &mut HashMap<String, Floor>) {
+        if let Some(c) = self.start_commit(parts, floors).await {
+            let result = c.write.await.map(drop).map_err(|e| e.to_string());
+            self.committed(parts, floors, c.moved, c.floors, result);
         }
     }
 
@@ -640,6 +821,7 @@ impl Uplink {
     async fn finish(
         &self,
         parts: &mut [Part],
+        floors: &mut HashMap<String, Floor>,
         mut deliveries: client::Deliveries,
         mut in_flight: usize,
     ) -> Result<(), String> {
@@ -655,43 +837,101 @@ impl Uplink {
                 _ => break,
             }
         }
-        self.commit(parts).await;
+        self.commit(parts, floors).await;
         Ok(())
     }
 }
 
-/// A cursor write under way: which partitions move where once it is durable.
+/// The floor of `target` now, over its armed parts (see `readback`).
+fn target_floor(parts: &[Part], target: &str) -> BTreeMap<u32, u64> {
+    let of_target = || parts.iter().filter(|p| p.target == target && p.armed);
+    readback::floor(
+        of_target().map(|p| &p.top),
+        of_target().flat_map(|p| {
+            p.pending
+                .iter()
+                .filter_map(|r| r.at)
+                .chain(p.copies.values().copied())
+        }),
+    )
+}
+
+/// A cursor write under way: which partitions and floors move where once it is
+/// durable.
 struct Commit {
     moved: Vec<(usize, u64)>,
+    floors: Vec<(String, BTreeMap<u32, u64>)>,
     write: crate::storage::PendingWrite,
 }
 
-/// Creates each target topic upstream unless it exists, retrying every 2 s.
-async fn create_targets(
+/// A target topic to prepare: its partition count (that of its source), its floor
+/// and its sources (topic, partition, cursor, fresh).
+struct Target {
+    topic: String,
+    partitions: u32,
+    floor: Floor,
+    sources: Vec<(String, u32, u64, bool)>,
+}
+
+/// Creates each target topic upstream unless it exists, then reads it back;
+/// retries each step every 2 s.
+async fn prepare_targets(
     producer: Arc<dyn client::UpstreamProducer>,
-    targets: Vec<(String, u32)>,
-    created: Arc<Created>,
+    reader: Arc<dyn client::UpstreamReader>,
+    gateway: String,
+    targets: Vec<Target>,
+    prepared: Arc<Prepared>,
     status: SharedStatus,
 ) {
-    for (topic, partitions) in targets {
-        while let Err(e) = producer.ensure_topic(&topic, partitions).await {
-            status.lock().unwrap_or_else(|e| e.into_inner()).last_error = Some(e);
-            tokio::time::sleep(Duration::from_secs(2)).await;
+    let failed = |e: String| {
+        status.lock().unwrap_or_else(|e| e.into_inner()).last_error = Some(e);
+        tokio::time::sleep(Duration::from_secs(2))
+    };
+    for target in targets {
+        while let Err(e) = producer
+            .ensure_topic(&target.topic, target.partitions)
+            .await
+        {
+            failed(e).await;
         }
-        created
-            .topics
+        let sources: Vec<Source<'_>> = target
+            .sources
+            .iter()
+            .map(|(topic, partition, cursor, fresh)| Source {
+                topic,
+                partition: *partition,
+                cursor: *cursor,
+                fresh: *fresh,
+            })
+            .collect();
+        let found = loop {
+            match readback::read_back(
+                reader.as_ref(),
+                &target.topic,
+                &gateway,
+                &target.floor,
+                &sources,
+            )
+            .await
+            {
+                Ok(found) => break found,
+                Err(e) => failed(e).await,
+            }
+        };
+        prepared
+            .ready
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(topic);
-        created.notify.notify_one();
+            .insert(target.topic.clone(), found);
+        prepared.notify.notify_one();
     }
 }
 
-/// The target topics known to exist upstream; the session loop is woken when one
-/// is added.
+/// Target topics created and read back, for the session loop to arm; it is woken
+/// when one is added.
 #[derive(Default)]
-struct Created {
-    topics: Mutex<HashSet<String>>,
+struct Prepared {
+    ready: Mutex<HashMap<String, Found>>,
     notify: tokio::sync::Notify,
 }
 
