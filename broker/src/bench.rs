@@ -1,6 +1,8 @@
 //! `weir bench log`: append and read throughput of the log, side by side with the
 //! machine's raw limit (a plain file appended with fsync after each write of the
-//! same size as the log's commits), measured in the same run.
+//! same size as the log's commits) and with bare redb (the same batches inserted,
+//! as many per durable commit, into one table and nothing else: the ceiling of any
+//! log kept in redb), measured in the same run.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -38,6 +40,8 @@ pub struct AppendResult {
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub raw_mb_per_s: f64,
+    /// Bare redb: the same batches, as many per commit, into one table.
+    pub redb_mb_per_s: f64,
     pub read_mb_per_s: f64,
     pub read_records_per_s: f64,
     /// Size of the database file over the bytes appended (space amplification).
@@ -100,6 +104,16 @@ pub async fn run(bench: &LogBench) -> anyhow::Result<Vec<AppendResult>> {
                 let mut result = append_run(bench, &dir, record_size, producers).await?;
                 result.raw_mb_per_s =
                     raw_file_run(&dir, result.bytes_per_commit as usize, bench.seconds)?;
+                let (batch, _) = bench_batch(record_size, bench.batch_bytes);
+                let per_commit = (result.bytes_per_commit / batch.len() as f64).round() as usize;
+                result.redb_mb_per_s = bare_redb_run(
+                    &dir,
+                    &batch,
+                    producers,
+                    per_commit.max(1),
+                    bench.fsync,
+                    bench.seconds,
+                )?;
                 std::fs::remove_dir_all(&dir)?;
                 rounds.push(result);
             }
@@ -195,6 +209,7 @@ async fn append_run(
         p50_ms: latency.value_at_quantile(0.5) as f64 / 1000.0,
         p99_ms: latency.value_at_quantile(0.99) as f64 / 1000.0,
         raw_mb_per_s: 0.0,
+        redb_mb_per_s: 0.0,
         read_mb_per_s: read_bytes as f64 / read_elapsed / 1e6,
         read_records_per_s: read_records as f64 / read_elapsed,
     })
@@ -223,15 +238,58 @@ fn raw_file_run(dir: &Path, write_size: usize, seconds: f64) -> anyhow::Result<f
     Ok(written as f64 / elapsed / 1e6)
 }
 
+/// Inserts `batch` into a bare redb table keyed (partition, offset), `per_commit`
+/// batches a transaction spread over `partitions`, each commit durable (with
+/// `fsync`); MB/s of batches.
+fn bare_redb_run(
+    dir: &Path,
+    batch: &[u8],
+    partitions: usize,
+    per_commit: usize,
+    fsync: bool,
+    seconds: f64,
+) -> anyhow::Result<f64> {
+    const TABLE: redb::TableDefinition<(u32, u64), &[u8]> = redb::TableDefinition::new("batches");
+    let path = dir.join("bare.redb");
+    let db = redb::Database::create(&path)?;
+    let mut next = vec![0u64; partitions.max(1)];
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs_f64(seconds);
+    let mut written = 0usize;
+    let mut p = 0;
+    while Instant::now() < deadline {
+        let mut txn = db.begin_write()?;
+        txn.set_durability(if fsync {
+            redb::Durability::Immediate
+        } else {
+            redb::Durability::None
+        })?;
+        {
+            let mut table = txn.open_table(TABLE)?;
+            for _ in 0..per_commit {
+                table.insert((p as u32, next[p]), batch)?;
+                next[p] += 1_000;
+                p = (p + 1) % next.len();
+                written += batch.len();
+            }
+        }
+        txn.commit()?;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    drop(db);
+    std::fs::remove_file(&path)?;
+    Ok(written as f64 / elapsed / 1e6)
+}
+
 /// The results as a Markdown table.
 pub fn table(results: &[AppendResult]) -> String {
     let mut out = String::from(
-        "| record | producers | records/s | MB/s | commits/s | KB/commit | ack p50 ms | ack p99 ms | raw file MB/s | log/raw (range) | read MB/s | read records/s | file/data | written/data |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| record | producers | records/s | MB/s | commits/s | KB/commit | ack p50 ms | ack p99 ms | raw file MB/s | log/raw (range) | bare redb MB/s | bare redb/raw | log/bare redb | read MB/s | read records/s | file/data | written/data |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in results {
         out.push_str(&format!(
-            "| {} B | {} | {:.0} | {:.1} | {:.0} | {:.0} | {:.2} | {:.2} | {:.1} | {:.2} ({:.2}–{:.2}) | {:.0} | {:.0} | {:.2} | {:.2} |\n",
+            "| {} B | {} | {:.0} | {:.1} | {:.0} | {:.0} | {:.2} | {:.2} | {:.1} | {:.2} ({:.2}–{:.2}) | {:.1} | {:.2} | {:.2} | {:.0} | {:.0} | {:.2} | {:.2} |\n",
             r.record_size,
             r.producers,
             r.records_per_s,
@@ -244,6 +302,9 @@ pub fn table(results: &[AppendResult]) -> String {
             r.ratio(),
             r.ratio_range.0,
             r.ratio_range.1,
+            r.redb_mb_per_s,
+            r.redb_mb_per_s / r.raw_mb_per_s,
+            r.mb_per_s / r.redb_mb_per_s,
             r.read_mb_per_s,
             r.read_records_per_s,
             r.file_ratio,

@@ -136,7 +136,7 @@ pub trait UpstreamReader: Send + Sync {
     /// Reads each `(partition, from)` of `topic` from `from` to the partition's end
     /// (where a fetch reports it reached the high watermark), calling `visit` with
     /// every record's position and headers; returns the end of each partition.
-    /// Fails when nothing comes for `STALL`.
+    /// Fails when neither a record nor an end comes for `STALL`.
     fn scan<'a>(
         &'a self,
         topic: &'a str,
@@ -557,7 +557,12 @@ impl UpstreamReader for RdReader {
                         }
                         continue;
                     }
-                    Ok(Err(e)) => return Err(format!("reading {topic} back: {e}")),
+                    // Connection trouble: the client reconnects by itself, and a
+                    // scan that gets nothing for STALL fails.
+                    Ok(Err(e)) => {
+                        debug!(%topic, error = %e, "reading back");
+                        continue;
+                    }
                     Ok(Ok(m)) => m,
                 };
                 let position = Position {

@@ -337,7 +337,8 @@ impl Uplink {
         let prepared = Arc::new(Prepared::default());
         let _preparing = AbortOnDrop(tokio::spawn(prepare_targets(
             producer.clone(),
-            client::reader(&self.upstream, &self.client_id)?,
+            self.upstream.clone(),
+            self.client_id.clone(),
             self.gateway.clone(),
             self.targets(parts, floors),
             prepared.clone(),
@@ -873,11 +874,12 @@ struct Target {
     sources: Vec<(String, u32, u64, bool)>,
 }
 
-/// Creates each target topic upstream unless it exists, then reads it back;
-/// retries each step every 2 s.
+/// Creates each target topic upstream unless it exists, then reads it back (with a
+/// new consumer each time); retries each step every 2 s.
 async fn prepare_targets(
     producer: Arc<dyn client::UpstreamProducer>,
-    reader: Arc<dyn client::UpstreamReader>,
+    upstream: UpstreamConfig,
+    client_id: String,
     gateway: String,
     targets: Vec<Target>,
     prepared: Arc<Prepared>,
@@ -905,15 +907,18 @@ async fn prepare_targets(
             })
             .collect();
         let found = loop {
-            match readback::read_back(
-                reader.as_ref(),
-                &target.topic,
-                &gateway,
-                &target.floor,
-                &sources,
-            )
-            .await
-            {
+            let read = async {
+                let reader = client::reader(&upstream, &client_id)?;
+                readback::read_back(
+                    reader.as_ref(),
+                    &target.topic,
+                    &gateway,
+                    &target.floor,
+                    &sources,
+                )
+                .await
+            };
+            match read.await {
                 Ok(found) => break found,
                 Err(e) => failed(e).await,
             }
