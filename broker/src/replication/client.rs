@@ -490,6 +490,8 @@ pub fn reader(
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "true")
+        // The end is where a fetch comes back empty: do not let it wait for more.
+        .set("fetch.wait.max.ms", "10")
         .set("queued.max.messages.kbytes", "16384")
         .create_with_context(LinkContext::new(&upstream.name))
         .map_err(|e| format!("cannot create the read-back consumer: {e}"))?;

@@ -72,12 +72,16 @@ pub async fn read_back(
 ) -> Result<Found, String> {
     let ends = reader.ends(target).await?;
     let mut found = Found::default();
+    if *floor == Floor::Fresh {
+        // Nothing to find; a short end (Tansu's) only makes the floor lower: safe.
+        found.ends = (0u32..).zip(&ends).map(|(p, &(_, high))| (p, high)).collect();
+        return Ok(found);
+    }
     let from: Vec<(u32, u64)> = (0u32..)
         .zip(&ends)
         .map(|(p, &(low, high))| {
             let from = match floor {
-                Floor::Fresh => high,
-                Floor::Unknown => high.saturating_sub(UNKNOWN_FLOOR_RECORDS),
+                Floor::Fresh | Floor::Unknown => high.saturating_sub(UNKNOWN_FLOOR_RECORDS),
                 Floor::At(at) => at
                     .get(&p)
                     .copied()

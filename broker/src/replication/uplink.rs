@@ -36,7 +36,8 @@ use crate::storage::{Log, PartitionOffsets, ReadError, state_op};
 const NS_CURSOR: &str = "replication.cursor";
 /// `{rule}/{target}` → the target's floor (`readback`).
 const NS_FLOOR: &str = "replication.floor";
-/// Records sent and not yet acknowledged, per rule, at most.
+/// Records sent and not yet acknowledged, per rule, at most; and records a
+/// partition holds past its cursor (acknowledged behind one that is not yet).
 const MAX_PENDING: usize = 100_000;
 /// Bytes read from the log at a time, per partition.
 const READ_BYTES: usize = 512 * 1024;
@@ -508,7 +509,7 @@ impl Uplink {
         in_flight: &mut usize,
     ) -> Result<bool, String> {
         loop {
-            if *in_flight >= MAX_PENDING {
+            if *in_flight >= MAX_PENDING || part.pending.len() >= MAX_PENDING {
                 return Ok(true);
             }
             let read = match self
@@ -554,7 +555,10 @@ impl Uplink {
                             .inc();
                         continue;
                     }
-                    if *in_flight >= MAX_PENDING || !bucket.take(size) {
+                    if *in_flight >= MAX_PENDING
+                        || part.pending.len() >= MAX_PENDING
+                        || !bucket.take(size)
+                    {
                         return Ok(true);
                     }
                     let offset_text = offset.to_string();
