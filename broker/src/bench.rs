@@ -1,8 +1,8 @@
 //! `weir bench log`: append and read throughput of the log, side by side with the
 //! machine's raw limit (a plain file appended with fsync after each write of the
 //! same size as the log's commits) and with bare redb (the same batches inserted,
-//! as many per durable commit, into one table and nothing else: the ceiling of any
-//! log kept in redb), measured in the same run.
+//! as many per durable commit, into one table and nothing else: the straightforward
+//! log on redb, for reference), measured in the same run.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
