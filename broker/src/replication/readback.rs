@@ -71,10 +71,15 @@ pub async fn read_back(
     sources: &[Source<'_>],
 ) -> Result<Found, String> {
     let ends = reader.ends(target).await?;
-    let mut found = Found::default();
+    let mut found = Found {
+        ends: (0u32..)
+            .zip(&ends)
+            .map(|(p, &(_, high))| (p, high))
+            .collect(),
+        ..Found::default()
+    };
     if *floor == Floor::Fresh {
         // Nothing to find; a short end (Tansu's) only makes the floor lower: safe.
-        found.ends = (0u32..).zip(&ends).map(|(p, &(_, high))| (p, high)).collect();
         return Ok(found);
     }
     let from: Vec<(u32, u64)> = (0u32..)
@@ -107,10 +112,10 @@ pub async fn read_back(
     };
     let scanned = reader.scan(target, &from, &mut visit).await?;
     // The end of each partition: the scan's, never below what ListOffsets said.
-    found.ends = (0u32..)
-        .zip(&ends)
-        .map(|(p, &(_, high))| (p, scanned.get(&p).map_or(high, |&end| end.max(high))))
-        .collect();
+    for (p, end) in scanned {
+        let known = found.ends.entry(p).or_default();
+        *known = (*known).max(end);
+    }
     Ok(found)
 }
 
