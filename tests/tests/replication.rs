@@ -59,9 +59,17 @@ fn wait_replicated(edge: &Broker, records: usize) {
     while replicated(edge) < records as f64 {
         assert!(
             Instant::now() < deadline,
-            "only {} of {records} replicated; status: {}",
+            "only {} of {records} replicated; status: {}\nits last warnings:\n{}",
             replicated(edge),
-            edge.cli(&["replication", "status"]).stdout
+            edge.cli(&["replication", "status"]).stdout,
+            edge.log()
+                .iter()
+                .filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains("panicked"))
+                .rev()
+                .take(20)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("\n")
         );
         std::thread::sleep(Duration::from_millis(200));
     }

@@ -52,11 +52,19 @@ pub struct Position {
     pub offset: u64,
 }
 
+/// Where the centre says it put a delivered record: the partition, and the offset
+/// unless the client does not know it (a retry the centre already had).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Landed {
+    pub partition: u32,
+    pub offset: Option<u64>,
+}
+
 /// The acknowledgement (or refusal) of the record sent with `token`.
 #[derive(Debug)]
 pub struct Delivered {
     pub token: usize,
-    pub result: Result<Position, DeliveryError>,
+    pub result: Result<Landed, DeliveryError>,
 }
 
 #[derive(Debug)]
@@ -222,9 +230,9 @@ impl ProducerContext for DeliveryContext {
 
     fn delivery(&self, result: &DeliveryResult<'_>, token: usize) {
         let result = match result {
-            Ok(m) => Ok(Position {
-                partition: m.partition() as u32,
-                offset: m.offset() as u64,
+            Ok(m) => Ok(Landed {
+                partition: m.partition().max(0) as u32,
+                offset: u64::try_from(m.offset()).ok(),
             }),
             Err((e, _)) => Err(delivery_error(e.clone())),
         };
@@ -567,14 +575,16 @@ impl UpstreamReader for RdReader {
                     }
                     Ok(Ok(m)) => m,
                 };
-                let position = Position {
-                    partition: m.partition() as u32,
-                    offset: m.offset() as u64,
-                };
-                let Some(next) = open.get_mut(&position.partition) else {
+                let (Ok(partition), Ok(offset)) =
+                    (u32::try_from(m.partition()), u64::try_from(m.offset()))
+                else {
                     continue;
                 };
-                *next = position.offset + 1;
+                let position = Position { partition, offset };
+                let Some(next) = open.get_mut(&partition) else {
+                    continue;
+                };
+                *next = offset.saturating_add(1);
                 let headers: Vec<(&str, &[u8])> = m
                     .headers()
                     .map(|h| {

@@ -469,7 +469,7 @@ pub async fn start(
                     stop: stop.clone(),
                     hold_cursors: config.unsafe_hold_cursors,
                 };
-                tokio::spawn(runner.run())
+                supervise(runner.run(), &rule.name, &status)
             }
             Direction::Down => {
                 let runner = downlink::Downlink {
@@ -483,7 +483,7 @@ pub async fn start(
                     status: status.clone(),
                     stop: stop.clone(),
                 };
-                tokio::spawn(runner.run())
+                supervise(runner.run(), &rule.name, &status)
             }
         };
         info!(rule = %rule.name, upstream = %rule.upstream, direction = ?rule.direction,
@@ -494,6 +494,30 @@ pub async fn start(
     Ok(Replication {
         statuses,
         tasks: Mutex::new(tasks),
+    })
+}
+
+/// Runs a rule's task; a bug that panics in it stops that rule only, and says so in
+/// the log and the rule's status instead of leaving it looking alive.
+fn supervise(
+    task: impl std::future::Future<Output = ()> + Send + 'static,
+    rule: &str,
+    status: &SharedStatus,
+) -> tokio::task::JoinHandle<()> {
+    use futures::FutureExt;
+    let (rule, status) = (rule.to_string(), status.clone());
+    tokio::spawn(async move {
+        if let Err(panic) = std::panic::AssertUnwindSafe(task).catch_unwind().await {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            tracing::error!(%rule, panic = %what, "replication rule stopped by a bug; restart the broker");
+            let mut s = status.lock().unwrap_or_else(|e| e.into_inner());
+            s.state = LinkState::Disconnected;
+            s.last_error = Some(format!("stopped by a bug: {what}"));
+        }
     })
 }
 

@@ -126,6 +126,9 @@ struct Part {
     /// Upstream partition → one past the highest position this producer's
     /// deliveries reached (the partition's end before it sent, until one does).
     top: BTreeMap<u32, u64>,
+    /// Upstream partition → its end before this producer sent: where a delivery
+    /// whose offset the client does not know is at least.
+    start: BTreeMap<u32, u64>,
 }
 
 /// A record sent (or found upstream) and not yet under the cursor.
@@ -157,6 +160,7 @@ impl Part {
         self.armed = false;
         self.copies.clear();
         self.top.clear();
+        self.start.clear();
     }
 }
 
@@ -281,6 +285,7 @@ impl Uplink {
                     fresh: stored.is_none(),
                     copies: BTreeMap::new(),
                     top: BTreeMap::new(),
+                    start: BTreeMap::new(),
                 });
             }
         }
@@ -470,6 +475,7 @@ impl Uplink {
                     .remove(&(p.topic.clone(), p.partition))
                     .unwrap_or_default();
                 p.top = found.ends.clone();
+                p.start = found.ends.clone();
                 p.armed = true;
                 p.fresh = false;
             }
@@ -642,12 +648,22 @@ impl Uplink {
                 continue;
             };
             match result {
-                Ok(at) => {
+                Ok(landed) => {
                     records += 1;
                     bytes += u64::from(part.pending[i].bytes);
-                    part.pending[i].at = Some(at);
-                    let top = part.top.entry(at.partition).or_default();
-                    *top = (*top).max(at.offset + 1);
+                    let offset = match landed.offset {
+                        Some(offset) => {
+                            let top = part.top.entry(landed.partition).or_default();
+                            *top = (*top).max(offset.saturating_add(1));
+                            offset
+                        }
+                        // Somewhere this producer put it: not before where it began.
+                        None => part.start.get(&landed.partition).copied().unwrap_or(0),
+                    };
+                    part.pending[i].at = Some(Position {
+                        partition: landed.partition,
+                        offset,
+                    });
                 }
                 Err(DeliveryError::Permanent(reason)) => self.failed(part, offset, &reason),
                 Err(DeliveryError::Fatal(reason)) => {
