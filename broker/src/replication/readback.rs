@@ -85,13 +85,11 @@ pub async fn read_back(
     let from: Vec<(u32, u64)> = (0u32..)
         .zip(&ends)
         .map(|(p, &(low, high))| {
-            let from = match floor {
-                Floor::Fresh | Floor::Unknown => high.saturating_sub(UNKNOWN_FLOOR_RECORDS),
-                Floor::At(at) => at
-                    .get(&p)
-                    .copied()
-                    .unwrap_or_else(|| high.saturating_sub(UNKNOWN_FLOOR_RECORDS)),
+            let known = match floor {
+                Floor::At(at) => at.get(&p).copied(),
+                Floor::Fresh | Floor::Unknown => None,
             };
+            let from = known.unwrap_or_else(|| high.saturating_sub(UNKNOWN_FLOOR_RECORDS));
             (p, from.max(low))
         })
         .collect();
