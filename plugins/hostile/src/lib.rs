@@ -22,9 +22,11 @@ impl Plugin for Hostile {
                     }
                 }
                 "grow" => {
+                    // Reserves 8 MiB at a time without touching it, so the memory
+                    // limit, not the time limit, stops it even on a busy machine.
                     let mut hoard: Vec<Vec<u8>> = Vec::new();
                     loop {
-                        hoard.push(vec![1u8; 1024 * 1024]);
+                        hoard.push(Vec::with_capacity(8 * 1024 * 1024));
                         std::hint::black_box(&hoard);
                     }
                 }
