@@ -7,9 +7,9 @@
 use bytes::{Bytes, BytesMut};
 use rumqttc::mqttbytes::v4;
 use rumqttc::v5::mqttbytes::v5::{
-    ConnAck, Connect, ConnectReturnCode, Filter, LastWill, Login, Packet, PubAck, PubAckReason,
-    PubComp, PubRec, PubRecReason, PubRel, Publish, RetainForwardRule, Subscribe,
-    SubscribeReasonCode, Unsubscribe,
+    ConnAck, Connect, ConnectReturnCode, Disconnect, DisconnectReasonCode, Filter, LastWill, Login,
+    Packet, PubAck, PubAckReason, PubComp, PubRec, PubRecReason, PubRel, Publish,
+    RetainForwardRule, Subscribe, SubscribeReasonCode, Unsubscribe,
 };
 use rumqttc::v5::mqttbytes::{self as v5bytes, QoS};
 
@@ -35,6 +35,40 @@ pub enum CodecError {
     Malformed(String),
 }
 
+/// A packet's fixed header: its length and the remaining length it announces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FixedHeader {
+    len: usize,
+    remaining: usize,
+}
+
+impl FixedHeader {
+    /// Reads the fixed header at the front of `buf`; `Ok(None)`: more bytes needed.
+    fn read(buf: &[u8]) -> Result<Option<Self>, CodecError> {
+        let mut remaining = 0usize;
+        // Remaining length: a variable byte integer of 1 to 4 bytes after byte 1.
+        for i in 0..4 {
+            let Some(&b) = buf.get(1 + i) else {
+                return Ok(None);
+            };
+            remaining |= usize::from(b & 0x7F) << (7 * i);
+            if b & 0x80 == 0 {
+                return Ok(Some(Self {
+                    len: 2 + i,
+                    remaining,
+                }));
+            }
+        }
+        Err(CodecError::Malformed(
+            "remaining length over 4 bytes".into(),
+        ))
+    }
+
+    fn frame_len(self) -> usize {
+        self.len + self.remaining
+    }
+}
+
 /// Reads the protocol version from the start of a CONNECT packet. `Ok(None)`: more
 /// bytes needed.
 pub fn connect_version(buf: &[u8]) -> Result<Option<Version>, CodecError> {
@@ -44,22 +78,10 @@ pub fn connect_version(buf: &[u8]) -> Result<Option<Version>, CodecError> {
     if first != 0x10 {
         return Err(CodecError::NotConnect);
     }
-    // Remaining length: 1 to 4 bytes.
-    let mut pos = 1;
-    loop {
-        let Some(&b) = buf.get(pos) else {
-            return Ok(None);
-        };
-        pos += 1;
-        if b & 0x80 == 0 {
-            break;
-        }
-        if pos > 4 {
-            return Err(CodecError::Malformed(
-                "remaining length over 4 bytes".into(),
-            ));
-        }
-    }
+    let Some(header) = FixedHeader::read(buf)? else {
+        return Ok(None);
+    };
+    let pos = header.len;
     let Some(len) = buf.get(pos..pos + 2) else {
         return Ok(None);
     };
@@ -81,32 +103,58 @@ pub fn connect_version(buf: &[u8]) -> Result<Option<Version>, CodecError> {
 
 /// Decodes one packet from the front of `buf`; `Ok(None)` if it is not complete yet.
 /// `max` bounds the remaining length, checked before the body has arrived.
+///
+/// The whole frame is in `buf` before rumqttc sees it, so any error it reports,
+/// "insufficient bytes" included, is a malformed packet, never a wait for more.
 pub fn decode(
     version: Version,
     buf: &mut BytesMut,
     max: u32,
 ) -> Result<Option<Packet>, CodecError> {
+    let Some(header) = FixedHeader::read(buf)? else {
+        return Ok(None);
+    };
+    if header.remaining > max as usize {
+        return Err(CodecError::TooLarge {
+            size: header.remaining,
+            max,
+        });
+    }
+    if buf.len() < header.frame_len() {
+        return Ok(None);
+    }
     match version {
-        Version::V5 => match Packet::read(buf, Some(max)) {
-            Ok(p) => Ok(Some(p)),
-            Err(v5bytes::Error::InsufficientBytes(_)) => Ok(None),
-            Err(v5bytes::Error::PayloadSizeLimitExceeded { pkt_size, max }) => {
-                Err(CodecError::TooLarge {
-                    size: pkt_size,
-                    max,
-                })
+        Version::V5 => {
+            if let Some(disconnect) = short_disconnect(buf, header)? {
+                return Ok(Some(disconnect));
             }
-            Err(e) => Err(CodecError::Malformed(e.to_string())),
-        },
+            Packet::read(buf, Some(max))
+                .map(Some)
+                .map_err(|e| CodecError::Malformed(e.to_string()))
+        }
         Version::V311 => match v4::Packet::read(buf, max as usize) {
             Ok(p) => from_v4(p).map(Some),
-            Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => Ok(None),
-            Err(rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(size)) => {
-                Err(CodecError::TooLarge { size, max })
-            }
             Err(e) => Err(CodecError::Malformed(e.to_string())),
         },
     }
+}
+
+/// The two short forms of an MQTT 5 DISCONNECT, which rumqttc 0.25 refuses: remaining
+/// length 0 (reason 0x00, §3.14.2.1) and a reason code alone (§3.14.2.2.1). Takes the
+/// frame from `buf` if it is one of them.
+fn short_disconnect(buf: &mut BytesMut, header: FixedHeader) -> Result<Option<Packet>, CodecError> {
+    const DISCONNECT: u8 = 0xE0;
+    if buf.first() != Some(&DISCONNECT) || header.remaining > 1 {
+        return Ok(None);
+    }
+    let frame = buf.split_to(header.frame_len());
+    let reason = match frame.get(header.len) {
+        None => DisconnectReasonCode::NormalDisconnection,
+        Some(&code) => DisconnectReasonCode::try_from(code).map_err(|_| {
+            CodecError::Malformed(format!("unknown DISCONNECT reason code {code:#04x}"))
+        })?,
+    };
+    Ok(Some(Packet::Disconnect(Disconnect::new(reason))))
 }
 
 /// Appends `packet` to `out` in the connection's version. Packets that 3.1.1 has no
@@ -181,9 +229,9 @@ fn from_v4(packet: v4::Packet) -> Result<Packet, CodecError> {
             properties: None,
         }),
         v4::Packet::PingReq => Packet::PingReq(v5bytes::v5::PingReq),
-        v4::Packet::Disconnect => Packet::Disconnect(v5bytes::v5::Disconnect::new(
-            v5bytes::v5::DisconnectReasonCode::NormalDisconnection,
-        )),
+        v4::Packet::Disconnect => {
+            Packet::Disconnect(Disconnect::new(DisconnectReasonCode::NormalDisconnection))
+        }
         other => {
             return Err(CodecError::Malformed(format!(
                 "a client does not send {:?}",
@@ -381,5 +429,97 @@ mod tests {
         let mut out = BytesMut::new();
         encode(Version::V311, &p, &mut out).unwrap();
         assert_eq!(decode(Version::V311, &mut out, 1000).unwrap(), Some(p));
+    }
+
+    /// A QoS 0 publish and a retained-message delete, each as its version writes them.
+    fn publish_then_delete(version: Version) -> BytesMut {
+        let mut out = BytesMut::new();
+        for (retain, payload) in [(false, &b"reading"[..]), (true, &b""[..])] {
+            let p = Packet::Publish(Publish {
+                dup: false,
+                qos: QoS::AtMostOnce,
+                retain,
+                topic: Bytes::from_static(b"s/1"),
+                pkid: 0,
+                payload: Bytes::copy_from_slice(payload),
+                properties: None,
+            });
+            encode(version, &p, &mut out).unwrap();
+        }
+        out
+    }
+
+    fn decode_all(version: Version, buf: &mut BytesMut) -> Result<Vec<Packet>, CodecError> {
+        let mut packets = Vec::new();
+        while let Some(p) = decode(version, buf, 1000)? {
+            packets.push(p);
+        }
+        Ok(packets)
+    }
+
+    #[test]
+    fn short_disconnect_forms_after_publishes_in_one_write() {
+        let normal = DisconnectReasonCode::NormalDisconnection;
+        let cases: [(&[u8], DisconnectReasonCode); 4] = [
+            (b"\xE0\x00", normal),
+            (b"\xE0\x01\x00", normal),
+            (
+                b"\xE0\x01\x04",
+                DisconnectReasonCode::DisconnectWithWillMessage,
+            ),
+            (b"\xE0\x02\x00\x00", normal),
+        ];
+        for (disconnect, reason) in cases {
+            let mut bytes = publish_then_delete(Version::V5);
+            bytes.extend_from_slice(disconnect);
+            // Every cut: the packets complete before it decode, the rest waits whole.
+            for cut in 0..bytes.len() {
+                let mut buf = BytesMut::from(&bytes[..cut]);
+                let packets = decode_all(Version::V5, &mut buf).unwrap();
+                let used: usize = packets.iter().map(Packet::size).sum();
+                assert_eq!(used + buf.len(), cut, "{disconnect:x?} cut {cut}");
+                assert!(packets.len() < 3, "{disconnect:x?} cut {cut}");
+            }
+            let mut buf = bytes.clone();
+            let packets = decode_all(Version::V5, &mut buf).unwrap();
+            assert!(buf.is_empty());
+            assert!(
+                matches!(&packets[..], [Packet::Publish(a), Packet::Publish(b), Packet::Disconnect(d)]
+                if !a.retain && b.retain && b.payload.is_empty() && d.reason_code == reason)
+            );
+        }
+        // 3.1.1 has one form.
+        let mut buf = publish_then_delete(Version::V311);
+        buf.extend_from_slice(b"\xE0\x00");
+        let packets = decode_all(Version::V311, &mut buf).unwrap();
+        assert!(
+            matches!(&packets[..], [Packet::Publish(_), Packet::Publish(_), Packet::Disconnect(d)]
+            if d.reason_code == normal)
+        );
+    }
+
+    #[test]
+    fn a_whole_frame_that_does_not_parse_is_malformed_not_incomplete() {
+        let bad: [&[u8]; 4] = [
+            b"\xE0\x01\xFF",             // unknown reason code
+            b"\x30\x01\x00",             // PUBLISH too short for its topic length
+            b"\xE0\x03\x00\x05\x11",     // property length beyond the packet
+            b"\x30\xFF\xFF\xFF\xFF\x01", // remaining length of 5 bytes
+        ];
+        for bytes in bad {
+            let mut buf = BytesMut::from(bytes);
+            assert!(
+                matches!(
+                    decode(Version::V5, &mut buf, 1000),
+                    Err(CodecError::Malformed(_))
+                ),
+                "{bytes:x?}"
+            );
+        }
+        let mut buf = BytesMut::from(&b"\x30\x01\x00"[..]);
+        assert!(matches!(
+            decode(Version::V311, &mut buf, 1000),
+            Err(CodecError::Malformed(_))
+        ));
     }
 }
