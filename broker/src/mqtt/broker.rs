@@ -167,11 +167,25 @@ struct DelayedWill {
     message: Message,
 }
 
+/// A retained message (or, `None`, its deletion) prepared and not yet committed.
+/// It already counts as the topic's retained message for a subscription made
+/// meanwhile, which gets it once it committed: the subscription saw the publish
+/// first, so it must not fall between the live delivery and the retained store.
+struct InflightRetained {
+    id: u64,
+    message: Option<Arc<Message>>,
+    /// Subscriptions made while it was in flight: (client, options).
+    late: Vec<(String, SubOptions)>,
+}
+
 #[derive(Default)]
 struct State {
     sessions: HashMap<String, Session>,
     tree: SubscriptionTree<SubOptions>,
     retained: HashMap<String, Arc<Message>>,
+    /// Per topic, the retained writes in flight, oldest first.
+    inflight_retained: HashMap<String, Vec<InflightRetained>>,
+    next_inflight: u64,
     share_turn: HashMap<String, usize>,
     wills: Vec<DelayedWill>,
     next_link: u64,
@@ -259,12 +273,15 @@ impl MqttMetrics {
 }
 
 /// A publish, prepared: the writes that must commit before it is acknowledged, and
-/// the deliveries to make once they did.
+/// the deliveries to make once they did. Every one ends in [`MqttBroker::complete`]
+/// (committed) or [`MqttBroker::abandon`] (not), which retire its retained writes
+/// in flight.
 #[derive(Debug, Default)]
 pub struct Prepared {
     pub ops: Vec<WriteOp>,
     deliveries: Vec<(String, Delivery)>,
-    retained: Vec<(String, Option<Arc<Message>>)>,
+    /// Retained writes in flight: (topic, id in `State::inflight_retained`).
+    retained: Vec<(String, u64)>,
     /// Per message: no subscriber and no ingest rule took it (MQTT 5 reason 0x10).
     pub unrouted: Vec<bool>,
     /// Records the ingest rules append.
@@ -582,16 +599,19 @@ impl MqttBroker {
                 };
             if send_retained {
                 for (topic, msg) in &st.retained {
-                    if super::topics::matches(&filter.filter, topic) && !msg.expired(now) {
-                        retained.push(Delivery {
-                            message: msg.clone(),
-                            qos: msg.qos.min(opts.qos),
-                            retain: true,
-                            subscription_ids: opts.id.into_iter().collect(),
-                            store_key: None,
-                            sent: false,
-                            released: false,
-                        });
+                    // A retained write in flight supersedes the committed message.
+                    if super::topics::matches(&filter.filter, topic)
+                        && !msg.expired(now)
+                        && !st.inflight_retained.contains_key(topic)
+                    {
+                        retained.push(retained_delivery(msg, &opts));
+                    }
+                }
+                for (topic, inflight) in &mut st.inflight_retained {
+                    if super::topics::matches(&filter.filter, topic)
+                        && let Some(latest) = inflight.last_mut()
+                    {
+                        latest.late.push((client_id.to_string(), opts.clone()));
                     }
                 }
             }
@@ -683,7 +703,17 @@ impl MqttBroker {
                 prepared
                     .ops
                     .push(state_op(NS_RETAINED, &message.topic, value));
-                prepared.retained.push((message.topic.clone(), stored));
+                st.next_inflight += 1;
+                let id = st.next_inflight;
+                st.inflight_retained
+                    .entry(message.topic.clone())
+                    .or_default()
+                    .push(InflightRetained {
+                        id,
+                        message: stored,
+                        late: Vec::new(),
+                    });
+                prepared.retained.push((message.topic.clone(), id));
             }
             let before = prepared.deliveries.len();
             self.route(&mut st, Arc::new(message), &mut prepared);
@@ -775,17 +805,55 @@ impl MqttBroker {
     pub fn complete(&self, prepared: Prepared) {
         self.inner.metrics.ingested.inc_by(prepared.appends);
         let mut st = self.inner.state.lock();
+        let mut deliveries = prepared.deliveries;
         if !prepared.retained.is_empty() {
-            for (topic, message) in prepared.retained {
-                match message {
-                    Some(m) => st.retained.insert(topic, m),
+            for (topic, id) in prepared.retained {
+                let Some(inflight) = take_inflight(&mut st, &topic, id) else {
+                    continue;
+                };
+                match &inflight.message {
+                    Some(m) => st.retained.insert(topic, m.clone()),
                     None => st.retained.remove(&topic),
                 };
+                if let Some(m) = &inflight.message {
+                    for (client, opts) in inflight.late {
+                        deliveries.push((client, retained_delivery(m, &opts)));
+                    }
+                }
             }
             self.gauges(&st);
         }
+        self.deliver(st, deliveries);
+    }
+
+    /// Retires a prepared publish whose writes failed: nothing of it is delivered,
+    /// and subscriptions made meanwhile get the retained message that stays.
+    pub fn abandon(&self, prepared: Prepared) {
+        let mut st = self.inner.state.lock();
+        let now = now_ms();
+        let mut deliveries = Vec::new();
+        for (topic, id) in prepared.retained {
+            let Some(inflight) = take_inflight(&mut st, &topic, id) else {
+                continue;
+            };
+            if let Some(m) = st.retained.get(&topic).filter(|m| !m.expired(now)) {
+                for (client, opts) in inflight.late {
+                    deliveries.push((client, retained_delivery(m, &opts)));
+                }
+            }
+        }
+        self.deliver(st, deliveries);
+    }
+
+    /// Hands deliveries to their sessions: to the connection, or to the queue of an
+    /// offline persistent session.
+    fn deliver(
+        &self,
+        mut st: parking_lot::MutexGuard<'_, State>,
+        deliveries: Vec<(String, Delivery)>,
+    ) {
         let mut drop_keys = Vec::new();
-        for (client, delivery) in prepared.deliveries {
+        for (client, delivery) in deliveries {
             let Some(session) = st.sessions.get_mut(&client) else {
                 drop_keys.extend(delivery.store_key);
                 continue;
@@ -830,6 +898,7 @@ impl MqttBroker {
             && let Err(e) = self.inner.log.write(prepared.take_ops()).await
         {
             self.inner.metrics.ingest_errors.inc();
+            self.abandon(prepared);
             return Err(e);
         }
         self.complete(prepared);
@@ -1020,6 +1089,30 @@ fn append_op(topic: &str, partition: u32, records: &[NewRecord]) -> Result<Write
         partition,
         batches: vec![RecordBatch::parse(bytes)?],
     })
+}
+
+/// Takes the retained write `id` of `topic` out of the in-flight set.
+fn take_inflight(st: &mut State, topic: &str, id: u64) -> Option<InflightRetained> {
+    let inflight = st.inflight_retained.get_mut(topic)?;
+    let i = inflight.iter().position(|r| r.id == id)?;
+    let taken = inflight.remove(i);
+    if inflight.is_empty() {
+        st.inflight_retained.remove(topic);
+    }
+    Some(taken)
+}
+
+/// A retained message sent because of a subscription.
+fn retained_delivery(message: &Arc<Message>, opts: &SubOptions) -> Delivery {
+    Delivery {
+        message: message.clone(),
+        qos: message.qos.min(opts.qos),
+        retain: true,
+        subscription_ids: opts.id.into_iter().collect(),
+        store_key: None,
+        sent: false,
+        released: false,
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -444,7 +444,16 @@ enum Event {
 struct Violation(DisconnectReasonCode, String);
 
 impl Conn {
+    /// Serves the connection until it ends. However it ends, the publishes already
+    /// read are completed first: their writes were submitted, and what committed is
+    /// delivered (a client that sends a publish and vanishes still published it).
     async fn run(&mut self) -> End {
+        let end = self.serve().await;
+        self.drain_acks().await;
+        end
+    }
+
+    async fn serve(&mut self) -> End {
         loop {
             self.send_pending();
             if !self.out.is_empty() {
@@ -507,6 +516,8 @@ impl Conn {
                     return end;
                 }
                 Err(Violation(code, reason)) => {
+                    // The packets read before the violation were valid: answer them first.
+                    self.drain_acks().await;
                     self.disconnect(code, &reason).await;
                     return End::Abnormal(reason);
                 }
@@ -546,7 +557,17 @@ impl Conn {
         }
     }
 
+    /// Handles every whole packet in the buffer. A protocol error ends the reading, but
+    /// the valid publishes read before it are submitted all the same.
     async fn read_packets(&mut self) -> Result<Option<End>, Violation> {
+        let result = self.read_buffered().await;
+        if result.is_err() {
+            self.submit_publishes().await;
+        }
+        result
+    }
+
+    async fn read_buffered(&mut self) -> Result<Option<End>, Violation> {
         loop {
             let packet =
                 match codec::decode(self.version, &mut self.buf, self.settings.max_packet_size) {
@@ -779,6 +800,7 @@ impl Conn {
                 true
             }
             Err(e) => {
+                self.broker.abandon(prepared);
                 self.broker.metrics().ingest_errors.inc();
                 info!(client = %self.client_id, error = %e, "MQTT publish not stored");
                 if self.version == Version::V311 && acks.iter().any(|(q, _)| *q != QoS::AtMostOnce)

@@ -205,6 +205,9 @@ pub async fn run_downlink(
             Some(postcard::to_stdvec(&last).unwrap_or_default()),
         ));
         if let Err(e) = log.write(ops).await {
+            for p in prepared {
+                broker.abandon(p);
+            }
             warn!(error = %e, "downlink cursor not stored; retrying");
             tokio::time::sleep(Duration::from_secs(1)).await;
             continue;
