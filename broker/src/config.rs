@@ -109,6 +109,10 @@ pub struct StorageConfig {
     /// `flush_interval_ms` of acknowledged writes, on any crash, for speed.
     pub fsync: bool,
     pub flush_interval_ms: u64,
+    /// The durability window: a group commit gathers for up to this long after its
+    /// first write, so that a light load makes few durable commits (flash wear);
+    /// acknowledgements wait for it. 0: commit at once.
+    pub commit_interval_ms: u64,
     /// redb page cache, in MiB.
     pub cache_mb: usize,
     /// Bytes of batches one group commit gathers at most, in KiB.
@@ -195,11 +199,20 @@ impl Default for AdminConfig {
     }
 }
 
+/// Chosen from `weir bench wear` (BENCHMARKS.md, "Flash wear").
+const DEFAULT_COMMIT_INTERVAL_MS: u64 = 50;
+/// Longer windows would hold acknowledgements past what MQTT and Kafka clients
+/// tolerate before they resend.
+const MAX_COMMIT_INTERVAL_MS: u64 = 1000;
+/// The redb cache, MiB: at least one MiB, at most 64 GiB.
+const CACHE_MB_RANGE: std::ops::RangeInclusive<usize> = 1..=65_536;
+
 impl Default for StorageConfig {
     fn default() -> Self {
         Self {
             fsync: true,
             flush_interval_ms: 1000,
+            commit_interval_ms: DEFAULT_COMMIT_INTERVAL_MS,
             cache_mb: 64,
             max_group_kb: 8192,
             retention_check_interval_ms: 30_000,
@@ -332,6 +345,20 @@ impl Config {
                 "[storage] intervals must be greater than zero".into(),
             ));
         }
+        if self.storage.commit_interval_ms > MAX_COMMIT_INTERVAL_MS {
+            return Err(ConfigError::Invalid(format!(
+                "[storage] commit_interval_ms = {} is out of range: 0 to {MAX_COMMIT_INTERVAL_MS}",
+                self.storage.commit_interval_ms
+            )));
+        }
+        if !CACHE_MB_RANGE.contains(&self.storage.cache_mb) {
+            return Err(ConfigError::Invalid(format!(
+                "[storage] cache_mb = {} is out of range: {} to {}",
+                self.storage.cache_mb,
+                CACHE_MB_RANGE.start(),
+                CACHE_MB_RANGE.end()
+            )));
+        }
         Ok(())
     }
 
@@ -379,6 +406,7 @@ impl Config {
         let mut options = LogOptions::new(&self.data_dir);
         options.fsync = self.storage.fsync;
         options.flush_interval = Duration::from_millis(self.storage.flush_interval_ms);
+        options.commit_interval = Duration::from_millis(self.storage.commit_interval_ms);
         options.cache_bytes = self.storage.cache_mb << 20;
         options.max_group_bytes = self.storage.max_group_kb << 10;
         options
@@ -437,5 +465,17 @@ mod tests {
         let c = Config::parse("data_dir = '/var/lib/weir'\n[storage]\nfsync = false").unwrap();
         assert!(!c.storage.fsync);
         assert_eq!(c.data_dir, PathBuf::from("/var/lib/weir"));
+        for (text, key) in [
+            ("commit_interval_ms = 1001", "commit_interval_ms"),
+            ("cache_mb = 0", "cache_mb"),
+            ("cache_mb = 100000", "cache_mb"),
+        ] {
+            match Config::parse(&format!("[storage]\n{text}")) {
+                Err(ConfigError::Invalid(message)) => assert!(message.contains(key), "{message}"),
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+        let c = Config::parse("[storage]\ncommit_interval_ms = 0").unwrap();
+        assert_eq!(c.log_options().commit_interval, Duration::ZERO);
     }
 }

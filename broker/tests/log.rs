@@ -590,3 +590,141 @@ fn disk_use_stays_bounded_under_retention() {
         log.close().await.unwrap();
     });
 }
+
+/// The durability window: appends that arrive one after another within it share one
+/// durable commit, and each is answered only after that commit; an appender that
+/// waits for each answer before the next is not held for the window.
+#[test]
+fn the_commit_window_groups_a_light_load_without_slowing_a_synchronous_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let mut options = LogOptions::new(dir.path());
+        options.commit_interval = std::time::Duration::from_millis(1000);
+        let log = Log::open(options).unwrap();
+        log.create_topic("t", 1, TopicConfig::default())
+            .await
+            .unwrap();
+        // Ten independent writers, 2 ms apart: one window.
+        let before = log.metrics().commits.get();
+        let mut tasks = Vec::new();
+        for i in 0..10u64 {
+            let log = log.clone();
+            tasks.push(tokio::spawn(async move {
+                log.append("t", 0, client_batch(i, 1, 10, 0)).await.unwrap();
+                log.metrics().commits.get()
+            }));
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        for t in tasks {
+            // Answered after the commit that holds it.
+            assert!(t.await.unwrap() > before);
+        }
+        let commits = log.metrics().commits.get() - before;
+        assert!(
+            commits <= 2,
+            "10 appends within the window took {commits} commits"
+        );
+        assert_eq!(log.offsets("t", 0).unwrap().high_watermark, 10);
+
+        // One writer waiting for each answer: twenty commits, none held for the
+        // second-long window (that would take twenty seconds).
+        let before = log.metrics().commits.get();
+        let sequential = async {
+            for i in 0..20u64 {
+                log.append("t", 0, client_batch(i, 1, 10, 0)).await.unwrap();
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(10), sequential)
+            .await
+            .expect("a synchronous writer was held for the window");
+        assert_eq!(log.metrics().commits.get() - before, 20);
+        log.close().await.unwrap();
+    });
+}
+
+/// Format 1 was written by two layouts: today's (relabelled 2 on open, data intact)
+/// and the first, with a `batch_index` table (refused, naming both versions).
+#[test]
+fn an_older_format_is_relabelled_or_refused() {
+    use redb::{ReadableDatabase, TableDefinition};
+    const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+    // Only the table's name marks the first layout; its types do not matter here.
+    const BATCH_INDEX: TableDefinition<u64, u64> = TableDefinition::new("batch_index");
+    const OLD_PARTITIONS: TableDefinition<(u32, u32), (u64, u64, u64)> =
+        TableDefinition::new("partitions");
+    let set_version = |path: &std::path::Path, version: u64| {
+        let db = redb::Database::create(path).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(META)
+            .unwrap()
+            .insert("format_version", version)
+            .unwrap();
+        txn.commit().unwrap();
+    };
+    let version = |path: &std::path::Path| {
+        let db = redb::Database::create(path).unwrap();
+        let txn = db.begin_read().unwrap();
+        let meta = txn.open_table(META).unwrap();
+        meta.get("format_version").unwrap().map(|v| v.value())
+    };
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join(DB_FILE);
+    rt().block_on(async {
+        let log = Log::open(LogOptions::new(dir.path())).unwrap();
+        log.create_topic("t", 1, TopicConfig::default())
+            .await
+            .unwrap();
+        log.append("t", 0, client_batch(1, 3, 10, 0)).await.unwrap();
+        log.close().await.unwrap();
+    });
+    assert_eq!(version(&file), Some(2));
+    set_version(&file, 1);
+    rt().block_on(async {
+        let log = Log::open(LogOptions::new(dir.path())).unwrap();
+        assert_eq!(log.offsets("t", 0).unwrap().high_watermark, 3);
+        assert_eq!(read_all(&log, "t", 0).len(), 1);
+        log.close().await.unwrap();
+    });
+    assert_eq!(version(&file), Some(2));
+
+    let old = tempfile::tempdir().unwrap();
+    let file = old.path().join(DB_FILE);
+    {
+        let db = redb::Database::create(&file).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(META)
+            .unwrap()
+            .insert("format_version", 1)
+            .unwrap();
+        txn.open_table(BATCH_INDEX)
+            .unwrap()
+            .insert(0, 61)
+            .unwrap();
+        txn.open_table(OLD_PARTITIONS)
+            .unwrap()
+            .insert((0, 0), (0, 1, 61))
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let Err(e) = Log::open(LogOptions::new(old.path())) else {
+        panic!("a database of the first layout opened");
+    };
+    assert!(
+        matches!(
+            e,
+            StorageError::FormatVersion {
+                found: 1,
+                expected: 2
+            }
+        ),
+        "{e}"
+    );
+    let message = e.to_string();
+    assert!(
+        message.contains("version 1") && message.contains("version 2"),
+        "{message}"
+    );
+    // Refused without a change: still the old file.
+    assert_eq!(version(&file), Some(1));
+}

@@ -30,7 +30,7 @@ use tables::{
 pub use topic::{
     CleanupPolicy, InvalidTopicConfig, InvalidTopicName, MAX_PARTITIONS, TopicConfig, TopicName,
 };
-use writer::{Command, DbSlot};
+use writer::{Caller, Command, DbSlot};
 
 /// The database file inside the data directory.
 pub const DB_FILE: &str = "weir.redb";
@@ -45,6 +45,9 @@ pub struct LogOptions {
     /// (redb keeps non-durable commits in memory, unlike a page-cache write).
     pub fsync: bool,
     pub flush_interval: Duration,
+    /// The durability window: with `fsync`, a group commit gathers for up to this long
+    /// after its first command before it commits (and answers). Zero: commit at once.
+    pub commit_interval: Duration,
     /// A group commit stops gathering once it holds this many bytes of batches.
     pub max_group_bytes: usize,
     /// redb page cache size.
@@ -62,6 +65,7 @@ impl LogOptions {
             data_dir: data_dir.into(),
             fsync: true,
             flush_interval: Duration::from_secs(1),
+            commit_interval: Duration::ZERO,
             max_group_bytes: 8 << 20,
             cache_bytes: 64 << 20,
             unsafe_ack_before_commit: false,
@@ -207,7 +211,11 @@ pub enum StorageError {
     Database(Arc<redb::Error>),
     #[error("data directory {path}: {message}")]
     DataDir { path: PathBuf, message: String },
-    #[error("database format version {found} is not supported by this build (it reads {expected})")]
+    #[error(
+        "the database is format version {found}, and this build reads version {expected} \
+         only: run the Weir release that wrote it to read its data out (weir consume), then \
+         start this one on an empty data_dir"
+    )]
     FormatVersion { found: u64, expected: u64 },
     #[error("corrupt {table} entry: {detail}")]
     Corrupt { table: &'static str, detail: String },
@@ -415,7 +423,12 @@ impl Log {
         let bytes = ops.iter().map(WriteOp::payload_bytes).sum();
         let (reply, rx) = oneshot::channel();
         self.commands
-            .send(Command::Write { ops, bytes, reply })
+            .send(Command::Write {
+                ops,
+                bytes,
+                caller: Caller::current(),
+                reply,
+            })
             .await
             .map_err(|_| StorageError::Closed)?;
         Ok(PendingWrite(rx))

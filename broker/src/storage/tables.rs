@@ -7,7 +7,8 @@ use serde::{Deserialize, Serialize};
 use super::topic::TopicConfig;
 
 /// Written to `meta` on creation; a database with another version is refused.
-pub(crate) const FORMAT_VERSION: u64 = 1;
+/// 1: the first layout (a `batch_index` table) and, unbumped, today's; 2: today's.
+pub(crate) const FORMAT_VERSION: u64 = 2;
 
 /// Kafka's name for a topic id is a UUID; ours is a counter that is never reused,
 /// so a topic deleted and created again never sees the old batches.
@@ -107,4 +108,34 @@ pub(crate) fn split_stored(value: &[u8]) -> Option<(i64, &[u8])> {
     }
     let (time, batch) = value.split_at(STORED_PREFIX);
     Some((i64::from_be_bytes(time.try_into().ok()?), batch))
+}
+
+#[cfg(test)]
+mod tests {
+    /// ARCHITECTURE.md's on-disk section lists exactly the tables defined here.
+    #[test]
+    fn architecture_lists_every_table() {
+        let source = include_str!("tables.rs");
+        let defined: std::collections::BTreeSet<&str> = source
+            .split("TableDefinition::new(\"")
+            .skip(1)
+            .filter_map(|rest| rest.split('"').next())
+            .collect();
+        assert!(defined.len() >= 7, "{defined:?}");
+        let architecture = include_str!("../../../ARCHITECTURE.md");
+        let section = architecture
+            .split("## On-disk layout")
+            .nth(1)
+            .and_then(|s| s.split("\n## ").next())
+            .expect("ARCHITECTURE.md has an On-disk layout section");
+        let documented: std::collections::BTreeSet<&str> = section
+            .lines()
+            .filter_map(|l| l.strip_prefix("| `"))
+            .filter_map(|l| l.split('`').next())
+            .collect();
+        assert_eq!(
+            defined, documented,
+            "tables in tables.rs and in ARCHITECTURE.md's on-disk layout differ"
+        );
+    }
 }

@@ -8,13 +8,15 @@
 //! - `State` mirrors the committed database; after any failed transaction it is
 //!   reloaded from the database rather than patched.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::RwLock;
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, Table, WriteTransaction};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, Table, TableHandle, WriteTransaction,
+};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{error, info, warn};
 
@@ -29,15 +31,36 @@ use super::{
 const MAX_GROUP_COMMANDS: usize = 4096;
 /// Longest a group waits for the callers of the previous commit to come back.
 const MAX_LINGER: Duration = Duration::from_millis(2);
+/// A durability window ends early once its group holds this many bytes: a commit
+/// this large already writes little more than its data, so waiting saves nothing.
+const WINDOW_FULL_BYTES: usize = 64 << 10;
 /// Most batches one retention run deletes, so that its transaction stays small.
 const MAX_RETENTION_BATCHES: usize = 20_000;
 
 type Reply<T> = oneshot::Sender<T>;
 
+/// Who sent a write: its tokio task, or else its thread. A caller that waits for each
+/// answer before writing again comes back as the same `Caller`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(super) enum Caller {
+    Task(tokio::task::Id),
+    Thread(std::thread::ThreadId),
+}
+
+impl Caller {
+    pub(super) fn current() -> Self {
+        match tokio::task::try_id() {
+            Some(id) => Caller::Task(id),
+            None => Caller::Thread(std::thread::current().id()),
+        }
+    }
+}
+
 pub(super) enum Command {
     Write {
         ops: Vec<WriteOp>,
         bytes: usize,
+        caller: Caller,
         reply: Reply<Result<Vec<WriteOutcome>, WriteError>>,
     },
     CreateTopic {
@@ -142,6 +165,14 @@ pub(super) fn open_database(options: &LogOptions) -> Result<(Database, State), S
                 meta.insert("format_version", FORMAT_VERSION)?;
             }
             Some(FORMAT_VERSION) => {}
+            // Format 1 was written by two layouts. The second is today's (time index,
+            // six-field partition rows, batches with their append time) under the old
+            // number: it only needs the new number. The first (a `batch_index` table) is
+            // refused.
+            Some(1) if !has_table(&txn, FIRST_LAYOUT_TABLE)? => {
+                info!(path = %path.display(), "database format 1 relabelled {FORMAT_VERSION}: same layout");
+                meta.insert("format_version", FORMAT_VERSION)?;
+            }
             Some(found) => {
                 return Err(StorageError::FormatVersion {
                     found,
@@ -160,6 +191,13 @@ pub(super) fn open_database(options: &LogOptions) -> Result<(Database, State), S
     txn.commit()?;
     let state = State::load(&db)?;
     Ok((db, state))
+}
+
+/// A table only the first layout of format 1 has.
+const FIRST_LAYOUT_TABLE: &str = "batch_index";
+
+fn has_table(txn: &WriteTransaction, name: &str) -> Result<bool, StorageError> {
+    Ok(txn.list_tables()?.any(|t| t.name() == name))
 }
 
 fn open_file(path: &std::path::Path, cache_bytes: usize) -> Result<Database, StorageError> {
@@ -343,6 +381,8 @@ pub(super) struct Writer {
     /// waits at most that long for that many callers.
     last_answered: usize,
     last_commit: Duration,
+    /// The writers the last commit answered.
+    last_callers: HashSet<Caller>,
 }
 
 impl Writer {
@@ -365,6 +405,7 @@ impl Writer {
             unflushed: false,
             last_answered: 0,
             last_commit: Duration::ZERO,
+            last_callers: HashSet::new(),
         };
         std::thread::Builder::new()
             .name("weir-log-writer".into())
@@ -412,6 +453,9 @@ impl Writer {
             let Some(first) = first else { break };
             let mut group = vec![first];
             let mut bytes = group[0].bytes();
+            if durable && !shutting_down {
+                bytes = self.gather_window(&timer, &mut group, bytes);
+            }
             let gather_until = Instant::now() + self.last_commit.min(MAX_LINGER);
             while bytes < self.options.max_group_bytes && group.len() < MAX_GROUP_COMMANDS {
                 match self.rx.try_recv() {
@@ -462,6 +506,62 @@ impl Writer {
             }
         }
         let _ = closed.send(());
+    }
+
+    /// The durability window (`commit_interval`): after the first command of a group,
+    /// gathers more for up to the interval, so that a light load makes one durable
+    /// commit where it would make many small ones (flash wear). It ends early when the
+    /// group is full (`WINDOW_FULL_BYTES`, `max_group_bytes`, `MAX_GROUP_COMMANDS`), holds
+    /// a flush or shutdown, or when every writer the last commit answered has written
+    /// again: writers that wait for each answer before writing again (a synchronous
+    /// producer, a benchmark) would otherwise be slowed to one commit per window, and
+    /// their group is as full as it will get. Independent writers (devices) do not come
+    /// back within a window, so they share it. Returns the group's bytes.
+    fn gather_window(
+        &mut self,
+        timer: &std::io::Result<tokio::runtime::Runtime>,
+        group: &mut Vec<Command>,
+        mut bytes: usize,
+    ) -> usize {
+        let interval = self.options.commit_interval;
+        let Ok(rt) = timer else { return bytes };
+        if interval.is_zero() {
+            return bytes;
+        }
+        let window_ends = Instant::now() + interval;
+        let mut back = HashSet::new();
+        let mut seen = 0;
+        loop {
+            for command in &group[seen..] {
+                if let Command::Write { caller, .. } = command
+                    && self.last_callers.contains(caller)
+                {
+                    back.insert(*caller);
+                }
+            }
+            seen = group.len();
+            let full = bytes >= WINDOW_FULL_BYTES.min(self.options.max_group_bytes)
+                || group.len() >= MAX_GROUP_COMMANDS;
+            let urgent = group
+                .iter()
+                .any(|c| matches!(c, Command::Flush { .. } | Command::Shutdown));
+            let all_back = !self.last_callers.is_empty() && back.len() == self.last_callers.len();
+            let now = Instant::now();
+            if full || urgent || all_back || now >= window_ends {
+                return bytes;
+            }
+            let rx = &mut self.rx;
+            let wait = window_ends.saturating_duration_since(now);
+            match rt.block_on(async { tokio::time::timeout(wait, rx.recv()).await }) {
+                Ok(Some(command)) => {
+                    bytes += command.bytes();
+                    group.push(command);
+                }
+                // Closed: the caller below sees it at its next receive.
+                Ok(None) => return bytes,
+                Err(_elapsed) => {}
+            }
+        }
     }
 
     fn flush_if_needed(&mut self) {
@@ -536,6 +636,14 @@ impl Writer {
         }
         self.unflushed = !durable;
         self.last_commit = started.elapsed();
+        self.last_callers.clear();
+        if let Some((group, _)) = &group {
+            for command in group {
+                if let Command::Write { caller, .. } = command {
+                    self.last_callers.insert(*caller);
+                }
+            }
+        }
         self.publish(&changes);
         let metrics = &self.shared.metrics;
         metrics.commits.inc();
