@@ -5,6 +5,9 @@
 //!   kafka-bench compare --weir target/release/weir --tansu PATH [--records N]
 //!   kafka-bench run --bootstrap HOST:PORT --topic T --records N --size S --acks all
 //!   kafka-bench catchup --weir target/release/weir --tansu PATH [--records N]
+//!   kafka-bench wear --weir target/release/weir [--devices N --seconds S --intervals 0,50]
+
+mod wear;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -69,6 +72,30 @@ enum Cmd {
         partitions: i32,
         /// Scratch directory for the edge's data.
         #[arg(long, default_value = "weir-catchup-bench")]
+        dir: PathBuf,
+    },
+    /// Flash wear: devices at 1 msg/s QoS 1 through an ingest rule and a steady Kafka
+    /// producer (acks=all), once per durability window; disk bytes per payload byte.
+    Wear {
+        #[arg(long, default_value = "target/release/weir")]
+        weir: PathBuf,
+        /// weir-sim; default: beside `--weir`.
+        #[arg(long)]
+        sim: Option<PathBuf>,
+        #[arg(long, default_value_t = 1000)]
+        devices: usize,
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+        /// Records per second the Kafka producer sends (0: none).
+        #[arg(long, default_value_t = 1000)]
+        kafka_rate: u64,
+        /// Kafka record value size, bytes.
+        #[arg(long, default_value_t = 100)]
+        size: usize,
+        /// `storage.commit_interval_ms` values, one broker run each.
+        #[arg(long, value_delimiter = ',', default_value = "0,50")]
+        intervals: Vec<u64>,
+        #[arg(long, default_value = "weir-wear-bench")]
         dir: PathBuf,
     },
 }
@@ -488,6 +515,25 @@ fn main() -> anyhow::Result<()> {
             partitions,
             dir,
         } => catchup(&weir, &tansu, records, size, partitions, &dir)?,
+        Cmd::Wear {
+            weir,
+            sim,
+            devices,
+            seconds,
+            kafka_rate,
+            size,
+            intervals,
+            dir,
+        } => wear::wear(&wear::WearRun {
+            sim: &sim.unwrap_or_else(|| wear::sim_beside(&weir)),
+            weir: &weir,
+            devices,
+            seconds,
+            kafka_rate,
+            size,
+            intervals: &intervals,
+            dir: &dir,
+        })?,
     }
     Ok(())
 }

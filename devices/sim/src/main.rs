@@ -91,6 +91,8 @@ struct Stats {
     connected: AtomicU64,
     sent: AtomicU64,
     acked: AtomicU64,
+    /// Payload bytes of the acknowledged messages.
+    payload_bytes: AtomicU64,
     errors: AtomicU64,
 }
 
@@ -189,6 +191,7 @@ async fn main() -> anyhow::Result<()> {
                 "devices": args.devices, "connected": stats.connected.load(Ordering::Relaxed),
                 "sent": sent, "acked": acked, "errors": errors, "seconds": elapsed,
                 "msgs_per_sec": acked as f64 / elapsed,
+                "payload_bytes": stats.payload_bytes.load(Ordering::Relaxed),
                 "ack_ms_p50": p(0.5), "ack_ms_p99": p(0.99), "ack_ms_max": histogram.max() as f64 / 1000.0,
             })
         );
@@ -253,14 +256,10 @@ async fn run_device(
                 if let Some(i) = interval {
                     tokio::time::sleep_until(start + i * seq as u32).await;
                 }
-                queued.lock().await.push_back(seq);
+                let body = payload(args.payload, &device, seq);
+                queued.lock().await.push_back((seq, body.len() as u64));
                 if client
-                    .publish(
-                        topic.clone(),
-                        qos,
-                        false,
-                        payload(args.payload, &device, seq),
-                    )
+                    .publish(topic.clone(), qos, false, body)
                     .await
                     .is_err()
                 {
@@ -270,7 +269,7 @@ async fn run_device(
             }
         })
     };
-    let mut inflight: HashMap<u16, (u64, Instant)> = HashMap::new();
+    let mut inflight: HashMap<u16, Sent> = HashMap::new();
     let mut result = DeviceResult {
         latencies_us: Vec::new(),
         acked: Vec::new(),
@@ -310,13 +309,15 @@ async fn run_device(
                 if qos != QoS::AtMostOnce && inflight.contains_key(&pkid) {
                     continue; // resent after a reconnect
                 }
-                let seq = queued.lock().await.pop_front().unwrap_or(u64::MAX);
+                let (seq, bytes) = queued.lock().await.pop_front().unwrap_or((u64::MAX, 0));
                 stats.sent.fetch_add(1, Ordering::Relaxed);
                 if qos == QoS::AtMostOnce {
                     stats.acked.fetch_add(1, Ordering::Relaxed);
+                    stats.payload_bytes.fetch_add(bytes, Ordering::Relaxed);
                     result.acked.push(seq);
                 } else {
-                    inflight.insert(pkid, (seq, Instant::now()));
+                    let at = Instant::now();
+                    inflight.insert(pkid, Sent { seq, at, bytes });
                 }
             }
             Ok(Event::Incoming(Packet::PubAck(ack))) => {
@@ -340,14 +341,18 @@ async fn run_device(
     result
 }
 
-fn acked(
-    inflight: &mut HashMap<u16, (u64, Instant)>,
-    pkid: u16,
-    stats: &Stats,
-    result: &mut DeviceResult,
-) {
-    if let Some((seq, at)) = inflight.remove(&pkid) {
+/// A QoS 1/2 publish sent and not yet acknowledged.
+struct Sent {
+    seq: u64,
+    at: Instant,
+    /// Payload length.
+    bytes: u64,
+}
+
+fn acked(inflight: &mut HashMap<u16, Sent>, pkid: u16, stats: &Stats, result: &mut DeviceResult) {
+    if let Some(Sent { seq, at, bytes }) = inflight.remove(&pkid) {
         stats.acked.fetch_add(1, Ordering::Relaxed);
+        stats.payload_bytes.fetch_add(bytes, Ordering::Relaxed);
         result.latencies_us.push(at.elapsed().as_micros() as u64);
         result.acked.push(seq);
     }
