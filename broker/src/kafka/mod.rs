@@ -22,14 +22,19 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
 use crate::storage::{Log, TopicConfig};
 use codec::DecodeError;
 
-/// Requests read ahead of their answers, per connection.
-const MAX_IN_FLIGHT: usize = 16;
+/// Requests read ahead of their answers, per connection, and the bytes they may hold.
+/// A client that pipelines (librdkafka sends a request per ready batch, up to a
+/// million in flight) must have all it sent during one durability window
+/// (`storage.commit_interval_ms`) read, or each window commits only a few of its
+/// requests and the backlog grows: read ahead by bytes, not by a handful of requests.
+const MAX_IN_FLIGHT: usize = 1024;
+const MAX_IN_FLIGHT_BYTES: usize = 16 << 20;
 
 /// The answer to a request, once its work is done (`None`: no response, acks=0).
 type Answer = std::pin::Pin<Box<dyn std::future::Future<Output = Option<ResponseKind>> + Send>>;
@@ -188,10 +193,12 @@ impl KafkaBroker {
         mut stop: watch::Receiver<bool>,
     ) -> anyhow::Result<()> {
         let (mut reader, mut writer) = stream.into_split();
-        let (queue, mut answers) = mpsc::channel::<Queued>(MAX_IN_FLIGHT);
+        let (queue, mut answers) = mpsc::channel::<(Queued, OwnedSemaphorePermit)>(MAX_IN_FLIGHT);
+        let budget = Arc::new(Semaphore::new(MAX_IN_FLIGHT_BYTES));
         let metrics = self.metrics.clone();
         let answering = tokio::spawn(async move {
-            while let Some(q) = answers.recv().await {
+            // A request's bytes count against the budget until it is answered.
+            while let Some((q, _held)) = answers.recv().await {
                 let Some(response) = q.response.await else {
                     continue;
                 };
@@ -223,6 +230,11 @@ impl KafkaBroker {
                 warn!(%peer, len, "closing kafka connection: frame size out of range");
                 break;
             }
+            // A frame larger than the whole budget waits for the others, then goes alone.
+            let held = budget
+                .clone()
+                .acquire_many_owned(len.clamp(1, MAX_IN_FLIGHT_BYTES as i32) as u32)
+                .await?;
             // Grow the buffer as bytes arrive: a length prefix alone reserves nothing.
             let mut frame = Vec::with_capacity((len as usize).min(64 << 10));
             (&mut reader)
@@ -258,7 +270,7 @@ impl KafkaBroker {
                     break;
                 }
             };
-            if queue.send(queued).await.is_err() {
+            if queue.send((queued, held)).await.is_err() {
                 break; // the answering half stopped: the client is gone
             }
         }
