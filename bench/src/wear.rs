@@ -94,6 +94,7 @@ fn one_run(run: &WearRun<'_>, interval_ms: u64) -> anyhow::Result<Figures> {
         weir_tests::free_addr(),
         weir_tests::free_addr(),
     );
+    // The ingest topic takes the defaults (one partition), as a new user's would.
     let config = run.dir.join("weir.toml");
     std::fs::write(
         &config,
@@ -103,7 +104,6 @@ fn one_run(run: &WearRun<'_>, interval_ms: u64) -> anyhow::Result<Figures> {
              [admin]\nlisten = \"{admin}\"\n\
              [mqtt]\nlisten = \"{mqtt}\"\n\
              [storage]\ncommit_interval_ms = {interval_ms}\n\
-             [topic_defaults]\npartitions = 4\n\
              [[mqtt.ingest]]\nfilter = \"sensors/{{device}}/#\"\ntopic = \"telemetry\"\nkey = \"{{device}}\"\n",
             data = run.dir.join("data"),
         ),

@@ -27,6 +27,8 @@ pub struct LogBench {
     /// Each configuration runs this many times, log then raw file, to even out a
     /// disk whose speed drifts; the round with the median ratio is reported.
     pub rounds: usize,
+    /// The durability window the log runs with.
+    pub commit_interval: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -135,6 +137,7 @@ async fn append_run(
 ) -> anyhow::Result<AppendResult> {
     let mut options = LogOptions::new(dir);
     options.fsync = bench.fsync;
+    options.commit_interval = bench.commit_interval;
     let log = Log::open(options)?;
     let config = TopicConfig {
         retention_ms: None,

@@ -299,6 +299,9 @@ enum BenchCommand {
         /// Runs per configuration; the median (by log/raw ratio) is reported.
         #[arg(long, default_value_t = 3)]
         rounds: usize,
+        /// The durability window, as `storage.commit_interval_ms` (default: its default).
+        #[arg(long, default_value_t = weir::config::DEFAULT_COMMIT_INTERVAL_MS)]
+        commit_interval_ms: u64,
     },
     /// Per-record cost of the pass-through and json-filter plugins, WebAssembly against
     /// the same logic compiled natively, at batch sizes 1, 100 and 1,000.
@@ -515,6 +518,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     batch_bytes,
                     no_fsync,
                     rounds,
+                    commit_interval_ms,
                 },
         } => {
             let bench = weir::bench::LogBench {
@@ -525,6 +529,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 batch_bytes,
                 fsync: !no_fsync,
                 rounds,
+                commit_interval: std::time::Duration::from_millis(commit_interval_ms),
             };
             let results = weir::bench::run(&bench).await?;
             print!("{}", weir::bench::table(&results));

@@ -697,10 +697,7 @@ fn an_older_format_is_relabelled_or_refused() {
             .unwrap()
             .insert("format_version", 1)
             .unwrap();
-        txn.open_table(BATCH_INDEX)
-            .unwrap()
-            .insert(0, 61)
-            .unwrap();
+        txn.open_table(BATCH_INDEX).unwrap().insert(0, 61).unwrap();
         txn.open_table(OLD_PARTITIONS)
             .unwrap()
             .insert((0, 0), (0, 1, 61))
