@@ -516,7 +516,8 @@ impl Writer {
     /// again: writers that wait for each answer before writing again (a synchronous
     /// producer, a benchmark) would otherwise be slowed to one commit per window, and
     /// their group is as full as it will get. Independent writers (devices) do not come
-    /// back within a window, so they share it. Returns the group's bytes.
+    /// back within a window, so they share it. Only a group that starts with a write
+    /// waits. Returns the group's bytes.
     fn gather_window(
         &mut self,
         timer: &std::io::Result<tokio::runtime::Runtime>,
@@ -525,7 +526,9 @@ impl Writer {
     ) -> usize {
         let interval = self.options.commit_interval;
         let Ok(rt) = timer else { return bytes };
-        if interval.is_zero() {
+        // Only appends wait: a topic created at start-up (an MQTT rule's, before its
+        // listener opens) or by an admin is committed at once.
+        if interval.is_zero() || !matches!(group.first(), Some(Command::Write { .. })) {
             return bytes;
         }
         let window_ends = Instant::now() + interval;
