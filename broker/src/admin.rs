@@ -69,14 +69,23 @@ pub struct AdminState {
     pub default_partitions: u32,
     pub pipelines: Arc<Pipelines>,
     pub replication: Arc<Replication>,
+    /// Set once every listener is up: `/health` answers 503 "starting" until then (the
+    /// admin API comes up first, so that start-up can be watched).
+    pub serving: Arc<std::sync::atomic::AtomicBool>,
+}
+
+async fn health(State(state): State<Arc<AdminState>>) -> Response {
+    if state.serving.load(std::sync::atomic::Ordering::Acquire) {
+        Json(serde_json::json!({ "status": "ok" })).into_response()
+    } else {
+        let starting = Json(serde_json::json!({ "status": "starting" }));
+        (StatusCode::SERVICE_UNAVAILABLE, starting).into_response()
+    }
 }
 
 pub fn router(state: Arc<AdminState>) -> Router {
     Router::new()
-        .route(
-            "/health",
-            get(|| async { Json(serde_json::json!({ "status": "ok" })) }),
-        )
+        .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/v1/topics", get(list_topics).post(create_topic))
         .route(

@@ -58,7 +58,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {} (admin): {e}", config.admin.listen))?;
     let admin_addr = admin_listener.local_addr()?;
+    let serving = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let state = Arc::new(AdminState {
+        serving: serving.clone(),
         log: log.clone(),
         registry: {
             let mut registry = metrics::registry(&storage_metrics);
@@ -106,6 +108,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let kafka = tokio::spawn(kafka_broker.serve(kafka_listener, stop_rx.clone()));
 
     let mqtt = start_mqtt(&config, &log, &host, &mqtt_metrics, &stop_rx).await?;
+    serving.store(true, std::sync::atomic::Ordering::Release);
     info!(admin = %admin_addr, "weir is serving");
 
     shutdown_signal().await;

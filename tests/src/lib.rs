@@ -104,11 +104,12 @@ impl Broker {
         broker
     }
 
+    /// Waits until every listener is up: `/health` says "ok" only then.
     fn wait_ready(&self, limit: Duration) {
         let deadline = Instant::now() + limit;
         while Instant::now() < deadline {
-            if std::net::TcpStream::connect_timeout(&self.admin, Duration::from_millis(200)).is_ok()
-            {
+            let health = admin_get(self.admin, "/health").unwrap_or_default();
+            if health.starts_with("HTTP/1.1 200") && health.contains("\"status\":\"ok\"") {
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -420,22 +421,31 @@ impl Broker {
 /// A Prometheus metric's value from the `/metrics` of the admin API at `admin` (0 if
 /// absent or unreachable).
 pub fn metric_at(admin: SocketAddr, name: &str) -> f64 {
-    use std::io::{Read, Write};
-    let Ok(mut stream) = std::net::TcpStream::connect(admin) else {
-        return 0.0;
-    };
-    let _ = write!(
-        stream,
-        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    );
-    let mut text = String::new();
-    let _ = stream.read_to_string(&mut text);
+    let text = admin_get(admin, "/metrics").unwrap_or_default();
     text.lines()
         .find_map(|l| {
             let (k, v) = l.split_once(' ')?;
             (k == name).then(|| v.trim().parse().ok())?
         })
         .unwrap_or(0.0)
+}
+
+/// The whole HTTP response (status line, headers, body) to `GET path` on the admin API,
+/// or `None` if it cannot be reached.
+fn admin_get(admin: SocketAddr, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect_timeout(&admin, Duration::from_secs(1)).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    Some(text)
 }
 
 /// A background process whose stdout is collected, killed on drop.

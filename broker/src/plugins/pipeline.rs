@@ -781,7 +781,7 @@ impl Runner {
             partition,
         };
         let outcome = self.process(&source, &inputs)?;
-        let ops = self.ops(&inputs, outcome, &topic, partition, end)?;
+        let (ops, tally) = self.ops(&inputs, outcome, &topic, partition, end)?;
         if let Err(e) = self.runtime.block_on(self.log.write(ops)) {
             // Not committed: the cursor stays, the batch runs again.
             warn!(pipeline = %self.config.name, error = %e, "pipeline outputs not stored; retrying");
@@ -789,15 +789,20 @@ impl Runner {
             return Ok(true);
         }
         self.sources[i].next = end;
+        // Counted once durable: a reader that sees the counter also sees the outputs,
+        // and a batch that runs again after a failed write is counted once.
+        let count = |family: &Family<Labels, Counter>, n: usize| {
+            family.get_or_create(&self.labels).inc_by(n as u64);
+        };
+        count(&self.metrics.records_in, inputs.len());
+        count(&self.metrics.records_out, tally.out);
+        count(&self.metrics.failed, tally.failed);
+        count(&self.metrics.dropped, tally.dropped);
         Ok(true)
     }
 
     /// Calls the plugin on the batch; after a trap, record by record on fresh instances.
     fn process(&mut self, source: &Source, inputs: &[InputRecord]) -> Result<Outcome, String> {
-        self.metrics
-            .records_in
-            .get_or_create(&self.labels)
-            .inc_by(inputs.len() as u64);
         if inputs.is_empty() {
             return Ok(Outcome {
                 outputs: Vec::new(),
@@ -916,7 +921,8 @@ impl Runner {
         Ok(())
     }
 
-    /// The appends (outputs, dead letters) and the cursor, for one atomic write.
+    /// The appends (outputs, dead letters) and the cursor, for one atomic write, and
+    /// what they hold.
     fn ops(
         &self,
         inputs: &[InputRecord],
@@ -924,11 +930,11 @@ impl Runner {
         topic: &str,
         partition: u32,
         end: u64,
-    ) -> Result<Vec<WriteOp>, String> {
+    ) -> Result<(Vec<WriteOp>, Tally), String> {
         let now = now_ms();
         let mut per_partition: BTreeMap<(String, u32), Vec<NewRecord>> = BTreeMap::new();
         let mut emitted = std::collections::HashSet::new();
-        let out_count = outcome.outputs.len() as u64;
+        let out = outcome.outputs.len();
         for (input, target, key, value, headers) in outcome.outputs {
             emitted.insert(input);
             let partitions = self.log.topic(&target).map_or(1, |t| t.partitions);
@@ -946,7 +952,7 @@ impl Runner {
                     headers,
                 });
         }
-        let failed_count = outcome.failures.len() as u64;
+        let failed = outcome.failures.len();
         let dlq_partitions = self
             .log
             .topic(&self.dead_letter)
@@ -978,19 +984,11 @@ impl Runner {
                     headers,
                 });
         }
-        let dropped = inputs.len() - emitted.len();
-        self.metrics
-            .records_out
-            .get_or_create(&self.labels)
-            .inc_by(out_count);
-        self.metrics
-            .failed
-            .get_or_create(&self.labels)
-            .inc_by(failed_count);
-        self.metrics
-            .dropped
-            .get_or_create(&self.labels)
-            .inc_by(dropped as u64);
+        let tally = Tally {
+            out,
+            failed,
+            dropped: inputs.len() - emitted.len(),
+        };
         let mut ops = Vec::new();
         for ((target, p), records) in per_partition {
             // Batches of at most 1,000 records, well under the default max.message.bytes.
@@ -1010,8 +1008,15 @@ impl Runner {
             &key,
             Some(postcard::to_stdvec(&end).map_err(|e| e.to_string())?),
         ));
-        Ok(ops)
+        Ok((ops, tally))
     }
+}
+
+/// How many outputs, dead letters and dropped inputs one batch's write holds.
+struct Tally {
+    out: usize,
+    failed: usize,
+    dropped: usize,
 }
 
 fn cursor_key(pipeline: &str, topic: &str, partition: u32) -> String {

@@ -57,6 +57,25 @@ pub struct LogOptions {
     /// crash test can show it catches such a broker. Never set it otherwise.
     #[doc(hidden)]
     pub unsafe_ack_before_commit: bool,
+    /// Test-only: opens the database on a backend of the caller's choosing instead of
+    /// `data_dir/weir.redb` (the power-cut test's simulated disk). Never set it otherwise.
+    #[doc(hidden)]
+    pub open_backend: Option<OpenBackend>,
+}
+
+/// Opens a redb database on some [`redb::StorageBackend`], with the builder Weir set up.
+#[doc(hidden)]
+#[derive(Clone)]
+pub struct OpenBackend(pub Arc<OpenFn>);
+
+#[doc(hidden)]
+pub type OpenFn =
+    dyn Fn(&redb::Builder) -> Result<redb::Database, redb::DatabaseError> + Send + Sync;
+
+impl std::fmt::Debug for OpenBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OpenBackend(..)")
+    }
 }
 
 impl LogOptions {
@@ -69,6 +88,7 @@ impl LogOptions {
             max_group_bytes: 8 << 20,
             cache_bytes: 64 << 20,
             unsafe_ack_before_commit: false,
+            open_backend: None,
         }
     }
 }

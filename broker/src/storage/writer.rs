@@ -155,7 +155,7 @@ impl PartitionRow {
 /// Opens or creates the database and loads the writer state.
 pub(super) fn open_database(options: &LogOptions) -> Result<(Database, State), StorageError> {
     let path = options.data_dir.join(super::DB_FILE);
-    let db = open_file(&path, options.cache_bytes)?;
+    let db = open_file(&path, options)?;
     let txn = db.begin_write()?;
     {
         let mut meta = txn.open_table(META)?;
@@ -200,10 +200,13 @@ fn has_table(txn: &WriteTransaction, name: &str) -> Result<bool, StorageError> {
     Ok(txn.list_tables()?.any(|t| t.name() == name))
 }
 
-fn open_file(path: &std::path::Path, cache_bytes: usize) -> Result<Database, StorageError> {
-    Ok(redb::Builder::new()
-        .set_cache_size(cache_bytes)
-        .create(path)?)
+fn open_file(path: &std::path::Path, options: &LogOptions) -> Result<Database, StorageError> {
+    let mut builder = redb::Builder::new();
+    builder.set_cache_size(options.cache_bytes);
+    Ok(match &options.open_backend {
+        Some(open) => (open.0)(&builder)?,
+        None => builder.create(path)?,
+    })
 }
 
 impl State {
@@ -605,7 +608,7 @@ impl Writer {
     fn reopen(&mut self) -> Result<(), StorageError> {
         warn!(path = %self.path.display(), "reopening the database after an I/O error");
         drop(self.shared.db.take());
-        let db = open_file(&self.path, self.options.cache_bytes)?;
+        let db = open_file(&self.path, &self.options)?;
         self.state = State::load(&db)?;
         self.shared.db.put(db);
         self.needs_reopen = false;

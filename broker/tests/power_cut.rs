@@ -1,0 +1,607 @@
+//! Power cuts, simulated. A SIGKILL (tests/tests/log_crash.rs) keeps the page cache; a
+//! power cut loses every write not yet synced and may tear the ones in flight. Here the
+//! log's real writer runs on a simulated disk that keeps the bytes as of the last
+//! `sync_data` plus a random part of the later writes, in 4 KiB pieces. Power goes at a
+//! random moment of a random workload (Kafka appends with producer state, group offsets,
+//! MQTT sessions and retained messages, pipeline and replication cursors), the database
+//! reopens from what the disk kept, and everything acknowledged must be there.
+//!
+//! `WEIR_POWER_CUTS` sets the number of cuts (1,000 by default); `WEIR_POWER_CUT_SEED`
+//! replays a run (the seed is printed).
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use kafka_protocol::records::{Compression, RecordBatchDecoder};
+use rand::rngs::StdRng;
+use rand::seq::IndexedRandom;
+use rand::{Rng, SeedableRng};
+use redb::StorageBackend;
+use weir::record_batch::RecordBatch;
+use weir::record_batch::build::{NewRecord, batch};
+use weir::storage::*;
+
+/// Writes reach the medium, or not, in pieces of this size (a flash page).
+const PIECE: usize = 4096;
+/// A fresh database every this many cuts keeps the image, and the checks, small.
+const CUTS_PER_DATABASE: usize = 50;
+const WORKERS: usize = 3;
+const TOPIC: &str = "t";
+const TOPIC_PARTITIONS: u32 = 2;
+const OUTPUT: &str = "out";
+/// State namespaces whose values are offsets into `TOPIC`.
+const CURSORS: [&str; 2] = ["pipeline.cursor", "replication.cursor"];
+
+/// The simulated medium.
+#[derive(Default)]
+struct Platters {
+    /// What reads see: every write so far.
+    live: Vec<u8>,
+    /// What a cut keeps for certain: the bytes as of the last sync.
+    durable: Vec<u8>,
+    /// Writes since the last sync, in order: each piece may or may not have landed.
+    pending: Vec<(usize, Vec<u8>)>,
+    /// Writes, resizes and syncs so far; the power goes before the `cut_at`th.
+    ops: u64,
+    cut_at: u64,
+    /// What the cut left on the medium, once it happened.
+    left: Option<Vec<u8>>,
+    rng: Option<StdRng>,
+}
+
+impl Platters {
+    /// The durable bytes, the file length of after or before the last resizes, and a
+    /// random subset of the pieces written since.
+    fn crash_image(&mut self) -> Vec<u8> {
+        let rng = self.rng.as_mut().expect("a seeded disk");
+        let mut image = self.durable.clone();
+        if rng.random_bool(0.5) {
+            image.resize(self.live.len(), 0);
+        }
+        for (offset, data) in &self.pending {
+            let end = offset + data.len();
+            let mut at = *offset;
+            while at < end {
+                let piece_end = ((at / PIECE + 1) * PIECE).min(end);
+                let stop = piece_end.min(image.len());
+                if at < stop && rng.random_bool(0.5) {
+                    image[at..stop].copy_from_slice(&data[at - offset..stop - offset]);
+                }
+                at = piece_end;
+            }
+        }
+        image
+    }
+
+    /// Counts one operation that changes the medium; the power goes at the `cut_at`th.
+    fn tick(&mut self) -> std::io::Result<()> {
+        if self.left.is_none() {
+            self.ops += 1;
+            if self.ops >= self.cut_at {
+                self.left = Some(self.crash_image());
+            }
+        }
+        self.powered()
+    }
+
+    fn powered(&self) -> std::io::Result<()> {
+        match self.left {
+            Some(_) => Err(std::io::Error::other("power cut")),
+            None => Ok(()),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Disk(Arc<Mutex<Platters>>);
+
+impl std::fmt::Debug for Disk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let p = self.0.lock().unwrap();
+        write!(f, "Disk({} bytes, {} ops)", p.live.len(), p.ops)
+    }
+}
+
+impl Disk {
+    fn new(image: Vec<u8>, cut_at: u64, seed: u64) -> Self {
+        Disk(Arc::new(Mutex::new(Platters {
+            live: image.clone(),
+            durable: image,
+            cut_at,
+            rng: Some(StdRng::seed_from_u64(seed)),
+            ..Platters::default()
+        })))
+    }
+
+    fn is_cut(&self) -> bool {
+        self.0.lock().unwrap().left.is_some()
+    }
+
+    /// What a restart finds: the cut's image, or everything after a clean close.
+    fn image(&self) -> Vec<u8> {
+        let p = self.0.lock().unwrap();
+        p.left.clone().unwrap_or_else(|| p.live.clone())
+    }
+
+    fn ops(&self) -> u64 {
+        self.0.lock().unwrap().ops
+    }
+}
+
+impl StorageBackend for Disk {
+    fn len(&self) -> std::io::Result<u64> {
+        let p = self.0.lock().unwrap();
+        p.powered()?;
+        Ok(p.live.len() as u64)
+    }
+
+    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        let p = self.0.lock().unwrap();
+        p.powered()?;
+        let start = offset as usize;
+        let bytes = p
+            .live
+            .get(start..start + out.len())
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::UnexpectedEof))?;
+        out.copy_from_slice(bytes);
+        Ok(())
+    }
+
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        let mut p = self.0.lock().unwrap();
+        p.tick()?;
+        p.live.resize(len as usize, 0);
+        Ok(())
+    }
+
+    fn sync_data(&self) -> std::io::Result<()> {
+        let mut p = self.0.lock().unwrap();
+        p.tick()?;
+        let p = &mut *p;
+        p.durable.resize(p.live.len(), 0);
+        for (offset, data) in p.pending.drain(..) {
+            let end = (offset + data.len()).min(p.durable.len());
+            if offset < end {
+                p.durable[offset..end].copy_from_slice(&data[..end - offset]);
+            }
+        }
+        Ok(())
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        let mut p = self.0.lock().unwrap();
+        p.tick()?;
+        let start = offset as usize;
+        if p.live.len() < start + data.len() {
+            p.live.resize(start + data.len(), 0);
+        }
+        p.live[start..start + data.len()].copy_from_slice(data);
+        p.pending.push((start, data.to_vec()));
+        Ok(())
+    }
+}
+
+/// A key's value acknowledged last, and the ones written since without an answer:
+/// after a cut the store holds one of them.
+#[derive(Default)]
+struct Versions<T> {
+    acked: T,
+    unanswered: Vec<T>,
+}
+
+impl<T: PartialEq + std::fmt::Debug> Versions<T> {
+    fn check(&mut self, stored: T, what: &str) {
+        assert!(
+            stored == self.acked || self.unanswered.contains(&stored),
+            "{what}: found {stored:?}, acknowledged {:?}, written since {:?}",
+            self.acked,
+            self.unanswered
+        );
+        self.acked = stored;
+        self.unanswered.clear();
+    }
+}
+
+/// Everything the workload was told is durable.
+#[derive(Default)]
+struct Model {
+    topics: BTreeSet<String>,
+    /// (topic, partition, base offset, values) of each acknowledged append.
+    appends: Vec<(String, u32, u64, Vec<Bytes>)>,
+    /// The lowest high watermark each partition may have: seen at the last open, or
+    /// acknowledged since.
+    high_watermarks: HashMap<(String, u32), u64>,
+    state: HashMap<(String, String), Versions<Option<Vec<u8>>>>,
+    group_offsets: HashMap<(String, u32), Versions<Option<i64>>>,
+}
+
+impl Model {
+    /// Checks a reopened log against what was acknowledged; what it holds becomes the
+    /// new floor.
+    fn check(&mut self, log: &Log, at: &str) {
+        for topic in &self.topics {
+            assert!(log.topic(topic).is_some(), "{at}: topic {topic} is gone");
+        }
+        let mut found = HashMap::new();
+        for topic in log.topics() {
+            for p in 0..topic.partitions {
+                let hw = log.offsets(&topic.name, p).unwrap().high_watermark;
+                found.insert((topic.name.clone(), p), hw);
+            }
+        }
+        for (partition, floor) in &self.high_watermarks {
+            let hw = found.get(partition).copied().unwrap_or(0);
+            assert!(
+                hw >= *floor,
+                "{at}: {partition:?} went back from {floor} to {hw}"
+            );
+        }
+        for (topic, p, base, values) in &self.appends {
+            assert_eq!(
+                &read_values(log, topic, *p, *base, values.len()),
+                values,
+                "{at}: the batch acknowledged at {topic}/{p}@{base}"
+            );
+        }
+        let cursor_limit = |key: &str| {
+            let p: u32 = key.rsplit('/').next().unwrap().parse().unwrap();
+            found.get(&(TOPIC.to_string(), p)).copied().unwrap_or(0)
+        };
+        for ((namespace, key), versions) in &mut self.state {
+            let stored: Option<Vec<u8>> = log.get_state(namespace, key).unwrap();
+            if CURSORS.contains(&namespace.as_str())
+                && let Some(bytes) = &stored
+            {
+                let cursor = u64::from_le_bytes(bytes[..8].try_into().unwrap());
+                let limit = cursor_limit(key);
+                assert!(
+                    cursor <= limit,
+                    "{at}: {namespace} {key} points to {cursor}, past the data ({limit})"
+                );
+            }
+            versions.check(stored, &format!("{at}: state {namespace} {key}"));
+        }
+        for ((group, p), versions) in &mut self.group_offsets {
+            let stored = log
+                .committed_offsets(group)
+                .unwrap()
+                .into_iter()
+                .find(|(t, q, _)| t == TOPIC && q == p)
+                .map(|(_, _, o)| o.offset);
+            if let Some(offset) = stored {
+                let hw = found.get(&(TOPIC.to_string(), *p)).copied().unwrap_or(0);
+                assert!(
+                    offset as u64 <= hw,
+                    "{at}: {group} committed {offset} past {hw}"
+                );
+            }
+            versions.check(stored, &format!("{at}: offset of {group} on {TOPIC}/{p}"));
+        }
+        self.high_watermarks = found;
+    }
+}
+
+/// The values of `count` records from `base` on.
+fn read_values(log: &Log, topic: &str, partition: u32, base: u64, count: usize) -> Vec<Bytes> {
+    let mut values = Vec::new();
+    let mut next = base;
+    while values.len() < count {
+        let read = log.read(topic, partition, next, 1 << 20).unwrap();
+        if read.batches.is_empty() {
+            break;
+        }
+        for stored in read.batches {
+            let mut bytes = stored.into_bytes();
+            for r in RecordBatchDecoder::decode(&mut bytes).unwrap().records {
+                if r.offset as u64 >= next && values.len() < count {
+                    values.push(r.value.unwrap_or_default());
+                    next = r.offset as u64 + 1;
+                }
+            }
+        }
+    }
+    values
+}
+
+fn records(values: &[Bytes]) -> RecordBatch {
+    let records: Vec<NewRecord> = values
+        .iter()
+        .map(|v| NewRecord {
+            value: Some(v.clone()),
+            timestamp_ms: 1,
+            ..Default::default()
+        })
+        .collect();
+    RecordBatch::parse(batch(&records, Compression::None).unwrap()).unwrap()
+}
+
+/// One writer of the workload: its own keys, written one after another, until the power
+/// goes (or `max_ops`). Every answer goes into the model.
+async fn worker(log: Log, model: Arc<Mutex<Model>>, disk: Disk, w: usize, seed: u64) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut committed = [0i64; TOPIC_PARTITIONS as usize];
+    for n in 0..400u64 {
+        let p = rng.random_range(0..TOPIC_PARTITIONS);
+        let hw = log.offsets(TOPIC, p).unwrap().high_watermark;
+        let mut ops = Vec::new();
+        let mut keys = Vec::new();
+        let mut appended = Vec::new();
+        let mut group_offset = None;
+        let mut state = |ops: &mut Vec<WriteOp>, namespace: &str, key: String, value| {
+            keys.push(((namespace.to_string(), key.clone()), value));
+            ops.push(state_op(
+                namespace,
+                &key,
+                value_bytes(&keys.last().unwrap().1),
+            ));
+        };
+        match rng.random_range(0..10) {
+            // A Kafka produce, the idempotent producer's state stored with it.
+            0..=3 => {
+                let values: Vec<Bytes> = (0..rng.random_range(1..6))
+                    .map(|i| {
+                        Bytes::from(format!(
+                            "w{w}-{n}-{i}-{}",
+                            "x".repeat(rng.random_range(0..600))
+                        ))
+                    })
+                    .collect();
+                ops.push(WriteOp::Append {
+                    topic: TOPIC.into(),
+                    partition: p,
+                    batches: vec![records(&values)],
+                });
+                appended.push((TOPIC, p, values));
+                if rng.random_bool(0.5) {
+                    state(
+                        &mut ops,
+                        "kafka.producer",
+                        format!("{w}/{TOPIC}/{p}"),
+                        Some(n.to_le_bytes().to_vec()),
+                    );
+                }
+            }
+            // A consumer group commits an offset it has read up to.
+            4 => {
+                let offset = rng.random_range(committed[p as usize]..=hw as i64);
+                committed[p as usize] = offset;
+                let group = format!("g{w}");
+                group_offset = Some(((group.clone(), p), Some(offset)));
+                ops.push(WriteOp::CommitOffset {
+                    group,
+                    topic: TOPIC.into(),
+                    partition: p,
+                    offset: CommittedOffset {
+                        offset,
+                        leader_epoch: 0,
+                        metadata: String::new(),
+                        commit_time_ms: 1,
+                    },
+                });
+            }
+            // MQTT: a session stored or ended, a retained message set or cleared.
+            5 | 6 => {
+                let namespace = ["mqtt.session", "mqtt.retained"].choose(&mut rng).unwrap();
+                let value = rng
+                    .random_bool(0.8)
+                    .then(|| vec![w as u8; rng.random_range(0..3000)]);
+                state(
+                    &mut ops,
+                    namespace,
+                    format!("w{w}-{}", rng.random_range(0..4)),
+                    value,
+                );
+            }
+            // A pipeline's outputs with its cursor over the source.
+            7 | 8 => {
+                let values = vec![Bytes::from(format!("w{w}-{n}-out"))];
+                ops.push(WriteOp::Append {
+                    topic: OUTPUT.into(),
+                    partition: 0,
+                    batches: vec![records(&values)],
+                });
+                appended.push((OUTPUT, 0, values));
+                state(
+                    &mut ops,
+                    CURSORS[0],
+                    format!("w{w}/{p}"),
+                    Some(hw.to_le_bytes().to_vec()),
+                );
+            }
+            // Replication: the uplink's cursor.
+            _ => {
+                state(
+                    &mut ops,
+                    CURSORS[1],
+                    format!("w{w}/{p}"),
+                    Some(hw.to_le_bytes().to_vec()),
+                );
+            }
+        }
+        {
+            let mut m = model.lock().unwrap();
+            for (key, value) in &keys {
+                m.state
+                    .entry(key.clone())
+                    .or_default()
+                    .unanswered
+                    .push(value.clone());
+            }
+            if let Some((key, value)) = &group_offset {
+                let versions = m.group_offsets.entry(key.clone()).or_default();
+                versions.unanswered.push(*value);
+            }
+        }
+        let outcome = log.write(ops).await;
+        let mut m = model.lock().unwrap();
+        let outcomes = match outcome {
+            Ok(outcomes) => outcomes,
+            Err(e) => {
+                assert!(disk.is_cut(), "a write failed with the power on: {e}");
+                return;
+            }
+        };
+        for (key, value) in keys {
+            let versions = m.state.get_mut(&key).unwrap();
+            versions.acked = value;
+            versions.unanswered.clear();
+        }
+        let appends = outcomes.iter().filter_map(|o| match o {
+            WriteOutcome::Appended(a) => Some(a),
+            WriteOutcome::Done => None,
+        });
+        for ((topic, p, values), a) in appended.into_iter().zip(appends) {
+            let floor = m.high_watermarks.entry((topic.into(), p)).or_default();
+            *floor = (*floor).max(a.last_offset + 1);
+            m.appends.push((topic.into(), p, a.base_offset, values));
+        }
+        if let Some((key, value)) = group_offset {
+            let versions = m.group_offsets.get_mut(&key).unwrap();
+            versions.acked = value;
+            versions.unanswered.clear();
+        }
+    }
+}
+
+fn value_bytes(value: &Option<Vec<u8>>) -> Option<Vec<u8>> {
+    value
+        .as_ref()
+        .map(|v| postcard::to_stdvec(v).expect("encode a state value"))
+}
+
+/// The image opens on its own and passes redb's integrity check.
+fn check_integrity(image: &[u8], at: &str) {
+    let backend = redb::backends::InMemoryBackend::new();
+    backend.set_len(image.len() as u64).unwrap();
+    backend.write(0, image).unwrap();
+    let mut db = redb::Builder::new()
+        .create_with_backend(backend)
+        .unwrap_or_else(|e| panic!("{at}: the image does not open: {e}"));
+    assert!(
+        db.check_integrity()
+            .unwrap_or_else(|e| panic!("{at}: integrity check failed: {e}")),
+        "{at}: integrity check repaired the image"
+    );
+}
+
+/// Creates the workload's topics if they are missing (a cut may have taken them before
+/// their creation was acknowledged).
+async fn create_topics(log: &Log, model: &Mutex<Model>) -> Result<(), TopicError> {
+    for (name, partitions) in [(TOPIC, TOPIC_PARTITIONS), (OUTPUT, 1)] {
+        if log.topic(name).is_none() {
+            log.create_topic(name, partitions, TopicConfig::default())
+                .await?;
+            model.lock().unwrap().topics.insert(name.into());
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn acknowledged_writes_survive_power_cuts() {
+    let cuts: usize = std::env::var("WEIR_POWER_CUTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    let seed: u64 = std::env::var("WEIR_POWER_CUT_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(rand::random);
+    println!("power cuts: {cuts}, seed {seed} (WEIR_POWER_CUT_SEED replays it)");
+    let stats = cut_power(cuts, seed, false);
+    println!("{stats}");
+}
+
+/// The same checks catch a writer that acknowledges before its commit is durable.
+#[test]
+fn the_checks_catch_acknowledgements_before_durability() {
+    let caught =
+        (0..20u64).any(|seed| std::panic::catch_unwind(|| cut_power(50, seed, true)).is_err());
+    assert!(
+        caught,
+        "acknowledging from memory went unnoticed through 20 runs of 50 cuts"
+    );
+}
+
+/// Cuts the power `cuts` times; panics when a check fails. Returns what happened.
+fn cut_power(cuts_wanted: usize, seed: u64, ack_before_commit: bool) -> String {
+    // Only against a hang: at about 15 cuts a second this is far off.
+    let deadline = Instant::now() + Duration::from_secs(60 + cuts_wanted as u64);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut image = Vec::new();
+    let mut model = Arc::new(Mutex::new(Model::default()));
+    let (mut cuts, mut in_open, mut acked, mut ops) = (0, 0, 0, 0);
+    let mut on_this_database = 0;
+    while cuts < cuts_wanted {
+        assert!(
+            Instant::now() < deadline,
+            "only {cuts} cuts before the deadline; seed {seed}"
+        );
+        if on_this_database == CUTS_PER_DATABASE {
+            image.clear();
+            model = Arc::new(Mutex::new(Model::default()));
+            on_this_database = 0;
+        }
+        let at = format!("cut {cuts} (seed {seed})");
+        check_integrity(&image, &at);
+        let disk = Disk::new(image.clone(), rng.random_range(1..=120), rng.random());
+        let mut options = LogOptions::new(dir.path());
+        options.commit_interval = Duration::from_millis(*[0, 0, 1, 5].choose(&mut rng).unwrap());
+        options.cache_bytes = 4 << 20;
+        options.unsafe_ack_before_commit = ack_before_commit;
+        let open = disk.clone();
+        options.open_backend = Some(OpenBackend(Arc::new(move |builder| {
+            builder.create_with_backend(open.clone())
+        })));
+        match Log::open(options) {
+            Ok(log) => {
+                model.lock().unwrap().check(&log, &at);
+                let before = model.lock().unwrap().appends.len();
+                rt.block_on(async {
+                    if create_topics(&log, &model).await.is_ok() {
+                        let workers: Vec<_> = (0..WORKERS)
+                            .map(|w| {
+                                tokio::spawn(worker(
+                                    log.clone(),
+                                    model.clone(),
+                                    disk.clone(),
+                                    w,
+                                    rng.random(),
+                                ))
+                            })
+                            .collect();
+                        for w in workers {
+                            w.await.unwrap();
+                        }
+                    }
+                    log.close().await.unwrap();
+                });
+                acked += model.lock().unwrap().appends.len() - before;
+            }
+            Err(e) => {
+                assert!(
+                    disk.is_cut(),
+                    "{at}: the log did not open with the power on: {e}"
+                );
+                in_open += 1;
+            }
+        }
+        ops += disk.ops();
+        if disk.is_cut() {
+            cuts += 1;
+            on_this_database += 1;
+        }
+        image = disk.image();
+    }
+    format!(
+        "{cuts} cuts ({in_open} while opening), {acked} appends acknowledged, {ops} disk operations"
+    )
+}
