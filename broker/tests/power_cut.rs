@@ -46,6 +46,8 @@ struct Platters {
     /// Writes, resizes and syncs so far; the power goes before the `cut_at`th.
     ops: u64,
     cut_at: u64,
+    /// Bytes written so far.
+    written: u64,
     /// What the cut left on the medium, once it happened.
     left: Option<Vec<u8>>,
     rng: Option<StdRng>,
@@ -125,6 +127,12 @@ impl Disk {
         p.left.clone().unwrap_or_else(|| p.live.clone())
     }
 
+    /// The test hook that puts the log on this disk.
+    fn opener(&self) -> OpenBackend {
+        let disk = self.clone();
+        OpenBackend(Arc::new(move || Box::new(disk.clone())))
+    }
+
     fn ops(&self) -> u64 {
         self.0.lock().unwrap().ops
     }
@@ -179,6 +187,7 @@ impl StorageBackend for Disk {
         }
         p.live[start..start + data.len()].copy_from_slice(data);
         p.pending.push((start, data.to_vec()));
+        p.written += data.len() as u64;
         Ok(())
     }
 }
@@ -471,8 +480,17 @@ fn value_bytes(value: &Option<Vec<u8>>) -> Option<Vec<u8>> {
         .map(|v| postcard::to_stdvec(v).expect("encode a state value"))
 }
 
-/// The image opens on its own and passes redb's integrity check.
+/// The image opens on its own and passes redb's integrity check, or is a database whose
+/// creation never finished (no magic number, a few pages), which the log creates again.
 fn check_integrity(image: &[u8], at: &str) {
+    if !image.is_empty() && !image.starts_with(b"redb") {
+        assert!(
+            image.len() <= 1 << 20,
+            "{at}: {} bytes without a redb header",
+            image.len()
+        );
+        return;
+    }
     let backend = redb::backends::InMemoryBackend::new();
     backend.set_len(image.len() as u64).unwrap();
     backend.write(0, image).unwrap();
@@ -557,10 +575,7 @@ fn cut_power(cuts_wanted: usize, seed: u64, ack_before_commit: bool) -> String {
         options.commit_interval = Duration::from_millis(*[0, 0, 1, 5].choose(&mut rng).unwrap());
         options.cache_bytes = 4 << 20;
         options.unsafe_ack_before_commit = ack_before_commit;
-        let open = disk.clone();
-        options.open_backend = Some(OpenBackend(Arc::new(move |builder| {
-            builder.create_with_backend(open.clone())
-        })));
+        options.open_backend = Some(disk.opener());
         match Log::open(options) {
             Ok(log) => {
                 model.lock().unwrap().check(&log, &at);
@@ -604,4 +619,120 @@ fn cut_power(cuts_wanted: usize, seed: u64, ack_before_commit: bool) -> String {
     format!(
         "{cuts} cuts ({in_open} while opening), {acked} appends acknowledged, {ops} disk operations"
     )
+}
+
+/// Every cut while a new database is being created (redb writes its magic number last)
+/// leaves one the log opens: redb alone refuses it.
+#[test]
+fn a_cut_while_the_database_is_created_leaves_one_that_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cuts = 0;
+    for cut_at in 1..40 {
+        for seed in 0..8 {
+            let disk = Disk::new(Vec::new(), cut_at, seed);
+            let mut options = LogOptions::new(dir.path());
+            options.open_backend = Some(disk.opener());
+            if let Ok(log) = Log::open(options) {
+                drop(log);
+            }
+            if !disk.is_cut() {
+                break;
+            }
+            cuts += 1;
+            let mut options = LogOptions::new(dir.path());
+            options.open_backend = Some(Disk::new(disk.image(), u64::MAX, 0).opener());
+            let log = Log::open(options)
+                .unwrap_or_else(|e| panic!("cut at operation {cut_at} (seed {seed}): {e}"));
+            drop(log);
+        }
+    }
+    assert!(cuts > 20, "only {cuts} cuts fell in the creation");
+}
+
+/// On a real file: one whose creation never finished is moved aside and created again;
+/// a large file without redb's header is refused with the reason, and left alone.
+#[test]
+fn an_unfinished_database_file_is_set_aside_and_a_headerless_one_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = Log::db_path(dir.path());
+    std::fs::write(&path, vec![0u8; 73_728]).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let log = Log::open(LogOptions::new(dir.path())).expect("an unfinished file is created again");
+    rt.block_on(log.close()).unwrap();
+    assert_eq!(
+        std::fs::read(path.with_extension("redb.unfinished"))
+            .unwrap()
+            .len(),
+        73_728
+    );
+
+    let other = tempfile::tempdir().unwrap();
+    let path = Log::db_path(other.path());
+    std::fs::write(&path, vec![7u8; 2 << 20]).unwrap();
+    let error = Log::open(LogOptions::new(other.path()))
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(error.contains("magic number"), "{error}");
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        vec![7u8; 2 << 20],
+        "left as it was"
+    );
+}
+
+/// A measurement, not a check (BENCHMARKS.md, "Flash wear"): what one small commit
+/// writes, by how the window's messages are batched.
+/// `cargo test -p weir --test power_cut bytes_per_commit -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn bytes_per_commit() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    println!(
+        "| batches x records of ~100 B per commit | bytes written per commit | writes per commit |"
+    );
+    println!("|---|---|---|");
+    for (batches, per_batch) in [(1usize, 1usize), (50, 1), (1, 50), (5, 10)] {
+        let disk = Disk::new(Vec::new(), u64::MAX, 1);
+        let mut options = LogOptions::new(dir.path());
+        options.open_backend = Some(disk.opener());
+        let log = Log::open(options).unwrap();
+        let commit = |round: usize| {
+            let ops = (0..batches)
+                .map(|b| WriteOp::Append {
+                    topic: TOPIC.into(),
+                    partition: 0,
+                    batches: vec![records(
+                        &(0..per_batch)
+                            .map(|i| Bytes::from(format!("{{\"device\":\"d{b}-{i}\",\"seq\":{round},\"t\":21.5,\"h\":40,\"battery\":3.71,\"fw\":\"1.4.2\",\"pad\":\"xxxxxxxxxx\"}}")))
+                            .collect::<Vec<_>>(),
+                    )],
+                })
+                .collect();
+            rt.block_on(log.write(ops)).unwrap();
+        };
+        rt.block_on(log.create_topic(TOPIC, 1, TopicConfig::default()))
+            .unwrap();
+        // Past the first commits, which lay out the tables.
+        (0..100).for_each(&commit);
+        let (ops, written) = {
+            let p = disk.0.lock().unwrap();
+            (p.ops, p.written)
+        };
+        (100..300).for_each(&commit);
+        let p = disk.0.lock().unwrap();
+        // Each commit: its writes and one sync.
+        let writes = (p.ops - ops) as f64 / 200.0 - 1.0;
+        println!(
+            "| {batches} x {per_batch} | {} | {writes:.1} |",
+            (p.written - written) / 200
+        );
+    }
 }

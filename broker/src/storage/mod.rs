@@ -63,14 +63,13 @@ pub struct LogOptions {
     pub open_backend: Option<OpenBackend>,
 }
 
-/// Opens a redb database on some [`redb::StorageBackend`], with the builder Weir set up.
+/// Makes the [`redb::StorageBackend`] the database opens on (test-only).
 #[doc(hidden)]
 #[derive(Clone)]
-pub struct OpenBackend(pub Arc<OpenFn>);
+pub struct OpenBackend(pub Arc<BackendFn>);
 
 #[doc(hidden)]
-pub type OpenFn =
-    dyn Fn(&redb::Builder) -> Result<redb::Database, redb::DatabaseError> + Send + Sync;
+pub type BackendFn = dyn Fn() -> Box<dyn redb::StorageBackend> + Send + Sync;
 
 impl std::fmt::Debug for OpenBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -203,10 +203,106 @@ fn has_table(txn: &WriteTransaction, name: &str) -> Result<bool, StorageError> {
 fn open_file(path: &std::path::Path, options: &LogOptions) -> Result<Database, StorageError> {
     let mut builder = redb::Builder::new();
     builder.set_cache_size(options.cache_bytes);
-    Ok(match &options.open_backend {
-        Some(open) => (open.0)(&builder)?,
-        None => builder.create(path)?,
-    })
+    let io = |e: std::io::Error| StorageError::DataDir {
+        path: path.to_owned(),
+        message: e.to_string(),
+    };
+    let Some(open) = &options.open_backend else {
+        set_aside_unfinished_creation(path)?;
+        return Ok(builder.create(path)?);
+    };
+    let backend = (open.0)();
+    let len = backend.len().map_err(io)?;
+    let mut head = vec![0; REDB_MAGIC.len().min(len as usize)];
+    backend.read(0, &mut head).map_err(io)?;
+    if unfinished_creation(len, &head)? {
+        warn!(
+            len,
+            "the database's creation never finished (power cut?): creating it again"
+        );
+        backend.set_len(0).map_err(io)?;
+    }
+    Ok(builder.create_with_backend(Boxed(backend))?)
+}
+
+/// The first bytes of every redb file, which redb writes last when it creates one.
+const REDB_MAGIC: [u8; 9] = [b'r', b'e', b'd', b'b', 0x1A, 0x0A, 0xA9, 0x0D, 0x0A];
+/// A file redb has just laid out is this small (72 KiB with its defaults); one that
+/// ever held data is larger.
+const MAX_UNFINISHED_BYTES: u64 = 1 << 20;
+
+/// redb writes its magic number only once a new file is laid out and synced, so that a
+/// crash during creation is recognisable, but then refuses to open such a file. A file
+/// without the magic number held no commit, so nothing is lost by creating it again.
+/// A larger one is not an interrupted creation: refused, with the reason.
+fn unfinished_creation(len: u64, head: &[u8]) -> Result<bool, StorageError> {
+    if len == 0 || head == REDB_MAGIC {
+        return Ok(false);
+    }
+    if len > MAX_UNFINISHED_BYTES {
+        return Err(StorageError::Corrupt {
+            table: "header",
+            detail: format!(
+                "the {len}-byte database file does not start with redb's magic number: \
+                 it is not a redb database, or its first page was destroyed"
+            ),
+        });
+    }
+    Ok(true)
+}
+
+/// Moves a file whose creation never finished aside (`weir.redb.unfinished`), so that
+/// redb creates it again.
+fn set_aside_unfinished_creation(path: &std::path::Path) -> Result<(), StorageError> {
+    use std::io::Read;
+    let io = |e: std::io::Error| StorageError::DataDir {
+        path: path.to_owned(),
+        message: e.to_string(),
+    };
+    let mut head = Vec::with_capacity(REDB_MAGIC.len());
+    let len = match std::fs::File::open(path) {
+        Ok(file) => {
+            let len = file.metadata().map_err(io)?.len();
+            file.take(REDB_MAGIC.len() as u64)
+                .read_to_end(&mut head)
+                .map_err(io)?;
+            len
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io(e)),
+    };
+    if unfinished_creation(len, &head)? {
+        let aside = path.with_extension("redb.unfinished");
+        warn!(path = %path.display(), aside = %aside.display(), len,
+            "the database's creation never finished (power cut?): moved aside, creating it again");
+        std::fs::rename(path, &aside).map_err(io)?;
+    }
+    Ok(())
+}
+
+/// A boxed backend, as redb takes one by value.
+#[derive(Debug)]
+struct Boxed(Box<dyn redb::StorageBackend>);
+
+impl redb::StorageBackend for Boxed {
+    fn len(&self) -> std::io::Result<u64> {
+        self.0.len()
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        self.0.read(offset, out)
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.0.set_len(len)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.0.sync_data()
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.0.write(offset, data)
+    }
+    fn close(&self) -> std::io::Result<()> {
+        self.0.close()
+    }
 }
 
 impl State {
