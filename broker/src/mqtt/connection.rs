@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use futures::stream::{FuturesOrdered, StreamExt};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{
     ConnAck, ConnAckProperties, Connect, ConnectReturnCode, Disconnect, DisconnectProperties,
@@ -25,12 +24,12 @@ use rumqttc::v5::mqttbytes::v5::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info};
 
 use super::broker::{
-    Delivery, Message, MessageProperties, MqttBroker, NEVER_EXPIRES, Prepared, SubOptions,
+    Delivery, Inbox, Message, MessageProperties, MqttBroker, NEVER_EXPIRES, Prepared, SubOptions,
     SubscribeRefusal, ToConnection, Will,
 };
 use super::codec::{self, CodecError, Version};
@@ -70,10 +69,56 @@ pub(super) async fn run(
 async fn handle(
     broker: MqttBroker,
     settings: Arc<MqttConfig>,
-    mut stream: TcpStream,
+    stream: TcpStream,
     peer: SocketAddr,
     stop: watch::Receiver<bool>,
 ) -> Result<(), String> {
+    // Boxed: the CONNECT phase's futures would otherwise size every connection's task
+    // for as long as it lives (idle devices are most of a gateway's connections).
+    let mut conn = Box::pin(accept(broker.clone(), settings, stream, peer, stop)).await?;
+    let end = conn.run().await;
+    let Conn {
+        client_id,
+        link_id,
+        out_state,
+        awaiting_rel,
+        will,
+        expiry_secs,
+        ..
+    } = *conn;
+    let will = match &end {
+        End::Clean { will: true } | End::Abnormal(_) => will,
+        End::Clean { will: false } | End::Server => None,
+    };
+    let leftover: Vec<Delivery> = out_state
+        .inflight
+        .into_iter()
+        .map(|(_, d)| d)
+        .chain(out_state.pending)
+        .collect();
+    broker.disconnected(
+        &client_id,
+        link_id,
+        leftover,
+        awaiting_rel,
+        will,
+        expiry_secs,
+    );
+    match end {
+        End::Abnormal(reason) => Err(reason),
+        _ => Ok(()),
+    }
+}
+
+/// Reads and checks CONNECT, stores the session, and queues CONNACK. `Err`: a protocol
+/// error; the client was told when the protocol says so.
+async fn accept(
+    broker: MqttBroker,
+    settings: Arc<MqttConfig>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    stop: watch::Receiver<bool>,
+) -> Result<Box<Conn>, String> {
     let mut buf = BytesMut::with_capacity(1024);
     let deadline = Instant::now() + Duration::from_millis(settings.connect_timeout_ms);
     let version = loop {
@@ -173,7 +218,7 @@ async fn handle(
             .min(settings.max_inflight)
             .max(1),
     );
-    let mut conn = Conn {
+    let mut conn = Box::new(Conn {
         broker: broker.clone(),
         settings: settings.clone(),
         version,
@@ -185,7 +230,7 @@ async fn handle(
         out: BytesMut::new(),
         rx: connected.rx,
         stop,
-        acks: FuturesOrdered::new(),
+        acks: VecDeque::new(),
         inbound_pending: 0,
         batch: Vec::new(),
         awaiting_rel: connected.awaiting_rel,
@@ -204,40 +249,18 @@ async fn handle(
             alias_max: props.topic_alias_max.unwrap_or(0),
             max_packet: props.max_packet_size,
         },
-    };
+    });
     conn.queue(&connack);
-    let end = conn.run().await;
-    let Conn {
-        client_id,
-        link_id,
-        out_state,
-        awaiting_rel,
-        will,
-        expiry_secs,
-        ..
-    } = conn;
-    let will = match &end {
-        End::Clean { will: true } | End::Abnormal(_) => will,
-        End::Clean { will: false } | End::Server => None,
-    };
-    let leftover: Vec<Delivery> = out_state
-        .inflight
-        .into_iter()
-        .map(|(_, d)| d)
-        .chain(out_state.pending)
-        .collect();
-    broker.disconnected(
-        &client_id,
-        link_id,
-        leftover,
-        awaiting_rel,
-        will,
-        expiry_secs,
-    );
-    match end {
-        End::Abnormal(reason) => Err(reason),
-        _ => Ok(()),
-    }
+    Ok(conn)
+}
+
+/// The oldest publish's write, once it completed: acknowledgements leave in the order
+/// the publishes came. Only the oldest is polled: the others wait on the log's answers,
+/// which arrive without being polled. Cancel-safe.
+async fn oldest_ack(acks: &mut VecDeque<AckFuture>) -> Option<(Inbound, Result<(), WriteError>)> {
+    let outcome = acks.front_mut()?.await;
+    acks.pop_front();
+    Some(outcome)
 }
 
 async fn read_before(
@@ -417,9 +440,10 @@ struct Conn {
     writer: OwnedWriteHalf,
     buf: BytesMut,
     out: BytesMut,
-    rx: mpsc::UnboundedReceiver<ToConnection>,
+    rx: Inbox,
     stop: watch::Receiver<bool>,
-    acks: FuturesOrdered<AckFuture>,
+    /// The publishes' writes, oldest first; not allocated while empty.
+    acks: VecDeque<AckFuture>,
     /// Messages in `acks`.
     inbound_pending: usize,
     batch: Vec<(Message, QoS, u16)>,
@@ -432,8 +456,12 @@ struct Conn {
     out_state: Outbound,
 }
 
+/// Free space a read offers the socket. The buffer is dropped between reads when empty.
+const READ_CHUNK: usize = 4096;
+
 enum Event {
-    Read(std::io::Result<usize>),
+    /// The socket has something to read (or failed).
+    Readable(std::io::Result<()>),
     Acked(Option<(Inbound, Result<(), WriteError>)>),
     Broker(Option<ToConnection>),
     KeepAliveTimeout,
@@ -460,26 +488,38 @@ impl Conn {
                 if let Err(e) = self.writer.write_all(&self.out).await {
                     return End::Abnormal(format!("write: {e}"));
                 }
-                self.out.clear();
+                // An idle connection holds no output buffer either.
+                self.out = BytesMut::new();
             }
             let can_read = self.inbound_pending < usize::from(self.settings.receive_maximum);
             let keep_alive_at = self.keep_alive.map(|k| self.last_heard + k);
             let event = tokio::select! {
-                r = self.reader.read_buf(&mut self.buf), if can_read => Event::Read(r),
-                a = self.acks.next(), if !self.acks.is_empty() => Event::Acked(a),
+                r = self.reader.readable(), if can_read => Event::Readable(r),
+                a = oldest_ack(&mut self.acks), if !self.acks.is_empty() => Event::Acked(a),
                 m = self.rx.recv() => Event::Broker(m),
                 _ = sleep_until_opt(keep_alive_at) => Event::KeepAliveTimeout,
                 _ = self.stop.wait_for(|s| *s) => Event::Stop,
             };
             let result = match event {
-                Event::Read(Ok(0)) => {
-                    return End::Abnormal("connection closed without DISCONNECT".into());
-                }
-                Event::Read(Err(e)) => return End::Abnormal(format!("read: {e}")),
-                Event::Read(Ok(_)) => {
-                    self.last_heard = Instant::now();
-                    self.read_packets().await
-                }
+                Event::Readable(ready) => match ready.and_then(|()| self.try_read()) {
+                    Ok(Some(0)) => {
+                        return End::Abnormal("connection closed without DISCONNECT".into());
+                    }
+                    Err(e) => return End::Abnormal(format!("read: {e}")),
+                    // The readiness was spurious.
+                    Ok(None) => Ok(None),
+                    Ok(Some(_)) => {
+                        self.last_heard = Instant::now();
+                        // Boxed, as every rare branch here: the loop's future stays small
+                        // for the idle connections that are most of a gateway's.
+                        let result = Box::pin(self.read_packets()).await;
+                        if self.buf.is_empty() {
+                            // An idle connection holds no read buffer.
+                            self.buf = BytesMut::new();
+                        }
+                        result
+                    }
+                },
                 Event::Acked(Some((inbound, result))) => self.acked(inbound, result),
                 Event::Acked(None) => Ok(None),
                 Event::Broker(Some(ToConnection::Deliver(d))) => {
@@ -487,10 +527,10 @@ impl Conn {
                     Ok(None)
                 }
                 Event::Broker(Some(ToConnection::TakenOver)) | Event::Broker(None) => {
-                    self.disconnect(
+                    Box::pin(self.disconnect(
                         DisconnectReasonCode::SessionTakenOver,
                         "another connection took the session",
-                    )
+                    ))
                     .await;
                     return End::Server;
                 }
@@ -499,11 +539,10 @@ impl Conn {
                     "keep-alive timeout".into(),
                 )),
                 Event::Stop => {
-                    self.drain_acks().await;
-                    self.disconnect(
+                    Box::pin(self.finish(
                         DisconnectReasonCode::ServerShuttingDown,
                         "the broker is shutting down",
-                    )
+                    ))
                     .await;
                     return End::Server;
                 }
@@ -511,26 +550,45 @@ impl Conn {
             match result {
                 Ok(None) => {}
                 Ok(Some(end)) => {
-                    self.drain_acks().await;
-                    let _ = self.writer.write_all(&self.out).await;
+                    Box::pin(async {
+                        self.drain_acks().await;
+                        let _ = self.writer.write_all(&self.out).await;
+                    })
+                    .await;
                     return end;
                 }
                 Err(Violation(code, reason)) => {
                     // The packets read before the violation were valid: answer them first.
-                    self.drain_acks().await;
-                    self.disconnect(code, &reason).await;
+                    Box::pin(self.finish(code, &reason)).await;
                     return End::Abnormal(reason);
                 }
             }
         }
     }
 
+    /// Reads what the socket has, into a buffer of at least `READ_CHUNK` free bytes.
+    /// `None`: nothing after all; `Some(0)`: the end of the stream.
+    fn try_read(&mut self) -> std::io::Result<Option<usize>> {
+        self.buf.reserve(READ_CHUNK);
+        match self.reader.try_read_buf(&mut self.buf) {
+            Ok(n) => Ok(Some(n)),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Answers the publishes still waiting for their commit, so a client that
     /// disconnects cleanly after publishing gets every acknowledgement it is owed.
     async fn drain_acks(&mut self) {
-        while let Some((inbound, result)) = self.acks.next().await {
+        while let Some((inbound, result)) = oldest_ack(&mut self.acks).await {
             let _ = self.acked(inbound, result);
         }
+    }
+
+    /// Answers what is owed, then says why the connection ends.
+    async fn finish(&mut self, code: DisconnectReasonCode, reason: &str) {
+        self.drain_acks().await;
+        self.disconnect(code, reason).await;
     }
 
     async fn disconnect(&mut self, code: DisconnectReasonCode, reason: &str) {
