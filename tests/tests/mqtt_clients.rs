@@ -248,6 +248,31 @@ fn downlink_carries_kafka_records_to_devices() {
     );
 }
 
+/// Runs one phase of `mqtt5_properties.py` and checks it passed.
+fn properties_phase(broker: &Broker, args: &[&str]) {
+    let port = broker.mqtt_port();
+    let out = weir_tests::python("mqtt5_properties.py", &[&[port.as_str()], args].concat());
+    assert!(
+        out.status.success() && out.stdout.contains("all checks passed"),
+        "{args:?}\nstdout:\n{}\nstderr:\n{}",
+        out.stdout,
+        out.stderr
+    );
+}
+
+#[test]
+fn mqtt5_properties_survive_every_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("d");
+    let mut broker = Broker::start_with_config(&data, RULES);
+    properties_phase(&broker, &["paths"]);
+    properties_phase(&broker, &["downlink", &broker.bootstrap()]);
+    properties_phase(&broker, &["before-restart"]);
+    let config = data.with_extension("toml");
+    broker.restart(true, &["--config", config.to_str().unwrap()]);
+    properties_phase(&broker, &["after-restart"]);
+}
+
 #[test]
 fn mqtt_3_1_and_unknown_levels_are_refused_with_a_return_code() {
     let dir = tempfile::tempdir().unwrap();

@@ -50,6 +50,76 @@ pub struct MessageProperties {
     pub user_properties: Vec<(String, String)>,
 }
 
+/// Kafka headers that carry MQTT 5 properties on a record: ingest rules write them,
+/// downlinks read them back. Every other header is a user property.
+const HEADER_CONTENT_TYPE: &str = "mqtt.content_type";
+const HEADER_PAYLOAD_FORMAT: &str = "mqtt.payload_format";
+const HEADER_MESSAGE_EXPIRY: &str = "mqtt.message_expiry";
+const HEADER_RESPONSE_TOPIC: &str = "mqtt.response_topic";
+const HEADER_CORRELATION_DATA: &str = "mqtt.correlation_data";
+/// Headers of Weir's own (`mqtt.topic`, `mqtt.client_id`, `mqtt.qos`: where an ingested
+/// record came from) that are not properties.
+const HEADER_PREFIX: &str = "mqtt.";
+
+impl MessageProperties {
+    /// Appends the headers that carry these properties, and the message expiry interval
+    /// left (seconds), to a record's.
+    pub fn to_headers(&self, expiry_secs: Option<u32>, headers: &mut Vec<(String, Bytes)>) {
+        let mut add = |name: &str, value: Bytes| headers.push((name.to_string(), value));
+        if let Some(ct) = &self.content_type {
+            add(HEADER_CONTENT_TYPE, Bytes::from(ct.clone()));
+        }
+        if let Some(pf) = self.payload_format {
+            add(HEADER_PAYLOAD_FORMAT, Bytes::from(pf.to_string()));
+        }
+        if let Some(secs) = expiry_secs {
+            add(HEADER_MESSAGE_EXPIRY, Bytes::from(secs.to_string()));
+        }
+        if let Some(topic) = &self.response_topic {
+            add(HEADER_RESPONSE_TOPIC, Bytes::from(topic.clone()));
+        }
+        if let Some(data) = &self.correlation_data {
+            add(HEADER_CORRELATION_DATA, data.clone());
+        }
+        for (k, v) in &self.user_properties {
+            add(k, Bytes::from(v.clone()));
+        }
+    }
+
+    /// The properties, and the message expiry interval (seconds), a record's headers
+    /// give a message. A header that cannot be the property it names (a payload format
+    /// other than 0 or 1, an expiry that is not a number, text that is not UTF-8) is
+    /// left out, as is a user property that is not UTF-8.
+    pub fn from_headers<'a>(
+        headers: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+    ) -> (Self, Option<u32>) {
+        let mut props = MessageProperties::default();
+        let mut expiry = None;
+        let text = |v: &[u8]| std::str::from_utf8(v).ok().map(str::to_string);
+        for (name, value) in headers {
+            match name {
+                HEADER_CONTENT_TYPE => props.content_type = text(value),
+                HEADER_PAYLOAD_FORMAT => {
+                    props.payload_format =
+                        text(value).and_then(|v| v.parse().ok()).filter(|f| *f <= 1);
+                }
+                HEADER_MESSAGE_EXPIRY => expiry = text(value).and_then(|v| v.parse().ok()),
+                HEADER_RESPONSE_TOPIC => props.response_topic = text(value),
+                HEADER_CORRELATION_DATA => {
+                    props.correlation_data = Some(Bytes::copy_from_slice(value));
+                }
+                _ if name.starts_with(HEADER_PREFIX) => {}
+                _ => {
+                    if let Some(v) = text(value) {
+                        props.user_properties.push((name.to_string(), v));
+                    }
+                }
+            }
+        }
+        (props, expiry)
+    }
+}
+
 /// An application message, as received from a publisher.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {
@@ -1080,18 +1150,12 @@ impl MqttBroker {
             ),
             ("mqtt.qos".to_string(), Bytes::from(message.qos.to_string())),
         ];
-        if let Some(ct) = &message.properties.content_type {
-            headers.push(("mqtt.content_type".to_string(), Bytes::from(ct.clone())));
-        }
-        if let Some(pf) = message.properties.payload_format {
-            headers.push((
-                "mqtt.payload_format".to_string(),
-                Bytes::from(pf.to_string()),
-            ));
-        }
-        for (k, v) in &message.properties.user_properties {
-            headers.push((k.clone(), Bytes::from(v.clone())));
-        }
+        let expiry_secs = message.expires_at_ms.map(|at| {
+            u32::try_from((at - now_ms() + 999) / 1000)
+                .unwrap_or(0)
+                .max(1)
+        });
+        message.properties.to_headers(expiry_secs, &mut headers);
         let record = NewRecord {
             key: key.map(Bytes::from),
             value: Some(message.payload.clone()),

@@ -87,7 +87,7 @@ async fn handle(
         ..
     } = *conn;
     let will = match &end {
-        End::Clean { will: true } | End::Abnormal(_) => will,
+        End::Clean { will: true } | End::Abnormal(_) => will.map(|w| *w),
         End::Clean { will: false } | End::Server => None,
     };
     let leftover: Vec<Delivery> = out_state
@@ -226,7 +226,8 @@ async fn accept(
         link_id: connected.link_id,
         reader,
         writer,
-        buf,
+        // What the client sent after CONNECT stays; an idle connection holds no buffer.
+        buf: if buf.is_empty() { BytesMut::new() } else { buf },
         out: BytesMut::new(),
         rx: connected.rx,
         stop,
@@ -238,7 +239,7 @@ async fn accept(
         keep_alive: (accepted.keep_alive > 0)
             .then(|| Duration::from_millis(u64::from(accepted.keep_alive) * 1500)),
         last_heard: Instant::now(),
-        will: accepted.will,
+        will: accepted.will.map(Box::new),
         expiry_secs: accepted.expiry_secs,
         out_state: Outbound {
             inflight: VecDeque::new(),
@@ -451,7 +452,8 @@ struct Conn {
     aliases_in: HashMap<u16, String>,
     keep_alive: Option<Duration>,
     last_heard: Instant,
-    will: Option<Will>,
+    /// Boxed: most connections have none, and a message inline is large.
+    will: Option<Box<Will>>,
     expiry_secs: u32,
     out_state: Outbound,
 }

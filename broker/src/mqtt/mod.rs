@@ -28,7 +28,7 @@ pub use broker::{Message, MessageProperties, MqttBroker, MqttMetrics};
 use rules::{DownlinkRule, Template};
 
 use crate::config::MqttConfig;
-use crate::storage::{Log, ReadError, TopicConfig, TopicError, state_op};
+use crate::storage::{Log, ReadError, TopicConfig, TopicError, now_ms, state_op};
 
 /// Accepts connections until `stop`; then every connection says goodbye and ends.
 pub async fn serve(
@@ -181,14 +181,19 @@ pub async fn run_downlink(
                     warn!(topic = %rule.topic, offset, mqtt_topic = %topic, "downlink record maps to an invalid MQTT topic; skipped");
                     continue;
                 }
+                let (properties, expiry_secs) = MessageProperties::from_headers(
+                    r.headers
+                        .iter()
+                        .map(|(k, v)| (k.as_str(), v.as_deref().unwrap_or_default())),
+                );
                 let message = Message {
                     topic,
                     payload: r.value.unwrap_or_default(),
                     qos: rule.qos,
                     retain: rule.retain,
-                    properties: MessageProperties::default(),
+                    properties,
                     from: String::new(),
-                    expires_at_ms: None,
+                    expires_at_ms: expiry_secs.map(|s| now_ms() + i64::from(s) * 1000),
                 };
                 match broker.prepare(message) {
                     Ok(mut p) => {
