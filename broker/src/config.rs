@@ -479,4 +479,25 @@ mod tests {
         let c = Config::parse("[storage]\ncommit_interval_ms = 0").unwrap();
         assert_eq!(c.log_options().commit_interval, Duration::ZERO);
     }
+
+    #[test]
+    fn a_bridge_speaks_mqtt_5_unless_told_3_1_1() {
+        let bridge = |version: &str| {
+            Config::parse(&format!(
+                "[[mqtt.bridge]]\naddress = '127.0.0.1:1884'\nclient_id = 'b'\n\
+                 filters = ['a/#']\n{version}"
+            ))
+        };
+        assert_eq!(bridge("").unwrap().mqtt.bridge[0].version, "5");
+        assert_eq!(
+            bridge("version = '3.1.1'").unwrap().mqtt.bridge[0].version,
+            "3.1.1"
+        );
+        match bridge("version = '4'") {
+            Err(ConfigError::Invalid(message)) => {
+                assert!(message.contains("bridge version"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 }

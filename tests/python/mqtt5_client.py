@@ -20,7 +20,8 @@ TIMEOUT = 10
 class Client:
     """A paho client whose callbacks land in queues, for straight-line checks."""
 
-    def __init__(self, client_id=None, clean_start=True, props=None, manual_ack=False, keepalive=30, will=None):
+    def __init__(self, client_id=None, clean_start=True, props=None, manual_ack=False, keepalive=30, will=None,
+                 port=None):
         self.id = client_id if client_id is not None else "py-" + uuid.uuid4().hex[:8]
         self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.id,
                              protocol=mqtt.MQTTv5, manual_ack=manual_ack)
@@ -38,7 +39,7 @@ class Client:
         self.c.on_disconnect = lambda c, u, flags, rc, p: self.disconnects.put(rc)
         if will:
             self.c.will_set(**will)
-        self.c.connect("127.0.0.1", PORT, keepalive=keepalive, clean_start=clean_start, properties=props)
+        self.c.connect("127.0.0.1", port or PORT, keepalive=keepalive, clean_start=clean_start, properties=props)
         self.c.loop_start()
         self.flags, rc, self.props = self.connack.get(timeout=TIMEOUT)
         assert not rc.is_failure, rc

@@ -4,6 +4,8 @@ Usage: mqtt5_properties.py PORT PHASE, PHASE one of
   paths          live, retained, offline queue, shared subscription, will (now and delayed)
   before-restart leaves a retained message and one queued for an offline session
   after-restart  checks both after the broker restarted
+  bridge REMOTE  publishes on the remote broker (PORT bridges `farm/#` from it) and
+                 checks the message Weir's subscriber gets
   downlink BOOTSTRAP  produces a record with headers to the Kafka topic `commands` and
                  checks the message the downlink makes of it on `devices/dev1/commands`
 Each check prints "ok <name>"; the first failure raises.
@@ -129,6 +131,18 @@ elif PHASE == "after-restart":
         sub.sub("sweep/restart/retained")
         assert_full(sub.get(), path="retained after restart")
         back.close(); sub.close()
+
+elif PHASE == "bridge":
+    @check("bridge: a message from the remote broker keeps its properties")
+    def _():
+        sub = Client()
+        sub.sub("farm/#")
+        remote = Client(port=int(sys.argv[3]))
+        remote.pub("farm/cow9/props", b'{"t":6}', props=full_props())
+        m = sub.get(timeout=30)
+        assert m.topic == "farm/cow9/props", m.topic
+        assert_full(m, path="bridge")
+        sub.close(); remote.close()
 
 elif PHASE == "downlink":
     @check("downlink: Kafka headers become the message's properties")

@@ -230,8 +230,32 @@ fn thousand_devices_reach_a_kafka_consumer_exactly_once_in_order() {
 #[test]
 fn bridge_ingests_from_mosquitto_and_catches_up_after_a_restart() {
     let dir = tempfile::tempdir().unwrap();
+    let (broker, _mosquitto, remote) = bridge_catches_up(dir.path(), "5");
+    // MQTT 5 (the bridge's default): every message property crosses the bridge.
+    let out = weir_tests::python(
+        "mqtt5_properties.py",
+        &[&broker.mqtt_port(), "bridge", &remote.to_string()],
+    );
+    assert!(
+        out.status.success() && out.stdout.contains("all checks passed"),
+        "stdout:\n{}\nstderr:\n{}",
+        out.stdout,
+        out.stderr
+    );
+}
+
+#[test]
+fn an_mqtt_3_1_1_bridge_catches_up_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    bridge_catches_up(dir.path(), "3.1.1");
+}
+
+/// Bridges `farm/#` from a Mosquitto into the topic `bridged`, with Weir down while two
+/// of three messages are published; returns the broker, Mosquitto (still running) and
+/// its port.
+fn bridge_catches_up(dir: &std::path::Path, version: &str) -> (Broker, Background, u16) {
     let remote = free_addr();
-    let conf = dir.path().join("mosquitto.conf");
+    let conf = dir.join("mosquitto.conf");
     std::fs::write(
         &conf,
         format!(
@@ -240,7 +264,7 @@ fn bridge_ingests_from_mosquitto_and_catches_up_after_a_restart() {
         ),
     )
     .unwrap();
-    let _mosquitto = Background::spawn(external("mosquitto").args(["-c", conf.to_str().unwrap()]));
+    let mosquitto = Background::spawn(external("mosquitto").args(["-c", conf.to_str().unwrap()]));
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(remote).is_err() {
         assert!(Instant::now() < deadline, "mosquitto did not start");
@@ -257,9 +281,10 @@ address = "{remote}"
 client_id = "weir-edge-1"
 filters = ["farm/#"]
 qos = 1
+version = "{version}"
 "#
     );
-    let mut broker = Broker::start_with_config(&dir.path().join("d"), &config);
+    let mut broker = Broker::start_with_config(&dir.join("d"), &config);
     broker.wait_log("bridge connected");
     let remote_pub = |topic: &str, msg: &str| {
         mosquitto_pub(remote.port(), &["-q", "1", "-t", topic, "-m", msg]);
@@ -270,12 +295,10 @@ qos = 1
     // Weir is down: Mosquitto queues these for its persistent session.
     remote_pub("farm/cow2/temp", "39.1");
     remote_pub("farm/cow1/temp", "38.7");
-    broker.restart(
-        true,
-        &["--config", dir.path().join("d.toml").to_str().unwrap()],
-    );
+    broker.restart(true, &["--config", dir.join("d.toml").to_str().unwrap()]);
     broker.wait_metric("weir_mqtt_ingested_total", 2.0);
     let mut records = broker.consume_lines("bridged", "=");
     records.sort();
     assert_eq!(records, ["cow1=38.5", "cow1=38.7", "cow2=39.1"]);
+    (broker, mosquitto, remote.port())
 }

@@ -135,6 +135,32 @@ pub struct Message {
 }
 
 impl Message {
+    /// The message an MQTT 5 PUBLISH carries, from a client or from a bridged broker.
+    pub fn from_v5(
+        topic: String,
+        p: &rumqttc::v5::mqttbytes::v5::Publish,
+        props: rumqttc::v5::mqttbytes::v5::PublishProperties,
+        from: String,
+    ) -> Message {
+        Message {
+            topic,
+            payload: p.payload.clone(),
+            qos: p.qos as u8,
+            retain: p.retain,
+            properties: MessageProperties {
+                payload_format: props.payload_format_indicator,
+                content_type: props.content_type,
+                response_topic: props.response_topic,
+                correlation_data: props.correlation_data,
+                user_properties: props.user_properties,
+            },
+            from,
+            expires_at_ms: props
+                .message_expiry_interval
+                .map(|s| now_ms() + i64::from(s) * 1000),
+        }
+    }
+
     pub fn expired(&self, now: i64) -> bool {
         self.expires_at_ms.is_some_and(|at| at <= now)
     }

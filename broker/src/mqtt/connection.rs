@@ -709,9 +709,9 @@ impl Conn {
         }
     }
 
-    async fn publish(&mut self, p: Publish) -> Result<(), Violation> {
+    async fn publish(&mut self, mut p: Publish) -> Result<(), Violation> {
         self.broker.metrics().received.inc();
-        let props = p.properties.unwrap_or_default();
+        let props = p.properties.take().unwrap_or_default();
         let topic = if p.topic.is_empty() {
             let alias = props.topic_alias.ok_or_else(|| {
                 Violation(
@@ -770,23 +770,7 @@ impl Conn {
                 "payload is not UTF-8".into(),
             ));
         }
-        let message = Message {
-            topic,
-            payload: p.payload,
-            qos: p.qos as u8,
-            retain: p.retain,
-            properties: MessageProperties {
-                payload_format: props.payload_format_indicator,
-                content_type: props.content_type,
-                response_topic: props.response_topic,
-                correlation_data: props.correlation_data,
-                user_properties: props.user_properties,
-            },
-            from: self.client_id.clone(),
-            expires_at_ms: props
-                .message_expiry_interval
-                .map(|s| now_ms() + i64::from(s) * 1000),
-        };
+        let message = Message::from_v5(topic, &p, props, self.client_id.clone());
         if message.payload.len() > COALESCE_MAX_PAYLOAD {
             // Alone, so that a message the topic refuses (too large) fails by itself.
             self.submit_publishes().await;

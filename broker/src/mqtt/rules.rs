@@ -60,6 +60,14 @@ pub struct BridgeConfig {
     pub username: Option<String>,
     #[serde(default)]
     pub password: Option<String>,
+    /// The MQTT version spoken to the remote: "5" (MQTT 5 properties cross the bridge)
+    /// or "3.1.1" (for a remote that speaks nothing newer).
+    #[serde(default = "default_bridge_version")]
+    pub version: String,
+}
+
+fn default_bridge_version() -> String {
+    "5".into()
 }
 
 fn default_qos() -> u8 {
@@ -82,6 +90,8 @@ pub enum RuleError {
     Qos(u8),
     #[error("invalid MQTT topic template {0:?}")]
     TopicTemplate(String),
+    #[error("bridge version must be \"5\" or \"3.1.1\", not {0:?}")]
+    BridgeVersion(String),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -266,6 +276,9 @@ pub fn compile_downlink(rule: &DownlinkRule) -> Result<Template, RuleError> {
 pub fn check_bridge(bridge: &BridgeConfig) -> Result<(), RuleError> {
     if bridge.qos > 2 {
         return Err(RuleError::Qos(bridge.qos));
+    }
+    if !matches!(bridge.version.as_str(), "5" | "3.1.1") {
+        return Err(RuleError::BridgeVersion(bridge.version.clone()));
     }
     for f in &bridge.filters {
         if !topics::valid_filter(f) {
