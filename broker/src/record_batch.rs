@@ -257,6 +257,24 @@ pub mod build {
         pub headers: Vec<(String, Bytes)>,
     }
 
+    /// The bytes of a v2 batch's header, before its records.
+    pub const BATCH_OVERHEAD: usize = 61;
+
+    /// At least the bytes `r` takes in a v2 batch (every varint counted at its widest).
+    pub fn size_bound(r: &NewRecord) -> usize {
+        const VARINT: usize = 5;
+        const VARLONG: usize = 10;
+        let field = |b: Option<&Bytes>| VARINT + b.map_or(0, Bytes::len);
+        // Length, attributes, timestamp delta, offset delta, key, value, header count.
+        let fixed = VARINT + 1 + VARLONG + VARINT + VARINT;
+        let headers: usize = r
+            .headers
+            .iter()
+            .map(|(k, v)| 2 * VARINT + k.len() + v.len())
+            .sum();
+        fixed + field(r.key.as_ref()) + field(r.value.as_ref()) + headers
+    }
+
     /// Encodes `records` as one v2 batch with base offset 0.
     pub fn batch(records: &[NewRecord], compression: Compression) -> anyhow::Result<Bytes> {
         let records: Vec<Record> = records
@@ -314,6 +332,24 @@ mod tests {
             })
             .collect();
         batch(&records, Compression::None).unwrap()
+    }
+
+    #[test]
+    fn size_bound_is_at_least_the_encoded_size() {
+        for n in [1usize, 2, 50] {
+            let records: Vec<NewRecord> = (0..n)
+                .map(|i| NewRecord {
+                    key: (i % 2 == 0).then(|| Bytes::from(vec![b'k'; i * 40])),
+                    value: Some(Bytes::from(vec![7; i * 300])),
+                    timestamp_ms: i64::MAX / 2 - i as i64 * 1_000_000_000,
+                    headers: vec![("mqtt.topic".into(), Bytes::from(vec![b't'; i]))],
+                })
+                .collect();
+            let encoded = batch(&records, Compression::None).unwrap().len();
+            let bound = super::build::BATCH_OVERHEAD
+                + records.iter().map(super::build::size_bound).sum::<usize>();
+            assert!(encoded <= bound, "{n} records: {encoded} > {bound}");
+        }
     }
 
     #[test]

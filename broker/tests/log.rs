@@ -725,3 +725,148 @@ fn an_older_format_is_relabelled_or_refused() {
     // Refused without a change: still the old file.
     assert_eq!(version(&file), Some(1));
 }
+
+/// `(offset, value)` of every record stored in a partition, and how many batches hold them.
+fn stored_records(log: &Log, topic: &str, partition: u32) -> (Vec<(i64, Bytes)>, usize) {
+    let batches = read_all(log, topic, partition);
+    let mut records = Vec::new();
+    for b in &batches {
+        let mut bytes = b.as_bytes().clone();
+        let set = kafka_protocol::records::RecordBatchDecoder::decode(&mut bytes).unwrap();
+        records.extend(
+            set.records
+                .into_iter()
+                .map(|r| (r.offset, r.value.unwrap_or_default())),
+        );
+    }
+    (records, batches.len())
+}
+
+fn records_op(topic: &str, partition: u32, values: &[Vec<u8>]) -> WriteOp {
+    WriteOp::AppendRecords {
+        topic: topic.into(),
+        partition,
+        records: values
+            .iter()
+            .map(|v| NewRecord {
+                key: None,
+                value: Some(Bytes::from(v.clone())),
+                timestamp_ms: 1_700_000_000_000,
+                headers: vec![("mqtt.topic".into(), Bytes::from_static(b"a/b"))],
+            })
+            .collect(),
+    }
+}
+
+fn appended(outcome: Result<Vec<WriteOutcome>, WriteError>) -> AppendOutcome {
+    match outcome.unwrap().remove(0) {
+        WriteOutcome::Appended(a) => a,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Records the broker made (MQTT ingest, pipelines, downlinks) that one window gathers
+/// for a partition are stored as one batch, each write answered with its own offsets; a
+/// client's batch between them keeps its place; a large window is cut into batches the
+/// topic's max.message.bytes allows; an empty or oversized write is refused alone.
+#[test]
+fn records_the_broker_made_in_one_window_share_a_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let mut options = LogOptions::new(dir.path());
+        options.commit_interval = std::time::Duration::from_millis(1000);
+        let log = Log::open(options).unwrap();
+        log.create_topic("t", 2, TopicConfig::default())
+            .await
+            .unwrap();
+        let mut pending = Vec::new();
+        for i in 0..20u8 {
+            pending.push(
+                log.submit(vec![records_op("t", 0, &[vec![i]])])
+                    .await
+                    .unwrap(),
+            );
+        }
+        let other = log
+            .submit(vec![records_op("t", 1, &[vec![99]])])
+            .await
+            .unwrap();
+        for (i, p) in pending.into_iter().enumerate() {
+            let a = appended(p.await);
+            assert_eq!((a.base_offset, a.last_offset), (i as u64, i as u64));
+        }
+        assert_eq!(appended(other.await).base_offset, 0);
+        let (records, batches) = stored_records(&log, "t", 0);
+        let expected: Vec<(i64, Bytes)> = (0..20u8)
+            .map(|i| (i64::from(i), Bytes::from(vec![i])))
+            .collect();
+        assert_eq!(records, expected);
+        assert!(
+            batches <= 2,
+            "20 one-record writes in one window: {batches} batches"
+        );
+
+        // A client's batch between two of them: offsets in the order of arrival.
+        let first = log
+            .submit(vec![records_op("t", 0, &[vec![20]])])
+            .await
+            .unwrap();
+        let client = client_batch(7, 3, 10, 0);
+        let op = WriteOp::Append {
+            topic: "t".into(),
+            partition: 0,
+            batches: vec![RecordBatch::parse(client.clone()).unwrap()],
+        };
+        let middle = log.submit(vec![op]).await.unwrap();
+        let last = log
+            .submit(vec![records_op("t", 0, &[vec![24], vec![25]])])
+            .await
+            .unwrap();
+        assert_eq!(appended(first.await).base_offset, 20);
+        assert_eq!(appended(middle.await).base_offset, 21);
+        let a = appended(last.await);
+        assert_eq!((a.base_offset, a.last_offset), (24, 25));
+        let (records, _) = stored_records(&log, "t", 0);
+        let offsets: Vec<i64> = records.iter().map(|(o, _)| *o).collect();
+        assert_eq!(offsets, (0..26).collect::<Vec<i64>>());
+        assert_eq!(records[20].1, Bytes::from(vec![20]));
+        assert_eq!(records[24].1, Bytes::from(vec![24]));
+
+        // 100 KB records: at most 256 KiB per batch, so two and one.
+        let big: Vec<Vec<u8>> = (0..3u8).map(|i| vec![i; 100_000]).collect();
+        log.write(vec![records_op("t", 1, &big)]).await.unwrap();
+        let (records, batches) = stored_records(&log, "t", 1);
+        assert_eq!(records.len(), 4);
+        assert_eq!(
+            batches, 3,
+            "one batch of the first window, then two of 100 KB records"
+        );
+        assert_eq!(records[3].1.len(), 100_000);
+
+        // Refusals answer their own write only.
+        let small = TopicConfig {
+            max_message_bytes: 1_000,
+            ..Default::default()
+        };
+        log.create_topic("small", 1, small).await.unwrap();
+        let empty = log.submit(vec![records_op("small", 0, &[])]).await.unwrap();
+        let too_big = log
+            .submit(vec![records_op("small", 0, &[vec![1; 2_000]])])
+            .await
+            .unwrap();
+        let fine = log
+            .submit(vec![records_op("small", 0, &[vec![1; 500]])])
+            .await
+            .unwrap();
+        assert!(matches!(
+            empty.await,
+            Err(WriteError::InvalidBatch(BatchError::Empty))
+        ));
+        assert!(matches!(
+            too_big.await,
+            Err(WriteError::MessageTooLarge { max: 1_000, .. })
+        ));
+        assert_eq!(appended(fine.await).base_offset, 0);
+        log.close().await.unwrap();
+    });
+}

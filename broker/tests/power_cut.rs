@@ -314,16 +314,19 @@ fn read_values(log: &Log, topic: &str, partition: u32, base: u64, count: usize) 
     values
 }
 
-fn records(values: &[Bytes]) -> RecordBatch {
-    let records: Vec<NewRecord> = values
+fn new_records(values: &[Bytes]) -> Vec<NewRecord> {
+    values
         .iter()
         .map(|v| NewRecord {
             value: Some(v.clone()),
             timestamp_ms: 1,
             ..Default::default()
         })
-        .collect();
-    RecordBatch::parse(batch(&records, Compression::None).unwrap()).unwrap()
+        .collect()
+}
+
+fn records(values: &[Bytes]) -> RecordBatch {
+    RecordBatch::parse(batch(&new_records(values), Compression::None).unwrap()).unwrap()
 }
 
 /// One writer of the workload: its own keys, written one after another, until the power
@@ -405,11 +408,14 @@ async fn worker(log: Log, model: Arc<Mutex<Model>>, disk: Disk, w: usize, seed: 
             }
             // A pipeline's outputs with its cursor over the source.
             7 | 8 => {
-                let values = vec![Bytes::from(format!("w{w}-{n}-out"))];
-                ops.push(WriteOp::Append {
+                // The broker's own records: the writer merges a window's into one batch.
+                let values: Vec<Bytes> = (0..rng.random_range(1..4))
+                    .map(|i| Bytes::from(format!("w{w}-{n}-out{i}")))
+                    .collect();
+                ops.push(WriteOp::AppendRecords {
                     topic: OUTPUT.into(),
                     partition: 0,
-                    batches: vec![records(&values)],
+                    records: new_records(&values),
                 });
                 appended.push((OUTPUT, 0, values));
                 state(

@@ -27,8 +27,7 @@ use super::rules::CompiledIngest;
 use super::topics::{SubscriptionFilter, SubscriptionTree};
 use crate::plugins::IngestPlugin;
 use crate::plugins::host::{Header, InputRecord, Source};
-use crate::record_batch::RecordBatch;
-use crate::record_batch::build::{NewRecord, batch};
+use crate::record_batch::build::NewRecord;
 use crate::shell::partition_for_key;
 use crate::storage::{Log, StorageError, WriteError, WriteOp, now_ms, state_op};
 
@@ -857,7 +856,11 @@ impl MqttBroker {
             }
         }
         for (topic, partition, records) in batches {
-            prepared.ops.push(append_op(&topic, partition, &records)?);
+            prepared.ops.push(WriteOp::AppendRecords {
+                topic,
+                partition,
+                records,
+            });
         }
         let mut st = self.inner.state.lock();
         for (i, message) in messages.into_iter().enumerate() {
@@ -1232,21 +1235,6 @@ impl MqttBroker {
             }
         });
     }
-}
-
-/// One v2 batch of `records`, as an append to `topic`/`partition`.
-fn append_op(topic: &str, partition: u32, records: &[NewRecord]) -> Result<WriteOp, WriteError> {
-    let bytes = batch(records, kafka_protocol::records::Compression::None).map_err(|e| {
-        WriteError::Storage(StorageError::Corrupt {
-            table: "batches",
-            detail: format!("cannot encode an MQTT record: {e}"),
-        })
-    })?;
-    Ok(WriteOp::Append {
-        topic: topic.to_string(),
-        partition,
-        batches: vec![RecordBatch::parse(bytes)?],
-    })
 }
 
 /// Takes the retained write `id` of `topic` out of the in-flight set.

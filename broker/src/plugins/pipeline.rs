@@ -34,8 +34,7 @@ use tracing::{error, info, warn};
 
 use super::host::{Header, InputRecord, Instance, Limits, Module, PluginError, PluginHost, Source};
 use super::registry::PluginRegistry;
-use crate::record_batch::RecordBatch;
-use crate::record_batch::build::{NewRecord, batch};
+use crate::record_batch::build::NewRecord;
 use crate::shell::partition_for_key;
 use crate::storage::{Log, ReadError, WriteOp, now_ms, state_op};
 
@@ -991,16 +990,11 @@ impl Runner {
         };
         let mut ops = Vec::new();
         for ((target, p), records) in per_partition {
-            // Batches of at most 1,000 records, well under the default max.message.bytes.
-            for chunk in records.chunks(1000) {
-                let bytes = batch(chunk, kafka_protocol::records::Compression::None)
-                    .map_err(|e| e.to_string())?;
-                ops.push(WriteOp::Append {
-                    topic: target.clone(),
-                    partition: p,
-                    batches: vec![RecordBatch::parse(bytes).map_err(|e| e.to_string())?],
-                });
-            }
+            ops.push(WriteOp::AppendRecords {
+                topic: target.clone(),
+                partition: p,
+                records,
+            });
         }
         let key = cursor_key(&self.config.name, topic, partition);
         ops.push(state_op(

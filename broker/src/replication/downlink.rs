@@ -19,8 +19,7 @@ use super::{
     LinkState, PartitionStatus, ReplicationMetrics, RuleConfig, SharedStatus, UpstreamConfig,
     add_upstream_errors, cursor_key, note_link_errors, record_success, set_state,
 };
-use crate::record_batch::RecordBatch;
-use crate::record_batch::build::{NewRecord, batch};
+use crate::record_batch::build::NewRecord;
 use crate::storage::{Log, TopicConfig, WriteOp, state_op};
 
 const NS_POSITION: &str = "replication.down";
@@ -161,12 +160,10 @@ impl Downlink {
         }
         let mut ops = Vec::new();
         for ((topic, partition), records) in per_partition {
-            let bytes = batch(&records, kafka_protocol::records::Compression::None)
-                .map_err(|e| e.to_string())?;
-            ops.push(WriteOp::Append {
+            ops.push(WriteOp::AppendRecords {
                 topic,
                 partition,
-                batches: vec![RecordBatch::parse(bytes).map_err(|e| e.to_string())?],
+                records,
             });
         }
         for ((topic, partition), (_, next)) in &moved {

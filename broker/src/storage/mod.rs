@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::metrics::StorageMetrics;
 use crate::record_batch::BatchHeader;
+use crate::record_batch::build::{NewRecord, size_bound};
 use crate::record_batch::{BatchError, RecordBatch};
 use tables::{
     BATCHES, GROUP_OFFSETS, PARTITIONS, PartitionRow, STATE, TIME_INDEX, TopicId, split_stored,
@@ -171,6 +172,14 @@ pub enum WriteOp {
         partition: u32,
         batches: Vec<RecordBatch>,
     },
+    /// Records Weir made itself (MQTT ingest, pipelines, downlinks). The writer encodes
+    /// the records a commit window gathered for one partition as one batch, so that a
+    /// window's thousand one-record messages cost one batch header and one B-tree entry.
+    AppendRecords {
+        topic: String,
+        partition: u32,
+        records: Vec<NewRecord>,
+    },
     CommitOffset {
         group: String,
         topic: String,
@@ -192,6 +201,7 @@ impl WriteOp {
     fn payload_bytes(&self) -> usize {
         match self {
             WriteOp::Append { batches, .. } => batches.iter().map(RecordBatch::len).sum(),
+            WriteOp::AppendRecords { records, .. } => records.iter().map(size_bound).sum(),
             WriteOp::PutState { value, .. } => value.as_ref().map_or(0, Vec::len),
             _ => 0,
         }

@@ -26,6 +26,8 @@ use super::{
     TopicConfig, TopicError, TopicHandle, TopicInfo, TopicName, WriteError, WriteOp, WriteOutcome,
     now_ms,
 };
+use crate::record_batch::build::{BATCH_OVERHEAD, NewRecord, batch, size_bound};
+use crate::record_batch::{BatchError, RecordBatch};
 
 /// Most commands one group commit takes, whatever their size.
 const MAX_GROUP_COMMANDS: usize = 4096;
@@ -454,6 +456,14 @@ impl Command {
 }
 
 /// Catalog changes to publish once the transaction commits.
+/// Records of `WriteOp::AppendRecords` in this group, per partition, not yet encoded.
+#[derive(Default)]
+struct Unencoded(HashMap<(String, u32), Vec<NewRecord>>);
+
+/// The largest batch the writer makes of waiting records: big enough that a window's
+/// small messages share a header, small enough for any fetch size a client asks.
+const MERGED_BATCH_MAX_BYTES: usize = 256 * 1024;
+
 #[derive(Default)]
 struct Changes {
     advanced: BTreeSet<(String, u32)>,
@@ -819,11 +829,19 @@ impl Writer {
         let mut outcomes = Vec::with_capacity(group.len());
         {
             let mut tables = Tables::open(&txn)?;
+            let mut unencoded = Unencoded::default();
             for command in group {
+                if !matches!(command, Command::Write { .. }) {
+                    self.encode_all(&mut tables, &mut unencoded, now, changes)?;
+                }
                 outcomes.push(match command {
-                    Command::Write { ops, .. } => {
-                        Outcome::Write(self.apply_write(&mut tables, ops, now, changes)?)
-                    }
+                    Command::Write { ops, .. } => Outcome::Write(self.apply_write(
+                        &mut tables,
+                        &mut unencoded,
+                        ops,
+                        now,
+                        changes,
+                    )?),
                     Command::CreateTopic {
                         name,
                         partitions,
@@ -849,6 +867,7 @@ impl Writer {
                     Command::Flush { .. } | Command::Shutdown => Outcome::Done,
                 });
             }
+            self.encode_all(&mut tables, &mut unencoded, now, changes)?;
         }
         Ok((txn, outcomes, durable))
     }
@@ -858,6 +877,7 @@ impl Writer {
     fn apply_write(
         &mut self,
         tables: &mut Tables<'_>,
+        unencoded: &mut Unencoded,
         ops: &[WriteOp],
         now: i64,
         changes: &mut Changes,
@@ -875,9 +895,20 @@ impl Writer {
                     topic,
                     partition,
                     batches,
-                } => WriteOutcome::Appended(
-                    self.append(tables, topic, *partition, batches, now, changes)?,
-                ),
+                } => {
+                    // Records waiting to be encoded come first in the partition.
+                    self.encode(tables, unencoded, topic, *partition, now, changes)?;
+                    WriteOutcome::Appended(
+                        self.append(tables, topic, *partition, batches, now, changes)?,
+                    )
+                }
+                WriteOp::AppendRecords {
+                    topic,
+                    partition,
+                    records,
+                } => {
+                    WriteOutcome::Appended(self.reserve(unencoded, topic, *partition, records, now))
+                }
                 WriteOp::CommitOffset {
                     group,
                     topic,
@@ -923,6 +954,9 @@ impl Writer {
         let (topic, partition) = match op {
             WriteOp::Append {
                 topic, partition, ..
+            }
+            | WriteOp::AppendRecords {
+                topic, partition, ..
             } => (topic, *partition),
             WriteOp::CommitOffset {
                 topic, partition, ..
@@ -941,11 +975,105 @@ impl Writer {
                 partitions: state.record.partitions,
             });
         }
-        if let WriteOp::Append { batches, .. } = op {
-            let max = state.record.config.max_message_bytes;
-            if let Some(b) = batches.iter().find(|b| b.len() > max as usize) {
-                return Err(WriteError::MessageTooLarge { size: b.len(), max });
+        let max = state.record.config.max_message_bytes;
+        match op {
+            WriteOp::Append { batches, .. } => {
+                if let Some(b) = batches.iter().find(|b| b.len() > max as usize) {
+                    return Err(WriteError::MessageTooLarge { size: b.len(), max });
+                }
             }
+            WriteOp::AppendRecords { records, .. } => {
+                if records.is_empty() {
+                    return Err(WriteError::InvalidBatch(BatchError::Empty));
+                }
+                let largest = records.iter().map(size_bound).max().unwrap_or(0);
+                if BATCH_OVERHEAD + largest > max as usize {
+                    return Err(WriteError::MessageTooLarge {
+                        size: BATCH_OVERHEAD + largest,
+                        max,
+                    });
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Gives `records` their offsets, after the partition's records already waiting, and
+    /// keeps them to be encoded with those (`encode`) before the commit.
+    fn reserve(
+        &self,
+        unencoded: &mut Unencoded,
+        topic: &str,
+        partition: u32,
+        records: &[NewRecord],
+        now: i64,
+    ) -> AppendOutcome {
+        let state = self.state.topics.get(topic).expect("validated");
+        let part = &state.partitions[partition as usize];
+        let waiting = unencoded
+            .0
+            .entry((topic.to_string(), partition))
+            .or_default();
+        let base_offset = part.next_offset + waiting.len() as u64;
+        waiting.extend_from_slice(records);
+        AppendOutcome {
+            base_offset,
+            last_offset: base_offset + records.len() as u64 - 1,
+            log_start: part.log_start,
+            append_time_ms: now,
+        }
+    }
+
+    /// Appends the records waiting for one partition as few batches as the topic's
+    /// max.message.bytes (and `MERGED_BATCH_MAX_BYTES`) allow.
+    fn encode(
+        &mut self,
+        tables: &mut Tables<'_>,
+        unencoded: &mut Unencoded,
+        topic: &str,
+        partition: u32,
+        now: i64,
+        changes: &mut Changes,
+    ) -> Result<(), StorageError> {
+        let Some(records) = unencoded.0.remove(&(topic.to_string(), partition)) else {
+            return Ok(());
+        };
+        let state = self.state.topics.get(topic).expect("validated");
+        let limit = MERGED_BATCH_MAX_BYTES.min(state.record.config.max_message_bytes as usize);
+        let mut rest = records.as_slice();
+        while !rest.is_empty() {
+            // Validation saw every record fit alone; the first always goes in.
+            let mut size = BATCH_OVERHEAD + size_bound(&rest[0]);
+            let mut n = 1;
+            while n < rest.len() && size + size_bound(&rest[n]) <= limit {
+                size += size_bound(&rest[n]);
+                n += 1;
+            }
+            let (chunk, after) = rest.split_at(n);
+            let corrupt = |detail: String| StorageError::Corrupt {
+                table: "batches",
+                detail: format!("cannot encode records made by the broker: {detail}"),
+            };
+            let bytes = batch(chunk, kafka_protocol::records::Compression::None)
+                .map_err(|e| corrupt(e.to_string()))?;
+            let encoded = RecordBatch::parse(bytes).map_err(|e| corrupt(e.to_string()))?;
+            self.append(tables, topic, partition, &[encoded], now, changes)?;
+            rest = after;
+        }
+        Ok(())
+    }
+
+    fn encode_all(
+        &mut self,
+        tables: &mut Tables<'_>,
+        unencoded: &mut Unencoded,
+        now: i64,
+        changes: &mut Changes,
+    ) -> Result<(), StorageError> {
+        let waiting: Vec<(String, u32)> = unencoded.0.keys().cloned().collect();
+        for (topic, partition) in waiting {
+            self.encode(tables, unencoded, &topic, partition, now, changes)?;
         }
         Ok(())
     }
@@ -955,7 +1083,7 @@ impl Writer {
         tables: &mut Tables<'_>,
         topic: &str,
         partition: u32,
-        batches: &[crate::record_batch::RecordBatch],
+        batches: &[RecordBatch],
         now: i64,
         changes: &mut Changes,
     ) -> Result<AppendOutcome, StorageError> {
