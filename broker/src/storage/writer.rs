@@ -642,21 +642,21 @@ impl Writer {
         }
         let window_ends = Instant::now() + interval;
         let mut back = HashSet::new();
+        let mut urgent = false;
         let mut seen = 0;
         loop {
             for command in &group[seen..] {
-                if let Command::Write { caller, .. } = command
-                    && self.last_callers.contains(caller)
-                {
-                    back.insert(*caller);
+                match command {
+                    Command::Write { caller, .. } if self.last_callers.contains(caller) => {
+                        back.insert(*caller);
+                    }
+                    Command::Flush { .. } | Command::Shutdown => urgent = true,
+                    _ => {}
                 }
             }
             seen = group.len();
             let full = bytes >= WINDOW_FULL_BYTES.min(self.options.max_group_bytes)
                 || group.len() >= MAX_GROUP_COMMANDS;
-            let urgent = group
-                .iter()
-                .any(|c| matches!(c, Command::Flush { .. } | Command::Shutdown));
             let all_back = !self.last_callers.is_empty() && back.len() == self.last_callers.len();
             let now = Instant::now();
             if full || urgent || all_back || now >= window_ends {
