@@ -1,6 +1,6 @@
-//! The admin HTTP API (axum): health, Prometheus metrics, topics, deployed plugins
-//! and pipelines, plus the client half that `weir topic|plugin|pipeline ...` uses. Errors map to HTTP statuses here
-//! and nowhere else.
+//! The admin HTTP API (axum): health, Prometheus metrics, topics, deployed plugins,
+//! pipelines and users, plus the client half that `weir topic|plugin|pipeline|user ...`
+//! uses. Errors map to HTTP statuses here and nowhere else.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -14,6 +14,7 @@ use axum::{Json, Router};
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 
+use crate::auth::{UserError, UserView, Users};
 use crate::plugins::PipelineConfig;
 use crate::plugins::Pipelines;
 use crate::plugins::manager::{ManagerError, PipelineView, PluginView};
@@ -69,6 +70,7 @@ pub struct AdminState {
     pub default_partitions: u32,
     pub pipelines: Arc<Pipelines>,
     pub replication: Arc<Replication>,
+    pub users: Arc<Users>,
     /// Set once every listener is up: `/health` answers 503 "starting" until then (the
     /// admin API comes up first, so that start-up can be watched).
     pub serving: Arc<std::sync::atomic::AtomicBool>,
@@ -106,6 +108,8 @@ pub fn router(state: Arc<AdminState>) -> Router {
         )
         .route("/v1/pipelines/{name}/pause", post(pause_pipeline))
         .route("/v1/pipelines/{name}/resume", post(resume_pipeline))
+        .route("/v1/users", get(list_users))
+        .route("/v1/users/{name}", put(set_user).delete(remove_user))
         .route(
             "/v1/replication",
             get(|State(state): State<Arc<AdminState>>| async move {
@@ -242,6 +246,40 @@ async fn delete_pipeline(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// The body of `PUT /v1/users/{name}`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SetPassword {
+    pub password: String,
+}
+
+async fn list_users(State(state): State<Arc<AdminState>>) -> Json<Vec<UserView>> {
+    Json(state.users.list())
+}
+
+/// Adds the user (201) or sets its new password (200); effective for the next login.
+async fn set_user(
+    State(state): State<Arc<AdminState>>,
+    Path(name): Path<String>,
+    Json(req): Json<SetPassword>,
+) -> Result<StatusCode, ApiFailure> {
+    let created = state.users.add(&name, req.password.as_bytes()).await?;
+    tracing::info!(user = %name, created, "user credentials stored");
+    Ok(if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    })
+}
+
+async fn remove_user(
+    State(state): State<Arc<AdminState>>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiFailure> {
+    state.users.remove(&name).await?;
+    tracing::info!(user = %name, "user removed");
+    Ok(StatusCode::NO_CONTENT)
+}
+
 /// An error response: status and message.
 #[derive(Debug)]
 pub struct ApiFailure(StatusCode, String);
@@ -274,6 +312,17 @@ impl From<ManagerError> for ApiFailure {
             ManagerError::NotFound(_) => StatusCode::NOT_FOUND,
             ManagerError::Conflict(_) => StatusCode::CONFLICT,
             ManagerError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiFailure(status, e.to_string())
+    }
+}
+
+impl From<UserError> for ApiFailure {
+    fn from(e: UserError) -> Self {
+        let status = match &e {
+            UserError::InvalidName(_) | UserError::InvalidPassword(_) => StatusCode::BAD_REQUEST,
+            UserError::NotFound(_) => StatusCode::NOT_FOUND,
+            UserError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiFailure(status, e.to_string())
     }
@@ -312,10 +361,8 @@ impl AdminClient {
         }
     }
 
-    async fn call<T: for<'de> Deserialize<'de>>(
-        &self,
-        request: reqwest::RequestBuilder,
-    ) -> anyhow::Result<Option<T>> {
+    /// Sends `request`; an error status becomes an error with the API's message.
+    async fn send(&self, request: reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {
         let response = request.send().await.map_err(|e| {
             anyhow::anyhow!("cannot reach the weir admin API at {}: {e}", self.base)
         })?;
@@ -325,7 +372,15 @@ impl AdminClient {
             let message = serde_json::from_str::<ApiError>(&body).map_or(body, |e| e.error);
             anyhow::bail!("{message} (HTTP {})", status.as_u16());
         }
-        if status == reqwest::StatusCode::NO_CONTENT {
+        Ok(response)
+    }
+
+    async fn call<T: for<'de> Deserialize<'de>>(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> anyhow::Result<Option<T>> {
+        let response = self.send(request).await?;
+        if response.status() == reqwest::StatusCode::NO_CONTENT {
             return Ok(None);
         }
         Ok(Some(response.json().await?))
@@ -367,6 +422,28 @@ impl AdminClient {
         self.call(request)
             .await?
             .ok_or_else(|| anyhow::anyhow!("empty response"))
+    }
+
+    /// Adds a user or sets its password; true if the user is new.
+    pub async fn set_user(&self, name: &str, password: &str) -> anyhow::Result<bool> {
+        let url = format!("{}/v1/users/{name}", self.base);
+        let body = SetPassword {
+            password: password.to_string(),
+        };
+        let response = self.send(self.http.put(url).json(&body)).await?;
+        Ok(response.status() == reqwest::StatusCode::CREATED)
+    }
+
+    pub async fn list_users(&self) -> anyhow::Result<Vec<UserView>> {
+        let url = format!("{}/v1/users", self.base);
+        Ok(self.call(self.http.get(url)).await?.unwrap_or_default())
+    }
+
+    pub async fn remove_user(&self, name: &str) -> anyhow::Result<()> {
+        let url = format!("{}/v1/users/{name}", self.base);
+        self.call::<serde_json::Value>(self.http.delete(url))
+            .await
+            .map(drop)
     }
 
     pub async fn list_plugins(&self) -> anyhow::Result<Vec<PluginView>> {

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::auth::AuthConfig;
 use crate::mqtt::rules::{
     BridgeConfig, CompiledIngest, DownlinkRule, IngestRule, check_bridge, compile_downlink,
 };
@@ -25,6 +26,7 @@ pub struct Config {
     pub plugins: PluginsConfig,
     pub replication: ReplicationConfig,
     pub admin: AdminConfig,
+    pub auth: AuthConfig,
     pub storage: StorageConfig,
     pub topic_defaults: TopicDefaults,
     pub log: LogConfig,
@@ -156,6 +158,7 @@ impl Default for Config {
             plugins: PluginsConfig::default(),
             replication: ReplicationConfig::default(),
             admin: AdminConfig::default(),
+            auth: AuthConfig::default(),
             storage: StorageConfig::default(),
             topic_defaults: TopicDefaults::default(),
             log: LogConfig::default(),

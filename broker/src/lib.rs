@@ -2,6 +2,7 @@
 //! See ARCHITECTURE.md at the repository root for the map of this crate.
 
 pub mod admin;
+pub mod auth;
 pub mod bench;
 pub mod config;
 pub mod kafka;

@@ -91,6 +91,13 @@ enum Command {
         #[command(subcommand)]
         command: PipelineCommand,
     },
+    /// Add, remove and list the users devices and apps log in as (a running broker).
+    User {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(subcommand)]
+        command: UserCommand,
+    },
     /// Replication with the central cluster.
     Replication {
         #[command(flatten)]
@@ -154,6 +161,17 @@ enum ReplicationCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum UserCommand {
+    /// Add a user, or set a new password for one; the password is the first line of
+    /// stdin (`echo "$PASSWORD" | weir user add NAME`). Effective for the next login.
+    Add { name: String },
+    /// Remove a user: it can no longer log in (open connections stay).
+    Remove { name: String },
+    /// List the users and what they can log in with.
+    List,
 }
 
 #[derive(Subcommand)]
@@ -456,6 +474,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::User { admin, command } => user(&AdminClient::new(&admin.admin), command).await,
         Command::Pipeline { admin, command } => {
             pipeline(&AdminClient::new(&admin.admin), command).await
         }
@@ -575,6 +594,36 @@ async fn plugin(client: &AdminClient, command: PluginCommand) -> anyhow::Result<
             println!("removed plugin {name}");
         }
         PluginCommand::Test { .. } => unreachable!("runs without a broker"),
+    }
+    Ok(())
+}
+
+async fn user(client: &AdminClient, command: UserCommand) -> anyhow::Result<()> {
+    match command {
+        UserCommand::Add { name } => {
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line)?;
+            let password = line.strip_suffix('\n').unwrap_or(&line);
+            let password = password.strip_suffix('\r').unwrap_or(password);
+            if password.is_empty() {
+                anyhow::bail!("no password on stdin: echo \"$PASSWORD\" | weir user add {name}");
+            }
+            let created = client.set_user(&name, password).await?;
+            println!(
+                "{} user {name}",
+                if created { "added" } else { "new password for" }
+            );
+        }
+        UserCommand::Remove { name } => {
+            client.remove_user(&name).await?;
+            println!("removed user {name}");
+        }
+        UserCommand::List => {
+            println!("name\tmechanisms\tcreated");
+            for u in client.list_users().await? {
+                println!("{}\t{}\t{}", u.name, u.mechanisms.join(","), u.created_ms);
+            }
+        }
     }
     Ok(())
 }

@@ -12,6 +12,7 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use crate::admin::{self, AdminState};
+use crate::auth::{AuthMetrics, Gate, Users};
 use crate::config::Config;
 use crate::kafka::{self, KafkaBroker, KafkaMetrics, KafkaSettings};
 use crate::metrics::{self, StorageMetrics};
@@ -31,6 +32,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let mqtt_metrics = MqttMetrics::default();
     let pipeline_metrics = PipelineMetrics::new();
     let replication_metrics = ReplicationMetrics::default();
+    let auth_metrics = AuthMetrics::default();
     let options = config.log_options();
     let data_dir = config.data_dir.clone();
     let log = {
@@ -38,6 +40,14 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         tokio::task::spawn_blocking(move || Log::open_with_metrics(options, metrics)).await??
     };
     info!(data_dir = %data_dir.display(), topics = log.topics().len(), fsync = config.storage.fsync, "log opened");
+
+    let users = Arc::new(Users::load(log.clone(), auth_metrics.clone())?);
+    let gate = Arc::new(Gate::new(
+        users.clone(),
+        config.auth.anonymous,
+        auth_metrics.clone(),
+    ));
+    info!(users = users.list().len(), anonymous = ?config.auth.anonymous, "authentication");
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let host = PluginHost::new(config.data_dir.join("plugin-cache"))?;
@@ -68,12 +78,14 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             mqtt_metrics.register(&mut registry);
             pipeline_metrics.register(&mut registry);
             replication_metrics.register(&mut registry);
+            auth_metrics.register(&mut registry);
             registry
         },
         topic_defaults: config.topic_config()?,
         default_partitions: config.topic_defaults.partitions,
         pipelines: pipelines.clone(),
         replication: replication.clone(),
+        users,
     });
     let admin = tokio::spawn({
         let mut stop = stop_rx.clone();
@@ -107,7 +119,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let kafka_broker = KafkaBroker::new(log.clone(), settings, kafka_metrics)?;
     let kafka = tokio::spawn(kafka_broker.serve(kafka_listener, stop_rx.clone()));
 
-    let mqtt = start_mqtt(&config, &log, &host, &mqtt_metrics, &stop_rx).await?;
+    let mqtt = start_mqtt(&config, &log, &host, &mqtt_metrics, gate, &stop_rx).await?;
     serving.store(true, std::sync::atomic::Ordering::Release);
     info!(admin = %admin_addr, "weir is serving");
 
@@ -139,6 +151,7 @@ async fn start_mqtt(
     log: &Log,
     host: &PluginHost,
     metrics: &MqttMetrics,
+    gate: Arc<Gate>,
     stop: &watch::Receiver<bool>,
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
     let m = &config.mqtt;
@@ -205,7 +218,7 @@ async fn start_mqtt(
     }
     let stop = stop.clone();
     tasks.push(tokio::spawn(async move {
-        if let Err(e) = mqtt::serve(broker, settings, listener, stop).await {
+        if let Err(e) = mqtt::serve(broker, settings, gate, listener, stop).await {
             error!(error = %e, "mqtt listener failed");
         }
     }));

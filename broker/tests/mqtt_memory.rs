@@ -5,7 +5,9 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::sync::Arc;
 
+use weir::auth::{Anonymous, Gate, Users};
 use weir::config::MqttConfig;
 use weir::mqtt::MqttBroker;
 use weir::storage::{Log, LogOptions};
@@ -36,6 +38,8 @@ fn heap_per_idle_connection() {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let log = Log::open(LogOptions::new(dir.path())).unwrap();
+    let users = Users::load(log.clone(), Default::default()).unwrap();
+    let gate = Gate::new(Arc::new(users), Anonymous::Loopback, Default::default());
     let broker = MqttBroker::open(log, Vec::new(), 1000, Default::default()).unwrap();
     let listener = rt
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
@@ -45,6 +49,7 @@ fn heap_per_idle_connection() {
     let server = rt.spawn(weir::mqtt::serve(
         broker,
         MqttConfig::default(),
+        Arc::new(gate),
         listener,
         stop,
     ));

@@ -34,6 +34,7 @@ use super::broker::{
 };
 use super::codec::{self, CodecError, Version};
 use super::topics;
+use crate::auth::{Gate, Refusal};
 use crate::config::MqttConfig;
 use crate::storage::{WriteError, now_ms};
 
@@ -51,13 +52,14 @@ enum End {
 pub(super) async fn run(
     broker: MqttBroker,
     settings: Arc<MqttConfig>,
+    gate: Arc<Gate>,
     stream: TcpStream,
     peer: SocketAddr,
     stop: watch::Receiver<bool>,
 ) {
     let metrics = broker.metrics().clone();
     metrics.connections.inc();
-    if let Err(reason) = handle(broker, settings, stream, peer, stop).await {
+    if let Err(reason) = handle(broker, settings, gate, stream, peer, stop).await {
         metrics.protocol_errors.inc();
         debug!(%peer, %reason, "MQTT connection closed");
     }
@@ -69,13 +71,14 @@ pub(super) async fn run(
 async fn handle(
     broker: MqttBroker,
     settings: Arc<MqttConfig>,
+    gate: Arc<Gate>,
     stream: TcpStream,
     peer: SocketAddr,
     stop: watch::Receiver<bool>,
 ) -> Result<(), String> {
     // Boxed: the CONNECT phase's futures would otherwise size every connection's task
     // for as long as it lives (idle devices are most of a gateway's connections).
-    let mut conn = Box::pin(accept(broker.clone(), settings, stream, peer, stop)).await?;
+    let mut conn = Box::pin(accept(broker.clone(), settings, &gate, stream, peer, stop)).await?;
     let end = conn.run().await;
     let Conn {
         client_id,
@@ -115,6 +118,7 @@ async fn handle(
 async fn accept(
     broker: MqttBroker,
     settings: Arc<MqttConfig>,
+    gate: &Gate,
     mut stream: TcpStream,
     peer: SocketAddr,
     stop: watch::Receiver<bool>,
@@ -148,10 +152,30 @@ async fn accept(
             }
         }
     };
-    let Packet::Connect(connect, will, _login) = packet else {
+    let Packet::Connect(connect, will, login) = packet else {
         return Err("the first packet is not CONNECT".into());
     };
-    let accepted = match check_connect(version, &connect, will, &settings) {
+    let checked = check_connect(version, &connect, will, &settings);
+    let admitted = match checked {
+        Ok(accepted) => {
+            let credentials = login
+                .as_ref()
+                .map(|l| (l.username.as_str(), l.password.as_bytes()));
+            match gate.admit(peer.ip(), credentials).await {
+                Ok(_principal) => Ok(accepted),
+                Err(Refusal::BadCredentials) => Err((
+                    ConnectReturnCode::BadUserNamePassword,
+                    "bad user name or password".to_string(),
+                )),
+                Err(Refusal::NotAuthorized) => Err((
+                    ConnectReturnCode::NotAuthorized,
+                    "no credentials, and anonymous clients are not allowed from here".to_string(),
+                )),
+            }
+        }
+        Err(refused) => Err(refused),
+    };
+    let accepted = match admitted {
         Ok(a) => a,
         Err((code, reason)) => {
             broker.metrics().refused_connects.inc();

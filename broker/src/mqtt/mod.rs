@@ -27,6 +27,7 @@ use tracing::{info, warn};
 pub use broker::{Message, MessageProperties, MqttBroker, MqttMetrics};
 use rules::{DownlinkRule, Template};
 
+use crate::auth::Gate;
 use crate::config::MqttConfig;
 use crate::storage::{Log, ReadError, TopicConfig, TopicError, now_ms, state_op};
 
@@ -34,6 +35,7 @@ use crate::storage::{Log, ReadError, TopicConfig, TopicError, now_ms, state_op};
 pub async fn serve(
     broker: MqttBroker,
     settings: MqttConfig,
+    gate: Arc<Gate>,
     listener: TcpListener,
     mut stop: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
@@ -64,6 +66,7 @@ pub async fn serve(
                 connections.spawn(connection::run(
                     broker.clone(),
                     settings.clone(),
+                    gate.clone(),
                     stream,
                     peer,
                     conn_stop.clone(),

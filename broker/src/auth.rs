@@ -1,0 +1,564 @@
+//! Who may connect. Users and their credentials live in the log's state table
+//! (namespace `auth.user`): an argon2id PHC string for MQTT passwords (and SASL PLAIN),
+//! and SCRAM-SHA-256 and SCRAM-SHA-512 salted credentials (RFC 5802: salt, iterations,
+//! StoredKey, ServerKey); never the password. `Gate` decides each connection: a user
+//! whose password checks, or a client without credentials as `[auth] anonymous` says.
+//!
+//! Hashing is slow by design (argon2id, 19 MiB, two passes), so it runs on the blocking
+//! pool, a few at a time; a password that already checked is remembered (keyed digest)
+//! until the user changes, so that a thousand devices reconnecting cost one hash each
+//! at most. A failed login is answered after a delay that doubles per failure from the
+//! same address; the delay holds only that connection.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use hmac::digest::KeyInit;
+use hmac::digest::core_api::BlockSizeUser;
+use hmac::{Hmac, Mac, SimpleHmac};
+use parking_lot::{Mutex, RwLock};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256, Sha512};
+
+use crate::storage::{Log, StorageError, WriteError, now_ms};
+
+/// The state-table namespace of users.
+pub const NS_USER: &str = "auth.user";
+/// PBKDF2 iterations of the SCRAM credentials (Kafka's minimum, and its default).
+pub const SCRAM_ITERATIONS: u32 = 4096;
+/// Longest user name, in bytes.
+const MAX_NAME: usize = 255;
+/// Longest password, in bytes (MQTT allows 65,535; a hash input this long is plenty).
+const MAX_PASSWORD: usize = 1024;
+/// First delay after a failed login from an address; it doubles up to `MAX_DELAY`.
+const FIRST_DELAY: Duration = Duration::from_millis(250);
+const MAX_DELAY: Duration = Duration::from_secs(8);
+/// An address's failures are forgotten this long after its last one.
+const FAILURES_KEPT: Duration = Duration::from_secs(600);
+/// Addresses whose failures are tracked; beyond this the oldest are forgotten.
+const MAX_TRACKED: usize = 10_000;
+
+/// Who gets in without credentials.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Anonymous {
+    /// Clients on this machine (127.0.0.0/8, ::1), as Mosquitto 2.0 does.
+    #[default]
+    Loopback,
+    All,
+    None,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    pub anonymous: Anonymous,
+}
+
+/// SCRAM's stored form of a password for one hash function.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScramCredential {
+    pub salt: Vec<u8>,
+    pub iterations: u32,
+    pub stored_key: Vec<u8>,
+    pub server_key: Vec<u8>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScramMechanism {
+    Sha256,
+    Sha512,
+}
+
+impl ScramMechanism {
+    pub fn name(self) -> &'static str {
+        match self {
+            ScramMechanism::Sha256 => "SCRAM-SHA-256",
+            ScramMechanism::Sha512 => "SCRAM-SHA-512",
+        }
+    }
+
+    /// The credential of `password` with `salt` and `iterations`.
+    pub fn credential(self, password: &[u8], salt: &[u8], iterations: u32) -> ScramCredential {
+        fn keys<D>(password: &[u8], salt: &[u8], iterations: u32) -> (Vec<u8>, Vec<u8>)
+        where
+            D: Digest + BlockSizeUser + Clone + Sync,
+        {
+            let mut salted = vec![0u8; <D as Digest>::output_size()];
+            pbkdf2::pbkdf2::<SimpleHmac<D>>(password, salt, iterations, &mut salted)
+                .expect("HMAC takes keys of any length");
+            let hmac = |key: &[u8], data: &[u8]| {
+                let mut mac = <SimpleHmac<D> as KeyInit>::new_from_slice(key)
+                    .expect("HMAC takes keys of any length");
+                mac.update(data);
+                mac.finalize().into_bytes().to_vec()
+            };
+            let client_key = hmac(&salted, b"Client Key");
+            let stored_key = D::digest(&client_key).to_vec();
+            (stored_key, hmac(&salted, b"Server Key"))
+        }
+        let (stored_key, server_key) = match self {
+            ScramMechanism::Sha256 => keys::<Sha256>(password, salt, iterations),
+            ScramMechanism::Sha512 => keys::<Sha512>(password, salt, iterations),
+        };
+        ScramCredential {
+            salt: salt.to_vec(),
+            iterations,
+            stored_key,
+            server_key,
+        }
+    }
+}
+
+/// What is stored for a user.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserRecord {
+    /// argon2id PHC string (MQTT passwords, SASL PLAIN).
+    pub phc: String,
+    pub scram_sha256: ScramCredential,
+    pub scram_sha512: ScramCredential,
+    pub created_ms: i64,
+}
+
+/// A user as the admin API shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserView {
+    pub name: String,
+    /// What the user can log in with.
+    pub mechanisms: Vec<String>,
+    pub created_ms: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UserError {
+    #[error("invalid user name {0:?}: 1 to 255 bytes of letters, digits and . _ - @ + (no spaces)")]
+    InvalidName(String),
+    #[error("invalid password: {0}")]
+    InvalidPassword(&'static str),
+    #[error("no user named {0:?}")]
+    NotFound(String),
+    #[error(transparent)]
+    Storage(#[from] WriteError),
+}
+
+/// Who a connection is, once admitted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Principal {
+    User(String),
+    Anonymous,
+}
+
+/// Why a connection was refused; the protocol maps it to its own code.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// Unknown user or wrong password (MQTT 5 0x86, 3.1.1 return code 4).
+    BadCredentials,
+    /// No credentials, and `[auth] anonymous` does not let this client in (MQTT 5 0x87,
+    /// 3.1.1 return code 5).
+    NotAuthorized,
+}
+
+/// The `weir_auth_*` metrics.
+#[derive(Clone, Debug, Default)]
+pub struct AuthMetrics {
+    pub logins: Counter,
+    pub failed_logins: Counter,
+    pub anonymous_refused: Counter,
+    pub hashes: Counter,
+}
+
+impl AuthMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("auth");
+        r.register(
+            "logins",
+            "Logins with a user name and a password that checked",
+            self.logins.clone(),
+        );
+        r.register(
+            "failed_logins",
+            "Logins refused: unknown user or wrong password",
+            self.failed_logins.clone(),
+        );
+        r.register(
+            "anonymous_refused",
+            "Clients without credentials refused by [auth] anonymous",
+            self.anonymous_refused.clone(),
+        );
+        r.register(
+            "password_hashes",
+            "argon2id computations (logins not answered from the cache, users added)",
+            self.hashes.clone(),
+        );
+    }
+}
+
+/// The users, loaded from the log at start and kept in step with it.
+pub struct Users {
+    log: Log,
+    users: RwLock<HashMap<String, Arc<UserRecord>>>,
+    /// Keyed digest of the password that last checked, per user.
+    verified: Mutex<HashMap<String, [u8; 32]>>,
+    /// Random per process: the digests above mean nothing outside it.
+    cache_key: [u8; 32],
+    /// argon2 runs at most this many at a time (each takes 19 MiB and a core).
+    hashing: tokio::sync::Semaphore,
+    metrics: AuthMetrics,
+}
+
+impl Users {
+    pub fn load(log: Log, metrics: AuthMetrics) -> Result<Self, StorageError> {
+        let users = log
+            .list_state::<UserRecord>(NS_USER)?
+            .into_iter()
+            .map(|(name, record)| (name, Arc::new(record)))
+            .collect();
+        let mut cache_key = [0u8; 32];
+        rand::rng().fill_bytes(&mut cache_key);
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        Ok(Self {
+            log,
+            users: RwLock::new(users),
+            verified: Mutex::new(HashMap::new()),
+            cache_key,
+            hashing: tokio::sync::Semaphore::new(cores),
+            metrics,
+        })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.users.read().is_empty()
+    }
+
+    pub fn list(&self) -> Vec<UserView> {
+        let mut out: Vec<UserView> = self
+            .users
+            .read()
+            .iter()
+            .map(|(name, r)| UserView {
+                name: name.clone(),
+                mechanisms: vec![
+                    "PLAIN".into(),
+                    ScramMechanism::Sha256.name().into(),
+                    ScramMechanism::Sha512.name().into(),
+                ],
+                created_ms: r.created_ms,
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    /// Adds a user, or sets a new password for one. Returns true if the user is new.
+    pub async fn add(&self, name: &str, password: &[u8]) -> Result<bool, UserError> {
+        check_name(name)?;
+        if password.is_empty() {
+            return Err(UserError::InvalidPassword("empty"));
+        }
+        if password.len() > MAX_PASSWORD {
+            return Err(UserError::InvalidPassword("longer than 1024 bytes"));
+        }
+        let record = {
+            let _permit = self.hashing.acquire().await.expect("never closed");
+            self.metrics.hashes.inc();
+            let password = password.to_vec();
+            tokio::task::spawn_blocking(move || credentials(&password))
+                .await
+                .expect("hashing does not panic")
+        };
+        self.log.put_state(NS_USER, name, &record).await?;
+        self.verified.lock().remove(name);
+        let created = self
+            .users
+            .write()
+            .insert(name.to_string(), Arc::new(record))
+            .is_none();
+        Ok(created)
+    }
+
+    pub async fn remove(&self, name: &str) -> Result<(), UserError> {
+        if !self.users.read().contains_key(name) {
+            return Err(UserError::NotFound(name.to_string()));
+        }
+        self.log.delete_state(NS_USER, name).await?;
+        self.users.write().remove(name);
+        self.verified.lock().remove(name);
+        Ok(())
+    }
+
+    /// The SCRAM credential of a user, for the Kafka SASL exchange.
+    pub fn scram(&self, name: &str, mechanism: ScramMechanism) -> Option<ScramCredential> {
+        let users = self.users.read();
+        let user = users.get(name)?;
+        Some(match mechanism {
+            ScramMechanism::Sha256 => user.scram_sha256.clone(),
+            ScramMechanism::Sha512 => user.scram_sha512.clone(),
+        })
+    }
+
+    /// Whether `password` is `name`'s.
+    pub async fn verify(&self, name: &str, password: &[u8]) -> bool {
+        let Some(user) = self.users.read().get(name).cloned() else {
+            return false;
+        };
+        let digest = self.digest(name, password);
+        if self.verified.lock().get(name) == Some(&digest) {
+            return true;
+        }
+        let ok = {
+            let _permit = self.hashing.acquire().await.expect("never closed");
+            self.metrics.hashes.inc();
+            let password = password.to_vec();
+            let phc = user.phc.clone();
+            tokio::task::spawn_blocking(move || {
+                PasswordHash::new(&phc).is_ok_and(|hash| {
+                    argon2::Argon2::default()
+                        .verify_password(&password, &hash)
+                        .is_ok()
+                })
+            })
+            .await
+            .unwrap_or(false)
+        };
+        // Only if the user was not changed meanwhile.
+        if ok
+            && self
+                .users
+                .read()
+                .get(name)
+                .is_some_and(|u| Arc::ptr_eq(u, &user))
+        {
+            self.verified.lock().insert(name.to_string(), digest);
+        }
+        ok
+    }
+
+    fn digest(&self, name: &str, password: &[u8]) -> [u8; 32] {
+        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&self.cache_key)
+            .expect("HMAC takes keys of any length");
+        mac.update(&(name.len() as u64).to_be_bytes());
+        mac.update(name.as_bytes());
+        mac.update(password);
+        mac.finalize().into_bytes().into()
+    }
+}
+
+/// The stored form of a password: argon2id, and SCRAM for both hash functions.
+fn credentials(password: &[u8]) -> UserRecord {
+    let mut salt = [0u8; 16];
+    rand::rng().fill_bytes(&mut salt);
+    let phc = argon2::Argon2::default()
+        .hash_password(
+            password,
+            &SaltString::encode_b64(&salt).expect("16 bytes is a valid salt"),
+        )
+        .expect("argon2 takes any password up to 4 GiB")
+        .to_string();
+    let scram_salt = |mechanism: ScramMechanism| {
+        let mut salt = [0u8; 16];
+        rand::rng().fill_bytes(&mut salt);
+        mechanism.credential(password, &salt, SCRAM_ITERATIONS)
+    };
+    UserRecord {
+        phc,
+        scram_sha256: scram_salt(ScramMechanism::Sha256),
+        scram_sha512: scram_salt(ScramMechanism::Sha512),
+        created_ms: now_ms(),
+    }
+}
+
+fn check_name(name: &str) -> Result<(), UserError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME
+        && name
+            .chars()
+            .all(|c| c.is_alphanumeric() || matches!(c, '.' | '_' | '-' | '@' | '+'));
+    if ok {
+        Ok(())
+    } else {
+        Err(UserError::InvalidName(name.to_string()))
+    }
+}
+
+/// Failed logins of one address.
+struct Failures {
+    count: u32,
+    last: Instant,
+}
+
+/// The decision for each connection of every protocol.
+pub struct Gate {
+    pub users: Arc<Users>,
+    anonymous: Anonymous,
+    failures: Mutex<HashMap<IpAddr, Failures>>,
+    metrics: AuthMetrics,
+}
+
+impl Gate {
+    pub fn new(users: Arc<Users>, anonymous: Anonymous, metrics: AuthMetrics) -> Self {
+        Self {
+            users,
+            anonymous,
+            failures: Mutex::new(HashMap::new()),
+            metrics,
+        }
+    }
+
+    /// Admits a client from `peer` with these credentials, or says why not. A refusal
+    /// for bad credentials returns only after the address's delay.
+    pub async fn admit(
+        &self,
+        peer: IpAddr,
+        login: Option<(&str, &[u8])>,
+    ) -> Result<Principal, Refusal> {
+        let Some((name, password)) = login else {
+            return self.anonymous(peer);
+        };
+        if self.users.verify(name, password).await {
+            self.metrics.logins.inc();
+            self.failures.lock().remove(&peer);
+            return Ok(Principal::User(name.to_string()));
+        }
+        self.metrics.failed_logins.inc();
+        let delay = self.failed(peer);
+        tracing::warn!(%peer, user = name, delay_ms = delay.as_millis() as u64, "login refused: unknown user or wrong password");
+        tokio::time::sleep(delay).await;
+        Err(Refusal::BadCredentials)
+    }
+
+    fn anonymous(&self, peer: IpAddr) -> Result<Principal, Refusal> {
+        let allowed = match self.anonymous {
+            Anonymous::All => true,
+            Anonymous::Loopback => peer.is_loopback() || is_mapped_loopback(peer),
+            Anonymous::None => false,
+        };
+        if allowed {
+            return Ok(Principal::Anonymous);
+        }
+        self.metrics.anonymous_refused.inc();
+        tracing::warn!(%peer, anonymous = ?self.anonymous,
+            "refused a client without credentials: add users with `weir user add NAME`, or set [auth] anonymous = \"all\"");
+        Err(Refusal::NotAuthorized)
+    }
+
+    /// Counts a failure from `peer` and returns how long its answer waits.
+    fn failed(&self, peer: IpAddr) -> Duration {
+        let now = Instant::now();
+        let mut failures = self.failures.lock();
+        if failures.len() >= MAX_TRACKED {
+            failures.retain(|_, f| now.duration_since(f.last) < FAILURES_KEPT);
+            if failures.len() >= MAX_TRACKED {
+                failures.clear();
+            }
+        }
+        let entry = failures.entry(peer).or_insert(Failures {
+            count: 0,
+            last: now,
+        });
+        if now.duration_since(entry.last) >= FAILURES_KEPT {
+            entry.count = 0;
+        }
+        entry.count = entry.count.saturating_add(1);
+        entry.last = now;
+        FIRST_DELAY
+            .saturating_mul(1u32 << (entry.count - 1).min(6))
+            .min(MAX_DELAY)
+    }
+}
+
+fn is_mapped_loopback(peer: IpAddr) -> bool {
+    match peer {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()),
+        IpAddr::V4(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// RFC 7677's example (SCRAM-SHA-256, password "pencil"): the stored form that
+    /// PostgreSQL's documentation shows for it.
+    #[test]
+    fn scram_sha256_matches_rfc_7677() {
+        let c =
+            ScramMechanism::Sha256.credential(b"pencil", &b64("W22ZaJ0SNY7soEsUEjb6gQ=="), 4096);
+        assert_eq!(
+            c.stored_key,
+            b64("WG5d8oPm3OtcPnkdi4Uo7BkeZkBFzpcXkuLmtbsT4qY=")
+        );
+        assert_eq!(
+            c.server_key,
+            b64("wfPLwcE6nTWhTAmQ7tl2KeoiWGPlZqQxSrmfPwDl2dU=")
+        );
+    }
+
+    fn b64(s: &str) -> Vec<u8> {
+        const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let (mut bits, mut n, mut out) = (0u32, 0, Vec::new());
+        for c in s.bytes().take_while(|&c| c != b'=') {
+            bits = (bits << 6) | ALPHABET.iter().position(|&a| a == c).unwrap() as u32;
+            n += 6;
+            if n >= 8 {
+                n -= 8;
+                out.push((bits >> n) as u8);
+                bits &= (1 << n) - 1;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn names_are_checked() {
+        for good in ["dev-1", "sensor.7", "a@b.c", "x_y+z", "Gerät"] {
+            assert!(check_name(good).is_ok(), "{good}");
+        }
+        for bad in ["", "a b", "a/b", "a,b", "a=b", "a\u{0}", &"x".repeat(256)] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_delay_doubles_per_failure_up_to_a_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(crate::storage::LogOptions::new(dir.path())).unwrap();
+        let users = Arc::new(Users::load(log, AuthMetrics::default()).unwrap());
+        let gate = Gate::new(users, Anonymous::None, AuthMetrics::default());
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let delays: Vec<u128> = (0..8).map(|_| gate.failed(a).as_millis()).collect();
+        assert_eq!(delays, [250, 500, 1000, 2000, 4000, 8000, 8000, 8000]);
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        assert_eq!(gate.failed(b), FIRST_DELAY, "another address starts afresh");
+    }
+
+    #[test]
+    fn anonymous_clients_by_policy() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(crate::storage::LogOptions::new(dir.path())).unwrap();
+        let users = Arc::new(Users::load(log, AuthMetrics::default()).unwrap());
+        let remote: IpAddr = "192.0.2.1".parse().unwrap();
+        let mapped: IpAddr = "::ffff:127.0.0.1".parse().unwrap();
+        for (policy, ip, admitted) in [
+            (Anonymous::Loopback, IpAddr::from([127, 0, 0, 1]), true),
+            (Anonymous::Loopback, IpAddr::from([127, 9, 9, 9]), true),
+            (Anonymous::Loopback, "::1".parse().unwrap(), true),
+            (Anonymous::Loopback, mapped, true),
+            (Anonymous::Loopback, remote, false),
+            (Anonymous::All, remote, true),
+            (Anonymous::None, IpAddr::from([127, 0, 0, 1]), false),
+        ] {
+            let gate = Gate::new(users.clone(), policy, AuthMetrics::default());
+            let got = gate.anonymous(ip);
+            assert_eq!(got.is_ok(), admitted, "{policy:?} {ip}");
+            if !admitted {
+                assert_eq!(got, Err(Refusal::NotAuthorized));
+            }
+        }
+    }
+}

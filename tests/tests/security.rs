@@ -1,0 +1,146 @@
+//! Authentication as devices see it: mosquitto_pub/sub (MQTT 3.1.1 and 5) with and
+//! without user names and passwords, users added and removed with the `weir user` CLI,
+//! kept across a restart, and never stored as the password.
+
+use std::process::Command;
+use std::time::Duration;
+
+use weir_tests::*;
+
+/// `weir user add NAME` with the password on stdin; the CLI's stdout.
+fn add_user(broker: &Broker, name: &str, password: &str) -> String {
+    let admin = broker.admin.to_string();
+    let mut cmd = Command::new(weir_bin());
+    cmd.args(["user", "--admin", &admin, "add", name])
+        .stdout(std::process::Stdio::piped());
+    let mut child = cmd
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("run weir user add");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(format!("{password}\n").as_bytes()).unwrap();
+    }
+    let status = wait_bounded(&mut child, Duration::from_secs(60));
+    let stdout = std::io::read_to_string(child.stdout.take().unwrap()).unwrap();
+    assert!(status.success(), "weir user add {name}: {stdout}");
+    stdout
+}
+
+#[test]
+fn mqtt_clients_log_in_with_users_the_cli_manages() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker =
+        Broker::start_with_config(&dir.path().join("d"), "[auth]\nanonymous = \"none\"\n");
+    let port = broker.mqtt_port();
+
+    // No credentials, anonymous = "none": not authorized, in both versions.
+    for version in ["mqttv311", "mqttv5"] {
+        let refused = publish_on(&port, version, None).expect("refused");
+        assert!(
+            refused.to_lowercase().contains("not authori"),
+            "{version}: {refused}"
+        );
+    }
+    broker.wait_metric("weir_auth_anonymous_refused_total", 2.0);
+
+    assert!(add_user(&broker, "dev1", "s3cret-pw").contains("added user dev1"));
+    assert!(add_user(&broker, "dev2", "other-pw").contains("added user dev2"));
+    let list = broker.cli(&["user", "list"]);
+    assert!(
+        list.stdout
+            .contains("dev1\tPLAIN,SCRAM-SHA-256,SCRAM-SHA-512"),
+        "{}",
+        list.stdout
+    );
+
+    // The right password: in, and a subscriber with its own login gets the message.
+    let sub = Background::spawn(
+        external("mosquitto_sub")
+            .args(["-h", "127.0.0.1", "-p", &port, "-V", "mqttv5", "-q", "1"])
+            .args([
+                "-u",
+                "dev2",
+                "-P",
+                "other-pw",
+                "-t",
+                "auth/test",
+                "-C",
+                "1",
+                "-W",
+                "30",
+            ]),
+    );
+    broker.wait_metric("weir_mqtt_subscriptions", 1.0);
+    for version in ["mqttv311", "mqttv5"] {
+        assert_eq!(
+            publish_on(&port, version, Some(("dev1", "s3cret-pw"))),
+            None
+        );
+    }
+    let (status, out) = sub.finish(Duration::from_secs(30));
+    assert!(status.success() && out.contains("hello"), "{out}");
+    broker.wait_metric("weir_auth_logins_total", 3.0);
+
+    // Wrong password and unknown user: bad user name or password (3.1.1 code 4, 5.0 0x86).
+    for (version, login) in [
+        ("mqttv311", ("dev1", "wrong")),
+        ("mqttv5", ("dev1", "wrong")),
+        ("mqttv5", ("nobody", "s3cret-pw")),
+    ] {
+        let refused = publish_on(&port, version, Some(login)).expect("refused");
+        assert!(
+            refused.to_lowercase().contains("bad user name or password"),
+            "{version} {login:?}: {refused}"
+        );
+    }
+    broker.wait_metric("weir_auth_failed_logins_total", 3.0);
+
+    // Kept across a restart; the password itself is nowhere in the data directory.
+    broker.restart(
+        false,
+        &["--config", dir.path().join("d.toml").to_str().unwrap()],
+    );
+    assert_eq!(
+        publish_on(&port, "mqttv5", Some(("dev1", "s3cret-pw"))),
+        None
+    );
+    broker.terminate();
+    for entry in std::fs::read_dir(dir.path().join("d")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            let bytes = std::fs::read(&path).unwrap();
+            assert!(
+                !bytes.windows(9).any(|w| w == b"s3cret-pw"),
+                "{} holds the password",
+                path.display()
+            );
+        }
+    }
+    broker.relaunch(&["--config", dir.path().join("d.toml").to_str().unwrap()]);
+
+    // A new password takes effect for the next login; a removed user is refused.
+    assert!(add_user(&broker, "dev1", "new-pw").contains("new password for user dev1"));
+    assert!(publish_on(&port, "mqttv5", Some(("dev1", "s3cret-pw"))).is_some());
+    assert_eq!(publish_on(&port, "mqttv5", Some(("dev1", "new-pw"))), None);
+    let removed = broker.cli(&["user", "remove", "dev1"]);
+    assert!(removed.status.success(), "{}", removed.stderr);
+    assert!(publish_on(&port, "mqttv5", Some(("dev1", "new-pw"))).is_some());
+    let missing = broker.cli(&["user", "remove", "dev1"]);
+    assert!(!missing.status.success() && missing.stderr.contains("no user named"));
+    let bad = broker.cli(&["user", "remove", "a b"]);
+    assert!(!bad.status.success());
+}
+
+/// mosquitto_pub of one QoS 1 message to `port`; its output if it failed.
+fn publish_on(port: &str, version: &str, login: Option<(&str, &str)>) -> Option<String> {
+    let mut cmd = external("mosquitto_pub");
+    cmd.args(["-h", "127.0.0.1", "-p", port, "-V", version, "-q", "1"])
+        .args(["-t", "auth/test", "-m", "hello"]);
+    if let Some((user, password)) = login {
+        cmd.args(["-u", user, "-P", password]);
+    }
+    let out = run(&mut cmd, Duration::from_secs(30));
+    (!out.status.success()).then(|| format!("{}{}", out.stdout, out.stderr))
+}
