@@ -86,34 +86,52 @@ impl ScramMechanism {
 
     /// The credential of `password` with `salt` and `iterations`.
     pub fn credential(self, password: &[u8], salt: &[u8], iterations: u32) -> ScramCredential {
-        fn keys<D>(password: &[u8], salt: &[u8], iterations: u32) -> (Vec<u8>, Vec<u8>)
-        where
-            D: Digest + BlockSizeUser + Clone + Sync,
-        {
-            let mut salted = vec![0u8; <D as Digest>::output_size()];
-            pbkdf2::pbkdf2::<SimpleHmac<D>>(password, salt, iterations, &mut salted)
-                .expect("HMAC takes keys of any length");
-            let hmac = |key: &[u8], data: &[u8]| {
-                let mut mac = <SimpleHmac<D> as KeyInit>::new_from_slice(key)
-                    .expect("HMAC takes keys of any length");
-                mac.update(data);
-                mac.finalize().into_bytes().to_vec()
-            };
-            let client_key = hmac(&salted, b"Client Key");
-            let stored_key = D::digest(&client_key).to_vec();
-            (stored_key, hmac(&salted, b"Server Key"))
-        }
-        let (stored_key, server_key) = match self {
-            ScramMechanism::Sha256 => keys::<Sha256>(password, salt, iterations),
-            ScramMechanism::Sha512 => keys::<Sha512>(password, salt, iterations),
+        let salted = match self {
+            ScramMechanism::Sha256 => salt_password::<Sha256>(password, salt, iterations),
+            ScramMechanism::Sha512 => salt_password::<Sha512>(password, salt, iterations),
         };
+        let client_key = self.hmac(&salted, b"Client Key");
         ScramCredential {
             salt: salt.to_vec(),
             iterations,
-            stored_key,
-            server_key,
+            stored_key: self.hash(&client_key),
+            server_key: self.hmac(&salted, b"Server Key"),
         }
     }
+
+    /// HMAC(key, data) with this mechanism's hash function.
+    pub fn hmac(self, key: &[u8], data: &[u8]) -> Vec<u8> {
+        fn mac<D: Digest + BlockSizeUser>(key: &[u8], data: &[u8]) -> Vec<u8> {
+            let mut mac = <SimpleHmac<D> as KeyInit>::new_from_slice(key)
+                .expect("HMAC takes keys of any length");
+            mac.update(data);
+            mac.finalize().into_bytes().to_vec()
+        }
+        match self {
+            ScramMechanism::Sha256 => mac::<Sha256>(key, data),
+            ScramMechanism::Sha512 => mac::<Sha512>(key, data),
+        }
+    }
+
+    /// H(data) with this mechanism's hash function.
+    pub fn hash(self, data: &[u8]) -> Vec<u8> {
+        match self {
+            ScramMechanism::Sha256 => Sha256::digest(data).to_vec(),
+            ScramMechanism::Sha512 => Sha512::digest(data).to_vec(),
+        }
+    }
+}
+
+/// SaltedPassword := Hi(password, salt, i), PBKDF2 with HMAC-H.
+fn salt_password<D: Digest + BlockSizeUser + Clone + Sync>(
+    password: &[u8],
+    salt: &[u8],
+    iterations: u32,
+) -> Vec<u8> {
+    let mut salted = vec![0u8; <D as Digest>::output_size()];
+    pbkdf2::pbkdf2::<SimpleHmac<D>>(password, salt, iterations, &mut salted)
+        .expect("HMAC takes keys of any length");
+    salted
 }
 
 /// What is stored for a user.
@@ -232,8 +250,8 @@ impl Users {
         })
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.users.read().is_empty()
+    pub fn exists(&self, name: &str) -> bool {
+        self.users.read().contains_key(name)
     }
 
     pub fn list(&self) -> Vec<UserView> {
@@ -300,6 +318,19 @@ impl Users {
             ScramMechanism::Sha256 => user.scram_sha256.clone(),
             ScramMechanism::Sha512 => user.scram_sha512.clone(),
         })
+    }
+
+    /// A credential for a user that does not exist, the same every time for a name, so
+    /// that a SCRAM exchange for an unknown user looks like one for a known user and
+    /// fails only at the proof.
+    pub fn stand_in_scram(&self, name: &str, mechanism: ScramMechanism) -> ScramCredential {
+        let digest = self.digest(name, b"stand-in");
+        ScramCredential {
+            salt: digest[..16].to_vec(),
+            iterations: SCRAM_ITERATIONS,
+            stored_key: mechanism.hash(&digest),
+            server_key: mechanism.hash(&digest[16..]),
+        }
     }
 
     /// Whether `password` is `name`'s.
@@ -421,18 +452,29 @@ impl Gate {
             return self.anonymous(peer);
         };
         if self.users.verify(name, password).await {
-            self.metrics.logins.inc();
-            self.failures.lock().remove(&peer);
-            return Ok(Principal::User(name.to_string()));
+            return Ok(self.logged_in(peer, name));
         }
+        Err(self.login_failed(peer, name).await)
+    }
+
+    /// Counts a login whose credentials checked (here or in a SASL exchange).
+    pub fn logged_in(&self, peer: IpAddr, name: &str) -> Principal {
+        self.metrics.logins.inc();
+        self.failures.lock().remove(&peer);
+        Principal::User(name.to_string())
+    }
+
+    /// Counts a failed login and returns once the address's delay has passed.
+    pub async fn login_failed(&self, peer: IpAddr, name: &str) -> Refusal {
         self.metrics.failed_logins.inc();
         let delay = self.failed(peer);
         tracing::warn!(%peer, user = name, delay_ms = delay.as_millis() as u64, "login refused: unknown user or wrong password");
         tokio::time::sleep(delay).await;
-        Err(Refusal::BadCredentials)
+        Refusal::BadCredentials
     }
 
-    fn anonymous(&self, peer: IpAddr) -> Result<Principal, Refusal> {
+    /// Whether a client from `peer` may go on without credentials.
+    pub fn anonymous(&self, peer: IpAddr) -> Result<Principal, Refusal> {
         let allowed = match self.anonymous {
             Anonymous::All => true,
             Anonymous::Loopback => peer.is_loopback() || is_mapped_loopback(peer),
@@ -500,18 +542,8 @@ mod tests {
     }
 
     fn b64(s: &str) -> Vec<u8> {
-        const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-        let (mut bits, mut n, mut out) = (0u32, 0, Vec::new());
-        for c in s.bytes().take_while(|&c| c != b'=') {
-            bits = (bits << 6) | ALPHABET.iter().position(|&a| a == c).unwrap() as u32;
-            n += 6;
-            if n >= 8 {
-                n -= 8;
-                out.push((bits >> n) as u8);
-                bits &= (1 << n) - 1;
-            }
-        }
-        out
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.decode(s).unwrap()
     }
 
     #[test]

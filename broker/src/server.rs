@@ -116,7 +116,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         topic_defaults: config.topic_config()?,
     };
     kafka::log_listening(kafka_listener.local_addr()?, &settings);
-    let kafka_broker = KafkaBroker::new(log.clone(), settings, kafka_metrics)?;
+    let kafka_broker = KafkaBroker::new(log.clone(), settings, kafka_metrics, gate.clone())?;
     let kafka = tokio::spawn(kafka_broker.serve(kafka_listener, stop_rx.clone()));
 
     let mqtt = start_mqtt(&config, &log, &host, &mqtt_metrics, gate, &stop_rx).await?;

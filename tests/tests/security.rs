@@ -144,3 +144,123 @@ fn publish_on(port: &str, version: &str, login: Option<(&str, &str)>) -> Option<
     let out = run(&mut cmd, Duration::from_secs(30));
     (!out.status.success()).then(|| format!("{}{}", out.stdout, out.stderr))
 }
+
+/// kcat with the SASL settings for `mechanism` (None: no SASL), bounded.
+fn kcat_sasl(broker: &Broker, login: Option<(&str, &str, &str)>, args: &[&str]) -> CliOutput {
+    let mut cmd = external("kcat");
+    cmd.args(["-b", &broker.bootstrap(), "-m", "10"]);
+    if let Some((mechanism, user, password)) = login {
+        cmd.args(["-X", "security.protocol=SASL_PLAINTEXT"])
+            .args(["-X", &format!("sasl.mechanisms={mechanism}")])
+            .args(["-X", &format!("sasl.username={user}")])
+            .args(["-X", &format!("sasl.password={password}")]);
+    }
+    cmd.args(args);
+    run(&mut cmd, Duration::from_secs(60))
+}
+
+#[test]
+fn kafka_clients_log_in_with_sasl_plain_and_scram() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start_with_config(&dir.path().join("d"), "[auth]\nanonymous = \"none\"\n");
+    add_user(&broker, "app1", "app-pw");
+    broker
+        .cli(&["topic", "create", "sasl-t", "--partitions", "1"])
+        .status
+        .success()
+        .then_some(())
+        .expect("create topic");
+
+    // Debian's kcat (librdkafka 2.0.2): SCRAM-SHA-512 and PLAIN, produce then consume.
+    for (i, mechanism) in ["SCRAM-SHA-512", "PLAIN", "SCRAM-SHA-256"]
+        .iter()
+        .enumerate()
+    {
+        let login = Some((*mechanism, "app1", "app-pw"));
+        let mut cmd = external("kcat");
+        cmd.args(["-b", &broker.bootstrap(), "-P", "-t", "sasl-t"])
+            .args(["-X", "security.protocol=SASL_PLAINTEXT"])
+            .args(["-X", &format!("sasl.mechanisms={mechanism}")])
+            .args(["-X", "sasl.username=app1", "-X", "sasl.password=app-pw"]);
+        assert!(
+            run_with_stdin(&mut cmd, &format!("kcat-{i}\n")),
+            "kcat produce {mechanism}"
+        );
+        let out = kcat_sasl(&broker, login, &["-C", "-t", "sasl-t", "-e", "-q"]);
+        assert!(
+            out.status.success(),
+            "kcat consume {mechanism}: {}",
+            out.stderr
+        );
+        assert!(
+            out.stdout.contains(&format!("kcat-{i}")),
+            "{mechanism}: {}",
+            out.stdout
+        );
+    }
+    // confluent-kafka (librdkafka 2.16) and kafka-python, both mechanisms families.
+    for (client, mechanism) in [
+        ("confluent", "SCRAM-SHA-256"),
+        ("confluent", "PLAIN"),
+        ("kafka-python", "SCRAM-SHA-512"),
+        ("kafka-python", "PLAIN"),
+    ] {
+        let out = python(
+            "kafka_sasl.py",
+            &[
+                &broker.bootstrap(),
+                client,
+                mechanism,
+                "app1",
+                "app-pw",
+                "sasl-t",
+            ],
+        );
+        assert!(
+            out.status.success() && out.stdout.trim() == "ok",
+            "{client} {mechanism}: {}{}",
+            out.stdout,
+            out.stderr
+        );
+    }
+    assert!(broker.metric("weir_auth_logins_total") >= 7.0);
+
+    // Refusals: a wrong password, an unknown user, and no SASL at all.
+    for (mechanism, user, password) in [
+        ("SCRAM-SHA-512", "app1", "wrong"),
+        ("PLAIN", "nobody", "app-pw"),
+    ] {
+        let out = kcat_sasl(&broker, Some((mechanism, user, password)), &["-L"]);
+        assert!(!out.status.success(), "{mechanism} {user}: {}", out.stdout);
+        assert!(
+            out.stderr.contains("Authentication failed"),
+            "{mechanism} {user}: {}",
+            out.stderr
+        );
+    }
+    let out = python(
+        "kafka_sasl.py",
+        &[
+            &broker.bootstrap(),
+            "confluent",
+            "SCRAM-SHA-256",
+            "app1",
+            "wrong",
+            "sasl-t",
+        ],
+    );
+    assert!(
+        out.stdout.starts_with("refused:"),
+        "{}{}",
+        out.stdout,
+        out.stderr
+    );
+    assert!(broker.metric("weir_auth_failed_logins_total") >= 3.0);
+    let out = kcat_sasl(&broker, None, &["-L"]);
+    assert!(
+        !out.status.success(),
+        "a client without SASL listed: {}",
+        out.stdout
+    );
+    broker.wait_metric("weir_auth_anonymous_refused_total", 1.0);
+}

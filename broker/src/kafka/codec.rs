@@ -31,6 +31,10 @@ pub const SUPPORTED_APIS: &[(ApiKey, i16, i16)] = &[
     (ApiKey::InitProducerId, 0, 4),
     (ApiKey::OffsetForLeaderEpoch, 2, 4),
     (ApiKey::DescribeConfigs, 1, 4),
+    // v0 is advertised because librdkafka looks for it before it uses SASL at all; a
+    // v0 handshake (tokens unframed after it, pre-Kafka 1.0 clients) is refused.
+    (ApiKey::SaslHandshake, 0, 1),
+    (ApiKey::SaslAuthenticate, 0, 2),
 ];
 
 /// The version range served for `api`, if it is served.

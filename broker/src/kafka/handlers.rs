@@ -106,6 +106,17 @@ impl KafkaBroker {
             RequestKind::OffsetFetch(r) => ResponseKind::OffsetFetch(self.offset_fetch(r)),
             RequestKind::ListGroups(_) => ResponseKind::ListGroups(self.list_groups()),
             RequestKind::DescribeGroups(r) => ResponseKind::DescribeGroups(self.describe_groups(r)),
+            // The connection answers these itself (`gatekeep`); here only out of place.
+            RequestKind::SaslHandshake(_) => {
+                let mut body = kafka_protocol::messages::SaslHandshakeResponse::default();
+                body.error_code = ResponseError::IllegalSaslState.code();
+                ResponseKind::SaslHandshake(body)
+            }
+            RequestKind::SaslAuthenticate(_) => {
+                let mut body = kafka_protocol::messages::SaslAuthenticateResponse::default();
+                body.error_code = ResponseError::IllegalSaslState.code();
+                ResponseKind::SaslAuthenticate(body)
+            }
             other => {
                 // decode_request only lets through the APIs in SUPPORTED_APIS.
                 tracing::error!(request = ?other, "internal: a served API has no handler");

@@ -3,7 +3,8 @@
 //! `codec` turns frames into requests and responses into frames (no I/O);
 //! `handlers` answers each API on top of `storage::Log`; `groups` is the group
 //! coordinator; `producers` the idempotent-producer state; `errors` the one mapping
-//! from Weir's errors to Kafka error codes. This module owns the sockets.
+//! from Weir's errors to Kafka error codes; `sasl` the SASL exchanges. This module
+//! owns the sockets, and decides per connection what may be asked before a login.
 
 pub mod client;
 pub mod codec;
@@ -11,6 +12,7 @@ mod errors;
 mod groups;
 mod handlers;
 mod producers;
+pub mod sasl;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -25,8 +27,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
+use crate::auth::Gate;
 use crate::storage::{Log, TopicConfig};
 use codec::DecodeError;
+use sasl::Mechanism;
 
 /// Requests read ahead of their answers, per connection, and the bytes they may hold.
 /// A client that pipelines (librdkafka sends a request per ready batch, up to a
@@ -107,6 +111,26 @@ pub struct KafkaBroker {
     producers: producers::Producers,
     metrics: KafkaMetrics,
     cluster_id: String,
+    gate: Arc<Gate>,
+}
+
+/// Where a connection stands with SASL.
+#[derive(Default)]
+enum Login {
+    /// Nothing yet: ApiVersions and SaslHandshake are answered; anything else is
+    /// served only if `[auth] anonymous` lets this client in without credentials.
+    #[default]
+    Open,
+    Handshaken(Mechanism),
+    Scram(Box<sasl::Scram>),
+    /// Logged in, or admitted without credentials.
+    Done,
+}
+
+/// What becomes of a request that may not simply be served.
+enum Gatekept {
+    Answer { queued: Queued, close: bool },
+    Close(String),
 }
 
 impl KafkaBroker {
@@ -114,6 +138,7 @@ impl KafkaBroker {
         log: Log,
         settings: KafkaSettings,
         metrics: KafkaMetrics,
+        gate: Arc<Gate>,
     ) -> anyhow::Result<Arc<Self>> {
         let cluster_id = match log.get_state::<String>("kafka", "cluster_id")? {
             Some(id) => id,
@@ -131,6 +156,7 @@ impl KafkaBroker {
             groups: groups::Coordinator::default(),
             metrics,
             cluster_id,
+            gate,
         }))
     }
 
@@ -212,6 +238,7 @@ impl KafkaBroker {
         // Done when the last queued non-produce request has been answered.
         let mut last_other: Option<oneshot::Receiver<()>> = None;
         let client_host = peer.ip().to_string();
+        let mut login = Login::Open;
         loop {
             let len = tokio::select! {
                 len = tokio::time::timeout(IDLE_LIMIT, reader.read_i32()) => match len {
@@ -245,7 +272,19 @@ impl KafkaBroker {
                 break; // the client went away mid-frame
             }
             let queued = match codec::decode_request(Bytes::from(frame)) {
-                Ok(request) => self.start(request, &client_host, &mut last_other).await,
+                Ok(request) => match self.gatekeep(&mut login, &request, peer).await {
+                    None => self.start(request, &client_host, &mut last_other).await,
+                    Some(Gatekept::Answer { queued, close }) => {
+                        if queue.send((queued, held)).await.is_err() || close {
+                            break;
+                        }
+                        continue;
+                    }
+                    Some(Gatekept::Close(reason)) => {
+                        warn!(%peer, %reason, "closing kafka connection");
+                        break;
+                    }
+                },
                 Err(DecodeError::UnsupportedVersion {
                     api: ApiKey::ApiVersions,
                     correlation_id,
@@ -276,6 +315,152 @@ impl KafkaBroker {
         }
         drop(queue);
         answering.await?
+    }
+
+    /// `None` lets a request through: the connection logged in, or may go on without.
+    /// Answers the SASL requests themselves.
+    async fn gatekeep(
+        &self,
+        login: &mut Login,
+        request: &codec::Request,
+        peer: SocketAddr,
+    ) -> Option<Gatekept> {
+        use kafka_protocol::error::ResponseError;
+        use kafka_protocol::messages::{SaslAuthenticateResponse, SaslHandshakeResponse};
+        let (api, version, correlation_id) = (
+            request.api,
+            request.version(),
+            request.header.correlation_id,
+        );
+        let answer = |body: ResponseKind, close: bool| {
+            Some(Gatekept::Answer {
+                queued: Queued {
+                    api,
+                    version,
+                    correlation_id,
+                    response: Box::pin(async move { Some(body) }),
+                },
+                close,
+            })
+        };
+        let authenticate = |error: Option<(ResponseError, String)>, bytes: Vec<u8>| {
+            let mut body = SaslAuthenticateResponse::default();
+            if let Some((code, message)) = &error {
+                body.error_code = code.code();
+                body.error_message = Some(message.clone().into());
+            }
+            body.auth_bytes = Bytes::from(bytes);
+            answer(ResponseKind::SaslAuthenticate(body), error.is_some())
+        };
+        let refused = |mechanism: &str| {
+            (
+                ResponseError::SaslAuthenticationFailed,
+                format!(
+                    "Authentication failed: invalid credentials with SASL mechanism {mechanism}"
+                ),
+            )
+        };
+        match &request.body {
+            RequestKind::ApiVersions(_) => None,
+            RequestKind::SaslHandshake(req) => {
+                let mut body = SaslHandshakeResponse::default();
+                body.mechanisms = sasl::MECHANISMS.iter().map(|m| (*m).into()).collect();
+                let close = match (&*login, Mechanism::parse(&req.mechanism)) {
+                    _ if version == 0 => {
+                        body.error_code = ResponseError::UnsupportedVersion.code();
+                        true
+                    }
+                    (Login::Open, Some(mechanism)) => {
+                        *login = Login::Handshaken(mechanism);
+                        false
+                    }
+                    (Login::Open, None) => {
+                        body.error_code = ResponseError::UnsupportedSaslMechanism.code();
+                        true
+                    }
+                    _ => {
+                        body.error_code = ResponseError::IllegalSaslState.code();
+                        true
+                    }
+                };
+                answer(ResponseKind::SaslHandshake(body), close)
+            }
+            RequestKind::SaslAuthenticate(req) => match std::mem::take(login) {
+                Login::Handshaken(Mechanism::Plain) => {
+                    let admitted = match sasl::parse_plain(&req.auth_bytes) {
+                        Ok((user, password)) => {
+                            self.gate.admit(peer.ip(), Some((&user, &password))).await
+                        }
+                        Err(e) => {
+                            debug!(%peer, error = %e, "malformed SASL PLAIN message");
+                            Err(self.gate.login_failed(peer.ip(), "?").await)
+                        }
+                    };
+                    match admitted {
+                        Ok(_principal) => {
+                            *login = Login::Done;
+                            authenticate(None, Vec::new())
+                        }
+                        Err(_) => authenticate(Some(refused("PLAIN")), Vec::new()),
+                    }
+                }
+                Login::Handshaken(Mechanism::Scram(m)) => {
+                    match sasl::ClientFirst::parse(&req.auth_bytes) {
+                        Ok(first) => {
+                            let users = &self.gate.users;
+                            let credential = users
+                                .scram(&first.user, m)
+                                .unwrap_or_else(|| users.stand_in_scram(&first.user, m));
+                            let (scram, reply) = sasl::Scram::start(m, first, credential);
+                            *login = Login::Scram(Box::new(scram));
+                            authenticate(None, reply)
+                        }
+                        Err(e) => {
+                            debug!(%peer, error = %e, "malformed SCRAM message");
+                            self.gate.login_failed(peer.ip(), "?").await;
+                            authenticate(Some(refused(m.name())), Vec::new())
+                        }
+                    }
+                }
+                Login::Scram(scram) => match scram.finish(&req.auth_bytes) {
+                    // A user removed during the exchange is refused.
+                    Ok(reply) if self.gate.users.exists(&scram.user) => {
+                        self.gate.logged_in(peer.ip(), &scram.user);
+                        *login = Login::Done;
+                        authenticate(None, reply)
+                    }
+                    result => {
+                        if let Err(e) = result {
+                            debug!(%peer, user = %scram.user, error = %e, "SCRAM exchange refused");
+                        }
+                        self.gate.login_failed(peer.ip(), &scram.user).await;
+                        authenticate(Some(refused("SCRAM")), Vec::new())
+                    }
+                },
+                Login::Open | Login::Done => authenticate(
+                    Some((
+                        ResponseError::IllegalSaslState,
+                        "SaslAuthenticate without a SaslHandshake before it".into(),
+                    )),
+                    Vec::new(),
+                ),
+            },
+            _ => match login {
+                Login::Done => None,
+                Login::Open => match self.gate.anonymous(peer.ip()) {
+                    Ok(_principal) => {
+                        *login = Login::Done;
+                        None
+                    }
+                    Err(_) => Some(Gatekept::Close(format!(
+                        "{api:?} from a client that has not logged in (SASL), and anonymous clients are not allowed from here"
+                    ))),
+                },
+                Login::Handshaken(_) | Login::Scram(_) => Some(Gatekept::Close(format!(
+                    "{api:?} in the middle of a SASL exchange"
+                ))),
+            },
+        }
     }
 
     /// Starts handling a request and returns what the answering half awaits.

@@ -173,6 +173,14 @@ fn request(api: ApiKey, version: i16) -> RequestKind {
             r.resources = vec![res];
             RequestKind::DescribeConfigs(r)
         }
+        ApiKey::SaslHandshake => {
+            let mut r = kafka_protocol::messages::SaslHandshakeRequest::default();
+            r.mechanism = s("PLAIN");
+            RequestKind::SaslHandshake(r)
+        }
+        ApiKey::SaslAuthenticate => RequestKind::SaslAuthenticate(
+            kafka_protocol::messages::SaslAuthenticateRequest::default(),
+        ),
         other => panic!("no sample request for {other:?}"),
     }
 }
@@ -191,7 +199,19 @@ async fn every_api_and_version_answers_and_encodes() {
         default_partitions: 1,
         topic_defaults: TopicConfig::default(),
     };
-    let broker = KafkaBroker::new(log.clone(), settings, KafkaMetrics::default()).unwrap();
+    let users = crate::auth::Users::load(log.clone(), Default::default()).unwrap();
+    let gate = crate::auth::Gate::new(
+        std::sync::Arc::new(users),
+        crate::auth::Anonymous::All,
+        Default::default(),
+    );
+    let broker = KafkaBroker::new(
+        log.clone(),
+        settings,
+        KafkaMetrics::default(),
+        std::sync::Arc::new(gate),
+    )
+    .unwrap();
     for &(api, min, max) in SUPPORTED_APIS {
         for version in min..=max {
             let mut header = RequestHeader::default();

@@ -1,0 +1,73 @@
+"""Produces one record and reads it back over SASL, with confluent-kafka (librdkafka
+bundled) or kafka-python, to check a login works or is refused.
+
+    kafka_sasl.py BOOTSTRAP CLIENT MECHANISM USER PASSWORD TOPIC
+CLIENT is confluent or kafka-python. Prints "ok" after reading the record back, or
+"refused: ..." if the broker refused the login; anything else raises.
+"""
+
+import sys
+import uuid
+
+BOOTSTRAP, CLIENT, MECHANISM, USER, PASSWORD, TOPIC = sys.argv[1:7]
+VALUE = uuid.uuid4().hex.encode()
+
+
+def confluent():
+    from confluent_kafka import Consumer, KafkaException, Producer
+
+    sasl = {
+        "bootstrap.servers": BOOTSTRAP,
+        "security.protocol": "sasl_plaintext",
+        "sasl.mechanisms": MECHANISM,
+        "sasl.username": USER,
+        "sasl.password": PASSWORD,
+    }
+    errors = []
+    producer = Producer({**sasl, "error_cb": errors.append, "message.timeout.ms": 20000})
+    delivered = []
+    producer.produce(TOPIC, VALUE, on_delivery=lambda err, msg: delivered.append(err))
+    producer.flush(30)
+    auth = [e for e in errors if e.code() == -169]  # _AUTHENTICATION
+    if auth:
+        print("refused:", auth[0].str())
+        return
+    assert delivered == [None], (delivered, [e.str() for e in errors])
+    consumer = Consumer({**sasl, "group.id": "sasl-" + uuid.uuid4().hex[:6],
+                         "auto.offset.reset": "earliest"})
+    consumer.subscribe([TOPIC])
+    for _ in range(60):
+        m = consumer.poll(1)
+        if m is not None and not m.error() and m.value() == VALUE:
+            print("ok")
+            consumer.close()
+            return
+    raise KafkaException("the record did not come back")
+
+
+def kafka_python():
+    from kafka import KafkaConsumer, KafkaProducer
+    from kafka.errors import KafkaError
+
+    sasl = dict(bootstrap_servers=BOOTSTRAP, security_protocol="SASL_PLAINTEXT",
+                sasl_mechanism=MECHANISM, sasl_plain_username=USER, sasl_plain_password=PASSWORD)
+    try:
+        producer = KafkaProducer(**sasl, request_timeout_ms=20000, max_block_ms=20000)
+    except KafkaError as e:
+        if "uthentication" in repr(e) or "SASL" in repr(e):
+            print("refused:", repr(e))
+            return
+        raise
+    producer.send(TOPIC, VALUE).get(timeout=30)
+    producer.close()
+    consumer = KafkaConsumer(TOPIC, **sasl, auto_offset_reset="earliest",
+                             consumer_timeout_ms=30000, group_id="sasl-" + uuid.uuid4().hex[:6])
+    for m in consumer:
+        if m.value == VALUE:
+            print("ok")
+            consumer.close()
+            return
+    raise KafkaError("the record did not come back")
+
+
+{"confluent": confluent, "kafka-python": kafka_python}[CLIENT]()
