@@ -5,7 +5,7 @@
 //! whose password checks, or a client without credentials as `[auth] anonymous` says.
 //!
 //! Hashing is slow by design (argon2id, 19 MiB, two passes), so it runs on the blocking
-//! pool, a few at a time; a password that already checked is remembered (keyed digest)
+//! pool, on at most half the cores; a password that already checked is remembered (keyed digest)
 //! until the user changes, so that a thousand devices reconnecting cost one hash each
 //! at most. A failed login is answered after a delay that doubles per failure from the
 //! same address; the delay holds only that connection.
@@ -225,7 +225,8 @@ pub struct Users {
     verified: Mutex<HashMap<String, [u8; 32]>>,
     /// Random per process: the digests above mean nothing outside it.
     cache_key: [u8; 32],
-    /// argon2 runs at most this many at a time (each takes 19 MiB and a core).
+    /// argon2 runs at most this many at a time (each takes 19 MiB and a core): half
+    /// the cores.
     hashing: tokio::sync::Semaphore,
     metrics: AuthMetrics,
 }
@@ -239,13 +240,16 @@ impl Users {
             .collect();
         let mut cache_key = [0u8; 32];
         rand::rng().fill_bytes(&mut cache_key);
+        // Half the cores: a reconnect storm of devices with new passwords must leave
+        // the broker the rest.
         let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        let hashers = (cores / 2).max(1);
         Ok(Self {
             log,
             users: RwLock::new(users),
             verified: Mutex::new(HashMap::new()),
             cache_key,
-            hashing: tokio::sync::Semaphore::new(cores),
+            hashing: tokio::sync::Semaphore::new(hashers),
             metrics,
         })
     }

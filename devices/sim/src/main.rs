@@ -78,6 +78,12 @@ struct Args {
     /// the sequence numbers of what follows could not be told apart.
     #[arg(long)]
     acked_log: Option<PathBuf>,
+    /// Log in with this user name (`{device}` becomes each device's name).
+    #[arg(long)]
+    username: Option<String>,
+    /// and this password (`{device}` substituted too).
+    #[arg(long, default_value = "")]
+    password: String,
     /// Print the summary as one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -225,6 +231,12 @@ async fn run_device(
     options.set_keep_alive(Duration::from_secs(args.keep_alive.max(5)));
     options.set_clean_session(!(args.persistent || args.acked_log.is_some()));
     options.set_inflight(args.inflight.max(1));
+    if let Some(user) = &args.username {
+        options.set_credentials(
+            user.replace("{device}", &device),
+            args.password.replace("{device}", &device),
+        );
+    }
     // A request channel of one: rumqttc 0.25 holds a single publish whose packet id
     // collides with one still in flight, and after a reconnect several queued
     // requests can collide at once and all but the last are lost.
