@@ -5,7 +5,8 @@ It reads until nothing more arrives for 3 s rather than up to the high watermark
 Tansu 0.6.0 reports high watermarks behind what it serves. confluent-kafka bundles a
 recent librdkafka, which Tansu serves (kcat's 2.0.2 it does not).
 
-    kafka_dump.py BOOTSTRAP TOPIC [CA.pem]    (with a CA: over TLS, trusting it)
+    kafka_dump.py BOOTSTRAP TOPIC [CA.pem|-] [MECHANISM USER PASSWORD]
+With a CA: over TLS, trusting it; with a mechanism: logged in with SASL.
 """
 
 import sys
@@ -21,8 +22,16 @@ def main():
         "group.id": "kafka-dump",
         "enable.auto.commit": False,
     }
-    if len(sys.argv) > 3:
+    tls = len(sys.argv) > 3 and sys.argv[3] != "-"
+    if tls:
         config.update({"security.protocol": "ssl", "ssl.ca.location": sys.argv[3]})
+    if len(sys.argv) > 6:
+        config.update({
+            "security.protocol": "sasl_ssl" if tls else "sasl_plaintext",
+            "sasl.mechanisms": sys.argv[4],
+            "sasl.username": sys.argv[5],
+            "sasl.password": sys.argv[6],
+        })
     consumer = Consumer(config)
     metadata = consumer.list_topics(topic, timeout=30)
     if topic not in metadata.topics or metadata.topics[topic].error is not None:

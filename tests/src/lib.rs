@@ -676,18 +676,21 @@ impl Drop for Tansu {
 /// Every record of `topic` on the Kafka broker at `bootstrap` (partition by
 /// partition, in offset order): (partition, key, value, headers as "k=v,k=v").
 pub fn dump_records(bootstrap: &str, topic: &str) -> Vec<(u32, String, String, String)> {
-    dump_records_over(bootstrap, topic, None)
+    dump_records_over(bootstrap, topic, None, None)
 }
 
-/// `dump_records`, over TLS when given the CA to trust.
+/// `dump_records`, over TLS when given the CA to trust, and logged in with SASL when
+/// given (mechanism, user, password).
 pub fn dump_records_over(
     bootstrap: &str,
     topic: &str,
     ca: Option<&Path>,
+    sasl: Option<(&str, &str, &str)>,
 ) -> Vec<(u32, String, String, String)> {
     let mut args = vec![bootstrap, topic];
-    if let Some(ca) = ca {
-        args.push(ca.to_str().expect("utf-8 path"));
+    args.push(ca.map_or("-", |ca| ca.to_str().expect("utf-8 path")));
+    if let Some((mechanism, user, password)) = sasl {
+        args.extend([mechanism, user, password]);
     }
     let out = python("kafka_dump.py", &args);
     assert!(

@@ -96,17 +96,19 @@ fn headers(h: &str) -> HashMap<&str, &str> {
 /// provenance, the same key and value as stored at the edge, in the edge's order per
 /// source partition, in the partition the key puts it in.
 fn assert_exact_copy(edge: &Broker, centre_bootstrap: &str) -> usize {
-    assert_exact_copy_over(edge, centre_bootstrap, None)
+    assert_exact_copy_over(edge, centre_bootstrap, None, None)
 }
 
-/// `assert_exact_copy`, reading the centre over TLS when given the CA.
+/// `assert_exact_copy`, reading the centre over TLS when given the CA, and with a
+/// SASL login when given one.
 fn assert_exact_copy_over(
     edge: &Broker,
     centre_bootstrap: &str,
     ca: Option<&std::path::Path>,
+    sasl: Option<(&str, &str, &str)>,
 ) -> usize {
     let topic = format!("{GATEWAY}.telemetry");
-    let centre = weir_tests::dump_records_over(centre_bootstrap, &topic, ca);
+    let centre = weir_tests::dump_records_over(centre_bootstrap, &topic, ca, sasl);
     let local = dump_records(&edge.bootstrap(), "telemetry");
     // The edge's records by (partition, offset): kcat prints them in offset order.
     let mut by_offset: HashMap<(u32, u64), (&str, &str)> = HashMap::new();
@@ -624,7 +626,50 @@ fn replicates_over_tls() {
     produce(&edge, "telemetry", &lines);
     wait_replicated(&edge, 1000);
     assert_eq!(
-        assert_exact_copy_over(&edge, &tls.addr.to_string(), Some(&tls.ca_pem)),
+        assert_exact_copy_over(&edge, &tls.addr.to_string(), Some(&tls.ca_pem), None),
         1000
     );
+}
+
+/// A centre that lets no one in without a login: the edge replicates over SASL_SSL
+/// with SCRAM-SHA-512 (TLS ends at a proxy in front of the centre, which has no TLS
+/// listener yet), and the centre's copy is exact.
+#[test]
+fn replicates_to_a_centre_requiring_sasl_ssl_with_scram_sha_512() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = weir_tests::TlsProxy::start(dir.path());
+    let config = format!(
+        "[kafka]\nadvertised = \"{}\"\n[auth]\nanonymous = \"none\"\n",
+        tls.addr
+    );
+    let centre = Broker::start_with_config(&dir.path().join("centre"), &config);
+    tls.set_target(centre.kafka);
+    let admin = centre.admin.to_string();
+    assert!(run_with_stdin(
+        Command::new(weir_bin()).args(["user", "--admin", &admin, "add", "gw-test"]),
+        "edge-secret\n"
+    ));
+    let login = format!(
+        "security_protocol = \"sasl_ssl\"\nssl_ca_location = \"{}\"\n\
+         sasl_mechanism = \"SCRAM-SHA-512\"\nsasl_username = \"gw-test\"\n\
+         sasl_password = \"edge-secret\"\n",
+        tls.ca_pem.display()
+    );
+    let config = edge_config(&tls.addr.to_string(), "").replace(
+        "[[replication.rule]]",
+        &format!("{login}\n[[replication.rule]]"),
+    );
+    let edge = Broker::start_with_config(&dir.path().join("edge"), &config);
+    let lines: String = (0..1000)
+        .map(|i| format!("dev-{:03}:{i}\n", i % 10))
+        .collect();
+    produce(&edge, "telemetry", &lines);
+    wait_replicated(&edge, 1000);
+    let sasl = Some(("SCRAM-SHA-512", "gw-test", "edge-secret"));
+    assert_eq!(
+        assert_exact_copy_over(&edge, &tls.addr.to_string(), Some(&tls.ca_pem), sasl),
+        1000
+    );
+    assert!(centre.metric("weir_auth_logins_total") >= 1.0);
+    assert_eq!(centre.metric("weir_auth_anonymous_refused_total"), 0.0);
 }
