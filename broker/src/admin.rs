@@ -74,6 +74,42 @@ pub struct AdminState {
     /// Set once every listener is up: `/health` answers 503 "starting" until then (the
     /// admin API comes up first, so that start-up can be watched).
     pub serving: Arc<std::sync::atomic::AtomicBool>,
+    /// `[admin] token`: when set, every request but `/health` carries it as a bearer token.
+    pub token: Option<String>,
+}
+
+/// Refuses a request without the bearer token, when one is configured. `/health` stays
+/// open, for supervisors and load balancers.
+async fn require_token(
+    State(state): State<Arc<AdminState>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(token) = &state.token else {
+        return next.run(request).await;
+    };
+    if request.uri().path() == "/health" {
+        return next.run(request).await;
+    }
+    let presented = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    // Digests compared, so the time taken says nothing about the token's bytes.
+    let digest = |t: &str| <sha2::Sha256 as sha2::Digest>::digest(t.as_bytes());
+    if presented.is_some_and(|p| digest(p) == digest(token)) {
+        return next.run(request).await;
+    }
+    let error = ApiError {
+        error: "this admin API needs its token: set WEIR_ADMIN_TOKEN".into(),
+    };
+    (
+        StatusCode::UNAUTHORIZED,
+        [(axum::http::header::WWW_AUTHENTICATE, "Bearer")],
+        Json(error),
+    )
+        .into_response()
 }
 
 async fn health(State(state): State<Arc<AdminState>>) -> Response {
@@ -116,6 +152,10 @@ pub fn router(state: Arc<AdminState>) -> Router {
                 Json(state.replication.status())
             }),
         )
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_token,
+        ))
         .with_state(state)
 }
 
@@ -345,6 +385,7 @@ impl From<ReadError> for ApiFailure {
 pub struct AdminClient {
     base: String,
     http: reqwest::Client,
+    token: Option<String>,
 }
 
 impl AdminClient {
@@ -358,11 +399,37 @@ impl AdminClient {
         Self {
             base,
             http: reqwest::Client::new(),
+            token: None,
         }
+    }
+
+    /// A client for the CLI: `WEIR_ADMIN_TOKEN` is sent as the bearer token, and
+    /// `WEIR_ADMIN_CA` (a PEM file) is trusted for an `https://` address.
+    pub fn from_env(address: &str) -> anyhow::Result<Self> {
+        let mut client = Self::new(address);
+        client.token = std::env::var("WEIR_ADMIN_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty());
+        if let Ok(path) = std::env::var("WEIR_ADMIN_CA") {
+            let pem =
+                std::fs::read(&path).map_err(|e| anyhow::anyhow!("WEIR_ADMIN_CA {path}: {e}"))?;
+            let mut builder = reqwest::Client::builder();
+            for cert in reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| anyhow::anyhow!("WEIR_ADMIN_CA {path}: {e}"))?
+            {
+                builder = builder.add_root_certificate(cert);
+            }
+            client.http = builder.build()?;
+        }
+        Ok(client)
     }
 
     /// Sends `request`; an error status becomes an error with the API's message.
     async fn send(&self, request: reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {
+        let request = match &self.token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        };
         let response = request.send().await.map_err(|e| {
             anyhow::anyhow!("cannot reach the weir admin API at {}: {e}", self.base)
         })?;

@@ -468,6 +468,13 @@ impl Gate {
         Principal::User(name.to_string())
     }
 
+    /// Admits the holder of a client certificate the TLS verifier accepted, as the user
+    /// its identity names.
+    pub fn certified(&self, identity: &str) -> Principal {
+        self.metrics.logins.inc();
+        Principal::User(identity.to_string())
+    }
+
     /// Counts a failed login and returns once the address's delay has passed.
     pub async fn login_failed(&self, peer: IpAddr, name: &str) -> Refusal {
         self.metrics.failed_logins.inc();

@@ -15,6 +15,7 @@ use crate::mqtt::rules::{
 use crate::plugins::PipelineConfig;
 use crate::replication::ReplicationConfig;
 use crate::storage::{InvalidTopicConfig, LogOptions, TopicConfig};
+use crate::tls::TlsConfig;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -27,6 +28,7 @@ pub struct Config {
     pub replication: ReplicationConfig,
     pub admin: AdminConfig,
     pub auth: AuthConfig,
+    pub tls: TlsConfig,
     pub storage: StorageConfig,
     pub topic_defaults: TopicDefaults,
     pub log: LogConfig,
@@ -38,6 +40,9 @@ pub struct KafkaConfig {
     pub listen: SocketAddr,
     /// host:port that clients are told to connect to, when it differs from `listen`.
     pub advertised: Option<String>,
+    /// Kafka over TLS (SSL and SASL_SSL clients), with `[tls]`'s certificate; TLS
+    /// clients are told the advertised host with this port.
+    pub tls_listen: Option<SocketAddr>,
     /// Create a topic, with `[topic_defaults]`, when a client asks for one that is
     /// missing (Kafka's auto.create.topics.enable).
     pub auto_create_topics: bool,
@@ -47,6 +52,8 @@ pub struct KafkaConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct MqttConfig {
     pub listen: SocketAddr,
+    /// MQTT over TLS, with `[tls]`'s certificate (conventionally port 8883).
+    pub tls_listen: Option<SocketAddr>,
     /// Largest packet accepted, in bytes (told to MQTT 5 clients in CONNACK).
     pub max_packet_size: u32,
     /// QoS 1/2 publishes a client may have unacknowledged (MQTT 5 receive maximum);
@@ -102,6 +109,13 @@ impl Default for PluginsConfig {
 pub struct AdminConfig {
     /// Health, metrics and the topic API. Loopback by default: it can delete topics.
     pub listen: SocketAddr,
+    /// HTTPS, with `[tls]`'s certificate.
+    pub tls: bool,
+    /// Bearer token every request but `/health` must carry; required when `listen` is
+    /// not a loopback address. Prefer `token_file`, which keeps it out of this file.
+    pub token: Option<String>,
+    /// A file holding the token (surrounding whitespace ignored).
+    pub token_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -159,6 +173,7 @@ impl Default for Config {
             replication: ReplicationConfig::default(),
             admin: AdminConfig::default(),
             auth: AuthConfig::default(),
+            tls: TlsConfig::default(),
             storage: StorageConfig::default(),
             topic_defaults: TopicDefaults::default(),
             log: LogConfig::default(),
@@ -171,6 +186,7 @@ impl Default for KafkaConfig {
         Self {
             listen: ([0, 0, 0, 0], 9092).into(),
             advertised: None,
+            tls_listen: None,
             auto_create_topics: true,
         }
     }
@@ -180,6 +196,7 @@ impl Default for MqttConfig {
     fn default() -> Self {
         Self {
             listen: ([0, 0, 0, 0], 1883).into(),
+            tls_listen: None,
             max_packet_size: 1024 * 1024,
             receive_maximum: 1024,
             max_inflight: 256,
@@ -198,6 +215,9 @@ impl Default for AdminConfig {
     fn default() -> Self {
         Self {
             listen: ([127, 0, 0, 1], 9644).into(),
+            tls: false,
+            token: None,
+            token_file: None,
         }
     }
 }
@@ -355,6 +375,26 @@ impl Config {
                 self.storage.commit_interval_ms
             )));
         }
+        let wants_tls = [
+            self.mqtt.tls_listen.map(|_| "[mqtt] tls_listen"),
+            self.kafka.tls_listen.map(|_| "[kafka] tls_listen"),
+            self.admin.tls.then_some("[admin] tls"),
+        ];
+        if let Some(Some(key)) = wants_tls.iter().find(|k| k.is_some())
+            && (self.tls.cert.is_none() || self.tls.key.is_none())
+        {
+            return Err(ConfigError::Invalid(format!(
+                "{key} needs a certificate: set [tls] cert and key"
+            )));
+        }
+        if self.tls.enabled() && (self.tls.cert.is_none() || self.tls.key.is_none()) {
+            return Err(ConfigError::Invalid("[tls] needs both cert and key".into()));
+        }
+        if self.admin.token.is_some() && self.admin.token_file.is_some() {
+            return Err(ConfigError::Invalid(
+                "[admin] token and token_file: set one".into(),
+            ));
+        }
         if !CACHE_MB_RANGE.contains(&self.storage.cache_mb) {
             return Err(ConfigError::Invalid(format!(
                 "[storage] cache_mb = {} is out of range: {} to {}",
@@ -406,6 +446,35 @@ impl Config {
         Ok((host, listen.port()))
     }
 
+    /// The admin API's bearer token (`[admin] token`, else `token_file`). Refuses a
+    /// non-loopback admin address without one: it can delete topics and run code.
+    pub fn admin_token(&self) -> Result<Option<String>, ConfigError> {
+        let token = match (&self.admin.token, &self.admin.token_file) {
+            (Some(token), _) => Some(token.trim().to_string()),
+            (None, Some(path)) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|source| ConfigError::Read {
+                        path: path.clone(),
+                        source,
+                    })?
+                    .trim()
+                    .to_string(),
+            ),
+            (None, None) => None,
+        };
+        if token.as_ref().is_some_and(|t| t.is_empty()) {
+            return Err(ConfigError::Invalid("[admin] token is empty".into()));
+        }
+        if token.is_none() && !self.admin.listen.ip().is_loopback() {
+            return Err(ConfigError::Invalid(format!(
+                "[admin] listen = {} is reachable from other machines: set [admin] token_file (or token), \
+                 or listen on 127.0.0.1",
+                self.admin.listen
+            )));
+        }
+        Ok(token)
+    }
+
     pub fn log_options(&self) -> LogOptions {
         let mut options = LogOptions::new(&self.data_dir);
         options.fsync = self.storage.fsync;
@@ -445,11 +514,21 @@ mod tests {
         let mut documented = keys(text);
         // `advertised` has no default value and `gateway_id` defaults to the host
         // name, so the example shows them commented out.
-        documented.push("kafka.advertised".into());
+        let unset = [
+            "kafka.advertised",
+            "kafka.tls_listen",
+            "mqtt.tls_listen",
+            "admin.token",
+            "admin.token_file",
+            "tls.cert",
+            "tls.key",
+            "tls.client_ca",
+        ];
+        documented.extend(unset.map(String::from));
         documented.push("replication.gateway_id".into());
         documented.sort();
         let mut all = keys(&full);
-        all.push("kafka.advertised".into());
+        all.extend(unset.map(String::from));
         all.sort();
         all.dedup();
         assert_eq!(documented, all);

@@ -14,3 +14,4 @@ pub mod replication;
 pub mod server;
 pub mod shell;
 pub mod storage;
+pub mod tls;

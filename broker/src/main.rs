@@ -384,7 +384,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", toml::to_string(&args.config()?)?);
             Ok(())
         }
-        Command::Topic { admin, command } => topic(&AdminClient::new(&admin.admin), command).await,
+        Command::Topic { admin, command } => {
+            topic(&AdminClient::from_env(&admin.admin)?, command).await
+        }
         Command::Produce {
             topic,
             bootstrap,
@@ -439,7 +441,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             admin,
             command: ReplicationCommand::Status { json },
         } => {
-            let rules = AdminClient::new(&admin.admin).replication_status().await?;
+            let rules = AdminClient::from_env(&admin.admin)?
+                .replication_status()
+                .await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rules)?);
                 return Ok(());
@@ -474,9 +478,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::User { admin, command } => user(&AdminClient::new(&admin.admin), command).await,
+        Command::User { admin, command } => {
+            user(&AdminClient::from_env(&admin.admin)?, command).await
+        }
         Command::Pipeline { admin, command } => {
-            pipeline(&AdminClient::new(&admin.admin), command).await
+            pipeline(&AdminClient::from_env(&admin.admin)?, command).await
         }
         Command::Plugin {
             admin,
@@ -484,7 +490,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 command @ (PluginCommand::Deploy { .. }
                 | PluginCommand::List
                 | PluginCommand::Remove { .. }),
-        } => plugin(&AdminClient::new(&admin.admin), command).await,
+        } => plugin(&AdminClient::from_env(&admin.admin)?, command).await,
         Command::Plugin {
             command:
                 PluginCommand::Test {

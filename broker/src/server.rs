@@ -24,6 +24,7 @@ use crate::plugins::{
 };
 use crate::replication::{self, ReplicationMetrics};
 use crate::storage::{Log, now_ms};
+use crate::tls::{AdminListener, Listener, Tls, TlsMetrics};
 
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     config.validate()?;
@@ -33,6 +34,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let pipeline_metrics = PipelineMetrics::new();
     let replication_metrics = ReplicationMetrics::default();
     let auth_metrics = AuthMetrics::default();
+    let tls_metrics = TlsMetrics::default();
+    let tls = Tls::load(&config.tls, tls_metrics.clone())?;
+    let admin_token = config.admin_token()?;
     let options = config.log_options();
     let data_dir = config.data_dir.clone();
     let log = {
@@ -68,6 +72,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {} (admin): {e}", config.admin.listen))?;
     let admin_addr = admin_listener.local_addr()?;
+    let admin_tls = match (&tls, config.admin.tls) {
+        (Some(tls), true) => Some(tls.clone()),
+        _ => None,
+    };
     let serving = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let state = Arc::new(AdminState {
         serving: serving.clone(),
@@ -79,6 +87,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             pipeline_metrics.register(&mut registry);
             replication_metrics.register(&mut registry);
             auth_metrics.register(&mut registry);
+            tls_metrics.register(&mut registry);
             registry
         },
         topic_defaults: config.topic_config()?,
@@ -86,15 +95,27 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         pipelines: pipelines.clone(),
         replication: replication.clone(),
         users,
+        token: admin_token,
     });
     let admin = tokio::spawn({
         let mut stop = stop_rx.clone();
+        let stopped = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        let router = admin::router(state);
         async move {
-            axum::serve(admin_listener, admin::router(state))
-                .with_graceful_shutdown(async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                })
-                .await
+            match admin_tls {
+                None => {
+                    axum::serve(admin_listener, router)
+                        .with_graceful_shutdown(stopped)
+                        .await
+                }
+                Some(tls) => {
+                    axum::serve(AdminListener::new(admin_listener, tls), router)
+                        .with_graceful_shutdown(stopped)
+                        .await
+                }
+            }
         }
     });
 
@@ -104,25 +125,47 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         stop_rx.clone(),
     ));
 
-    let kafka_listener = TcpListener::bind(config.kafka.listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {} (kafka): {e}", config.kafka.listen))?;
+    let mut kafka_listeners = vec![Listener::bind(config.kafka.listen, None, "kafka").await?];
+    if let Some(addr) = config.kafka.tls_listen {
+        kafka_listeners.push(Listener::bind(addr, tls.clone(), "kafka TLS").await?);
+    }
     let (advertised_host, advertised_port) = config.kafka_advertised()?;
+    let advertised_tls_port = match kafka_listeners.get(1) {
+        Some(l) => Some(i32::from(l.local_addr()?.port())),
+        None => None,
+    };
     let settings = KafkaSettings {
         advertised_host,
         advertised_port: i32::from(advertised_port),
+        advertised_tls_port,
         auto_create_topics: config.kafka.auto_create_topics,
         default_partitions: config.topic_defaults.partitions,
         topic_defaults: config.topic_config()?,
     };
-    kafka::log_listening(kafka_listener.local_addr()?, &settings);
+    for listener in &kafka_listeners {
+        kafka::log_listening(listener.local_addr()?, listener.tls.is_some(), &settings);
+    }
     let kafka_broker = KafkaBroker::new(log.clone(), settings, kafka_metrics, gate.clone())?;
-    let kafka = tokio::spawn(kafka_broker.serve(kafka_listener, stop_rx.clone()));
+    let kafka = tokio::spawn(kafka_broker.serve(kafka_listeners, stop_rx.clone()));
 
-    let mqtt = start_mqtt(&config, &log, &host, &mqtt_metrics, gate, &stop_rx).await?;
+    let mqtt = start_mqtt(
+        &config,
+        &log,
+        &host,
+        &mqtt_metrics,
+        gate,
+        tls.as_ref(),
+        &stop_rx,
+    )
+    .await?;
+    // Listening for SIGHUP before anything can send it: its default action ends the process.
+    let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .inspect_err(|e| warn!(error = %e, "cannot listen for SIGHUP: certificates reload only with a restart"))
+        .ok();
     serving.store(true, std::sync::atomic::Ordering::Release);
-    info!(admin = %admin_addr, "weir is serving");
+    info!(admin = %admin_addr, admin_tls = config.admin.tls, "weir is serving");
 
+    let reloads = tokio::spawn(reload_on_hangup(hangups, tls.clone(), stop_rx.clone()));
     shutdown_signal().await;
     info!("shutting down: finishing in-flight requests");
     let _ = stop_tx.send(true);
@@ -130,6 +173,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         error!(error = %e, "admin listener failed");
     }
     retention.await?;
+    reloads.abort();
     if let Err(e) = kafka.await? {
         error!(error = %e, "kafka listener failed");
     }
@@ -152,6 +196,7 @@ async fn start_mqtt(
     host: &PluginHost,
     metrics: &MqttMetrics,
     gate: Arc<Gate>,
+    tls: Option<&Arc<Tls>>,
     stop: &watch::Receiver<bool>,
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
     let m = &config.mqtt;
@@ -181,9 +226,14 @@ async fn start_mqtt(
         }
         rules.push(compiled);
     }
-    let listener = TcpListener::bind(m.listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {} (mqtt): {e}", m.listen))?;
+    let mut listeners = vec![Listener::bind(m.listen, None, "mqtt").await?];
+    if let Some(addr) = m.tls_listen {
+        listeners.push(Listener::bind(addr, tls.cloned(), "mqtt TLS").await?);
+    }
+    let tls_addr = match listeners.get(1) {
+        Some(l) => Some(l.local_addr()?),
+        None => None,
+    };
     let broker = {
         let log = log.clone();
         let metrics = metrics.clone();
@@ -192,7 +242,7 @@ async fn start_mqtt(
             .await??
     };
     let settings = m.clone();
-    info!(mqtt = %listener.local_addr()?, sessions = broker.session_count(), ingest_rules = m.ingest.len(),
+    info!(mqtt = %listeners[0].local_addr()?, mqtt_tls = ?tls_addr, sessions = broker.session_count(), ingest_rules = m.ingest.len(),
         downlinks = m.downlink.len(), bridges = m.bridge.len(), "MQTT listening");
     let mut tasks = Vec::new();
     for rule in &m.downlink {
@@ -218,7 +268,7 @@ async fn start_mqtt(
     }
     let stop = stop.clone();
     tasks.push(tokio::spawn(async move {
-        if let Err(e) = mqtt::serve(broker, settings, gate, listener, stop).await {
+        if let Err(e) = mqtt::serve(broker, settings, gate, listeners, stop).await {
             error!(error = %e, "mqtt listener failed");
         }
     }));
@@ -271,6 +321,31 @@ async fn run_retention(log: Log, every: Duration, mut stop: watch::Receiver<bool
                 }
             }
             Err(e) => warn!(error = %e, "retention run failed"),
+        }
+    }
+}
+
+/// Reloads the TLS certificates on each SIGHUP until `stop`.
+async fn reload_on_hangup(
+    hangups: Option<tokio::signal::unix::Signal>,
+    tls: Option<Arc<Tls>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let Some(mut hangups) = hangups else { return };
+    loop {
+        tokio::select! {
+            Some(()) = hangups.recv() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let Some(tls) = &tls else {
+            info!("SIGHUP: nothing to reload ([tls] is not configured)");
+            continue;
+        };
+        match tls.reload() {
+            Ok(()) => info!("SIGHUP: TLS certificates reloaded"),
+            Err(e) => {
+                error!(error = %e, "SIGHUP: TLS certificates not reloaded; the ones in use stay")
+            }
         }
     }
 }

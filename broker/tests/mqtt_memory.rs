@@ -50,7 +50,10 @@ fn heap_per_idle_connection() {
         broker,
         MqttConfig::default(),
         Arc::new(gate),
-        listener,
+        vec![weir::tls::Listener {
+            tcp: listener,
+            tls: None,
+        }],
         stop,
     ));
     let mut connect = |i: usize| {

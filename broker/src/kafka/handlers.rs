@@ -24,6 +24,7 @@ use kafka_protocol::messages::produce_response::{PartitionProduceResponse, Topic
 use kafka_protocol::messages::*;
 use kafka_protocol::protocol::StrBytes;
 
+use super::Client;
 use super::KafkaBroker;
 use super::codec::Request;
 use super::errors;
@@ -67,8 +68,9 @@ impl KafkaBroker {
     pub(super) async fn handle(
         self: &Arc<Self>,
         request: Request,
-        client_host: &str,
+        client: &Client,
     ) -> Option<ResponseKind> {
+        let client_host = client.host.as_str();
         let version = request.version();
         let client_id = request
             .header
@@ -78,7 +80,9 @@ impl KafkaBroker {
             .unwrap_or_default();
         Some(match request.body {
             RequestKind::ApiVersions(_) => ResponseKind::ApiVersions(self.api_versions()),
-            RequestKind::Metadata(r) => ResponseKind::Metadata(self.metadata(r, version).await),
+            RequestKind::Metadata(r) => {
+                ResponseKind::Metadata(self.metadata(r, version, client).await)
+            }
             RequestKind::Produce(r) => return self.produce(r).await.map(ResponseKind::Produce),
             RequestKind::Fetch(r) => ResponseKind::Fetch(self.fetch(r).await),
             RequestKind::ListOffsets(r) => ResponseKind::ListOffsets(self.list_offsets(r, version)),
@@ -94,7 +98,7 @@ impl KafkaBroker {
                 ResponseKind::OffsetForLeaderEpoch(self.offset_for_leader_epoch(r))
             }
             RequestKind::FindCoordinator(r) => {
-                ResponseKind::FindCoordinator(self.find_coordinator(r))
+                ResponseKind::FindCoordinator(self.find_coordinator(r, client))
             }
             RequestKind::JoinGroup(r) => {
                 ResponseKind::JoinGroup(self.join_group(r, version, client_id, client_host).await)
@@ -127,12 +131,17 @@ impl KafkaBroker {
 
     // ---- topics and metadata ----
 
-    async fn metadata(&self, r: MetadataRequest, version: i16) -> MetadataResponse {
+    async fn metadata(
+        &self,
+        r: MetadataRequest,
+        version: i16,
+        client: &Client,
+    ) -> MetadataResponse {
         let mut out = MetadataResponse::default();
         let mut broker = MetadataResponseBroker::default();
         broker.node_id = BrokerId(0);
         broker.host = s(&self.settings.advertised_host);
-        broker.port = self.settings.advertised_port;
+        broker.port = self.advertised_port(client);
         out.brokers = vec![broker];
         out.cluster_id = Some(s(&self.cluster_id));
         out.controller_id = BrokerId(0);
@@ -828,7 +837,11 @@ impl KafkaBroker {
 
     // ---- groups ----
 
-    fn find_coordinator(&self, r: FindCoordinatorRequest) -> FindCoordinatorResponse {
+    fn find_coordinator(
+        &self,
+        r: FindCoordinatorRequest,
+        client: &Client,
+    ) -> FindCoordinatorResponse {
         let mut out = FindCoordinatorResponse::default();
         const GROUP: i8 = 0;
         if r.key_type != GROUP {
@@ -840,8 +853,16 @@ impl KafkaBroker {
         }
         out.node_id = BrokerId(0);
         out.host = s(&self.settings.advertised_host);
-        out.port = self.settings.advertised_port;
+        out.port = self.advertised_port(client);
         out
+    }
+
+    /// The port a client is told: TLS clients are kept on the TLS listener.
+    fn advertised_port(&self, client: &Client) -> i32 {
+        match (client.tls, self.settings.advertised_tls_port) {
+            (true, Some(port)) => port,
+            _ => self.settings.advertised_port,
+        }
     }
 
     async fn join_group(

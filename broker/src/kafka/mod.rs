@@ -22,13 +22,14 @@ use bytes::Bytes;
 use kafka_protocol::messages::{ApiKey, ApiVersionsResponse, RequestKind, ResponseKind};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
 use crate::auth::Gate;
 use crate::storage::{Log, TopicConfig};
+use crate::tls::{Listener, Stream, accept_any};
 use codec::DecodeError;
 use sasl::Mechanism;
 
@@ -61,6 +62,8 @@ pub struct KafkaSettings {
     /// Host and port clients are told to connect to.
     pub advertised_host: String,
     pub advertised_port: i32,
+    /// The port told to clients of the TLS listener, when there is one.
+    pub advertised_tls_port: Option<i32>,
     pub auto_create_topics: bool,
     pub default_partitions: u32,
     pub topic_defaults: TopicConfig,
@@ -114,6 +117,14 @@ pub struct KafkaBroker {
     gate: Arc<Gate>,
 }
 
+/// Who is at the other end of a connection.
+pub(super) struct Client {
+    /// The address, as group members' `client_host`.
+    pub(super) host: String,
+    /// Connected to the TLS listener.
+    pub(super) tls: bool,
+}
+
 /// Where a connection stands with SASL.
 #[derive(Default)]
 enum Login {
@@ -160,10 +171,10 @@ impl KafkaBroker {
         }))
     }
 
-    /// Accepts connections on `listener` until `stop` turns true.
+    /// Accepts connections on `listeners` until `stop` turns true.
     pub async fn serve(
         self: Arc<Self>,
-        listener: TcpListener,
+        listeners: Vec<Listener>,
         mut stop: watch::Receiver<bool>,
     ) -> anyhow::Result<()> {
         self.log
@@ -183,8 +194,8 @@ impl KafkaBroker {
             }
         });
         loop {
-            let (stream, peer) = tokio::select! {
-                accepted = listener.accept() => match accepted {
+            let incoming = tokio::select! {
+                accepted = accept_any(&listeners) => match accepted {
                     Ok(a) => a,
                     Err(e) => {
                         warn!(error = %e, "kafka accept failed");
@@ -195,11 +206,42 @@ impl KafkaBroker {
                 _ = stopped(&mut stop) => break,
             };
             self.metrics.connections.inc();
-            let _ = stream.set_nodelay(true);
             let broker = self.clone();
             let stop = stop.clone();
             tokio::spawn(async move {
-                if let Err(e) = broker.connection(stream, peer, stop).await {
+                let peer = incoming.peer;
+                let client = Client {
+                    host: peer.ip().to_string(),
+                    tls: incoming.is_tls(),
+                };
+                let ended = match incoming.open().await {
+                    Ok((Stream::Plain(tcp), _)) => {
+                        let (reader, writer) = tcp.into_split();
+                        let login = Login::Open;
+                        broker
+                            .connection(reader, writer, client, peer, login, stop)
+                            .await
+                    }
+                    Ok((stream, identity)) => {
+                        // A client certificate is a login (`[tls] client_ca`).
+                        let login = match identity {
+                            Some(name) => {
+                                broker.gate.certified(&name);
+                                Login::Done
+                            }
+                            None => Login::Open,
+                        };
+                        let (reader, writer) = tokio::io::split(stream);
+                        broker
+                            .connection(reader, writer, client, peer, login, stop)
+                            .await
+                    }
+                    Err(e) => {
+                        debug!(%peer, error = %e, "kafka TLS handshake failed");
+                        Ok(())
+                    }
+                };
+                if let Err(e) = ended {
                     debug!(%peer, error = %e, "kafka connection ended");
                 }
             });
@@ -212,13 +254,20 @@ impl KafkaBroker {
     /// one at a time, as a Kafka broker does, except that a produce's appends are
     /// queued as soon as it is read (after every earlier non-produce request finished),
     /// so that a pipelining client's next produce joins the group commit of this one.
-    async fn connection(
+    async fn connection<R, W>(
         self: Arc<Self>,
-        stream: TcpStream,
+        mut reader: R,
+        mut writer: W,
+        client: Client,
         peer: SocketAddr,
+        mut login: Login,
         mut stop: watch::Receiver<bool>,
-    ) -> anyhow::Result<()> {
-        let (mut reader, mut writer) = stream.into_split();
+    ) -> anyhow::Result<()>
+    where
+        R: AsyncRead + Unpin + Send,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let client = Arc::new(client);
         let (queue, mut answers) = mpsc::channel::<(Queued, OwnedSemaphorePermit)>(MAX_IN_FLIGHT);
         let budget = Arc::new(Semaphore::new(MAX_IN_FLIGHT_BYTES));
         let metrics = self.metrics.clone();
@@ -237,8 +286,6 @@ impl KafkaBroker {
         });
         // Done when the last queued non-produce request has been answered.
         let mut last_other: Option<oneshot::Receiver<()>> = None;
-        let client_host = peer.ip().to_string();
-        let mut login = Login::Open;
         loop {
             let len = tokio::select! {
                 len = tokio::time::timeout(IDLE_LIMIT, reader.read_i32()) => match len {
@@ -273,7 +320,7 @@ impl KafkaBroker {
             }
             let queued = match codec::decode_request(Bytes::from(frame)) {
                 Ok(request) => match self.gatekeep(&mut login, &request, peer).await {
-                    None => self.start(request, &client_host, &mut last_other).await,
+                    None => self.start(request, &client, &mut last_other).await,
                     Some(Gatekept::Answer { queued, close }) => {
                         if queue.send((queued, held)).await.is_err() || close {
                             break;
@@ -467,7 +514,7 @@ impl KafkaBroker {
     async fn start(
         self: &Arc<Self>,
         request: codec::Request,
-        client_host: &str,
+        client: &Arc<Client>,
         last_other: &mut Option<oneshot::Receiver<()>>,
     ) -> Queued {
         let (api, version, correlation_id) = (
@@ -489,14 +536,14 @@ impl KafkaBroker {
                 let (done_tx, done_rx) = oneshot::channel();
                 *last_other = Some(done_rx);
                 let broker = self.clone();
-                let host = client_host.to_string();
+                let client = client.clone();
                 let request = codec::Request {
                     api,
                     header: request.header,
                     body,
                 };
                 Box::pin(async move {
-                    let response = broker.handle(request, &host).await;
+                    let response = broker.handle(request, &client).await;
                     let _ = done_tx.send(());
                     response
                 })
@@ -532,8 +579,12 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 }
 
 /// Logs the listener address; kept apart so `server.rs` stays the one place that starts things.
-pub fn log_listening(addr: SocketAddr, settings: &KafkaSettings) {
-    info!(kafka = %addr, advertised = %format!("{}:{}", settings.advertised_host, settings.advertised_port), "kafka listener ready");
+pub fn log_listening(addr: SocketAddr, tls: bool, settings: &KafkaSettings) {
+    let port = match (tls, settings.advertised_tls_port) {
+        (true, Some(port)) => port,
+        _ => settings.advertised_port,
+    };
+    info!(kafka = %addr, tls, advertised = %format!("{}:{port}", settings.advertised_host), "kafka listener ready");
 }
 #[cfg(test)]
 mod tests;

@@ -195,6 +195,7 @@ async fn every_api_and_version_answers_and_encodes() {
     let settings = KafkaSettings {
         advertised_host: "127.0.0.1".into(),
         advertised_port: 9092,
+        advertised_tls_port: None,
         auto_create_topics: true,
         default_partitions: 1,
         topic_defaults: TopicConfig::default(),
@@ -212,6 +213,10 @@ async fn every_api_and_version_answers_and_encodes() {
         std::sync::Arc::new(gate),
     )
     .unwrap();
+    let client = super::Client {
+        host: "127.0.0.1".into(),
+        tls: false,
+    };
     for &(api, min, max) in SUPPORTED_APIS {
         for version in min..=max {
             let mut header = RequestHeader::default();
@@ -223,7 +228,7 @@ async fn every_api_and_version_answers_and_encodes() {
                 header,
                 body: request(api, version),
             };
-            let response = broker.handle(req, "127.0.0.1").await.expect("a response");
+            let response = broker.handle(req, &client).await.expect("a response");
             if let Err(e) = encode_response(api, version, 1, &response) {
                 panic!("{api:?} v{version}: {e}\n{response:?}");
             }

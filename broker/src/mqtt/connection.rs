@@ -22,8 +22,6 @@ use rumqttc::v5::mqttbytes::v5::{
     UnsubAck, UnsubAckReason, Unsubscribe,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info};
@@ -37,6 +35,7 @@ use super::topics;
 use crate::auth::{Gate, Refusal};
 use crate::config::MqttConfig;
 use crate::storage::{WriteError, now_ms};
+use crate::tls::Stream;
 
 /// Why a connection ended.
 #[derive(Debug)]
@@ -49,19 +48,27 @@ enum End {
     Server,
 }
 
+/// Who is at the other end of a connection, before CONNECT.
+pub(super) struct Peer {
+    pub(super) addr: SocketAddr,
+    /// The TLS client certificate's identity: the user, with no password asked.
+    pub(super) identity: Option<String>,
+}
+
 pub(super) async fn run(
     broker: MqttBroker,
     settings: Arc<MqttConfig>,
     gate: Arc<Gate>,
-    stream: TcpStream,
-    peer: SocketAddr,
+    stream: Stream,
+    peer: Peer,
     stop: watch::Receiver<bool>,
 ) {
     let metrics = broker.metrics().clone();
     metrics.connections.inc();
+    let addr = peer.addr;
     if let Err(reason) = handle(broker, settings, gate, stream, peer, stop).await {
         metrics.protocol_errors.inc();
-        debug!(%peer, %reason, "MQTT connection closed");
+        debug!(peer = %addr, %reason, "MQTT connection closed");
     }
     metrics.connections.dec();
 }
@@ -72,8 +79,8 @@ async fn handle(
     broker: MqttBroker,
     settings: Arc<MqttConfig>,
     gate: Arc<Gate>,
-    stream: TcpStream,
-    peer: SocketAddr,
+    stream: Stream,
+    peer: Peer,
     stop: watch::Receiver<bool>,
 ) -> Result<(), String> {
     // Boxed: the CONNECT phase's futures would otherwise size every connection's task
@@ -119,8 +126,8 @@ async fn accept(
     broker: MqttBroker,
     settings: Arc<MqttConfig>,
     gate: &Gate,
-    mut stream: TcpStream,
-    peer: SocketAddr,
+    mut stream: Stream,
+    peer: Peer,
     stop: watch::Receiver<bool>,
 ) -> Result<Box<Conn>, String> {
     let mut buf = BytesMut::with_capacity(1024);
@@ -161,7 +168,11 @@ async fn accept(
             let credentials = login
                 .as_ref()
                 .map(|l| (l.username.as_str(), l.password.as_bytes()));
-            match gate.admit(peer.ip(), credentials).await {
+            let admitted = match &peer.identity {
+                Some(identity) => Ok(gate.certified(identity)),
+                None => gate.admit(peer.addr.ip(), credentials).await,
+            };
+            match admitted {
                 Ok(_principal) => Ok(accepted),
                 Err(Refusal::BadCredentials) => Err((
                     ConnectReturnCode::BadUserNamePassword,
@@ -208,7 +219,7 @@ async fn accept(
         return Err(format!("cannot store the session: {e}"));
     }
     broker.metrics().connects.inc();
-    debug!(%peer, client = %accepted.client_id, ?version, session_present = connected.session_present, "MQTT client connected");
+    debug!(peer = %peer.addr, client = %accepted.client_id, ?version, session_present = connected.session_present, "MQTT client connected");
 
     let connack = Packet::ConnAck(ConnAck {
         session_present: connected.session_present,
@@ -233,7 +244,6 @@ async fn accept(
             authentication_data: None,
         }),
     });
-    let (reader, writer) = stream.into_split();
     let props = connect.properties.unwrap_or_default();
     let window = usize::from(
         props
@@ -248,8 +258,7 @@ async fn accept(
         version,
         client_id: accepted.client_id.clone(),
         link_id: connected.link_id,
-        reader,
-        writer,
+        stream,
         // What the client sent after CONNECT stays; an idle connection holds no buffer.
         buf: if buf.is_empty() { BytesMut::new() } else { buf },
         out: BytesMut::new(),
@@ -289,7 +298,7 @@ async fn oldest_ack(acks: &mut VecDeque<AckFuture>) -> Option<(Inbound, Result<(
 }
 
 async fn read_before(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     buf: &mut BytesMut,
     deadline: Instant,
 ) -> Result<(), String> {
@@ -301,7 +310,7 @@ async fn read_before(
     }
 }
 
-async fn write_packet(stream: &mut TcpStream, version: Version, packet: &Packet) {
+async fn write_packet(stream: &mut Stream, version: Version, packet: &Packet) {
     let mut out = BytesMut::new();
     if codec::encode(version, packet, &mut out).is_ok() {
         let _ = stream.write_all(&out).await;
@@ -461,8 +470,7 @@ struct Conn {
     version: Version,
     client_id: String,
     link_id: u64,
-    reader: OwnedReadHalf,
-    writer: OwnedWriteHalf,
+    stream: Stream,
     buf: BytesMut,
     out: BytesMut,
     rx: Inbox,
@@ -486,8 +494,8 @@ struct Conn {
 const READ_CHUNK: usize = 4096;
 
 enum Event {
-    /// The socket has something to read (or failed).
-    Readable(std::io::Result<()>),
+    /// What the socket had: bytes read into `buf`, 0 at its end, or its failure.
+    Read(std::io::Result<usize>),
     Acked(Option<(Inbound, Result<(), WriteError>)>),
     Broker(Option<ToConnection>),
     KeepAliveTimeout,
@@ -511,7 +519,7 @@ impl Conn {
         loop {
             self.send_pending();
             if !self.out.is_empty() {
-                if let Err(e) = self.writer.write_all(&self.out).await {
+                if let Err(e) = self.stream.write_all(&self.out).await {
                     return End::Abnormal(format!("write: {e}"));
                 }
                 // An idle connection holds no output buffer either.
@@ -520,21 +528,19 @@ impl Conn {
             let can_read = self.inbound_pending < usize::from(self.settings.receive_maximum);
             let keep_alive_at = self.keep_alive.map(|k| self.last_heard + k);
             let event = tokio::select! {
-                r = self.reader.readable(), if can_read => Event::Readable(r),
+                r = self.stream.read_some(&mut self.buf, READ_CHUNK), if can_read => Event::Read(r),
                 a = oldest_ack(&mut self.acks), if !self.acks.is_empty() => Event::Acked(a),
                 m = self.rx.recv() => Event::Broker(m),
                 _ = sleep_until_opt(keep_alive_at) => Event::KeepAliveTimeout,
                 _ = self.stop.wait_for(|s| *s) => Event::Stop,
             };
             let result = match event {
-                Event::Readable(ready) => match ready.and_then(|()| self.try_read()) {
-                    Ok(Some(0)) => {
+                Event::Read(read) => match read {
+                    Ok(0) => {
                         return End::Abnormal("connection closed without DISCONNECT".into());
                     }
                     Err(e) => return End::Abnormal(format!("read: {e}")),
-                    // The readiness was spurious.
-                    Ok(None) => Ok(None),
-                    Ok(Some(_)) => {
+                    Ok(_) => {
                         self.last_heard = Instant::now();
                         // Boxed, as every rare branch here: the loop's future stays small
                         // for the idle connections that are most of a gateway's.
@@ -578,7 +584,7 @@ impl Conn {
                 Ok(Some(end)) => {
                     Box::pin(async {
                         self.drain_acks().await;
-                        let _ = self.writer.write_all(&self.out).await;
+                        let _ = self.stream.write_all(&self.out).await;
                     })
                     .await;
                     return end;
@@ -589,17 +595,6 @@ impl Conn {
                     return End::Abnormal(reason);
                 }
             }
-        }
-    }
-
-    /// Reads what the socket has, into a buffer of at least `READ_CHUNK` free bytes.
-    /// `None`: nothing after all; `Some(0)`: the end of the stream.
-    fn try_read(&mut self) -> std::io::Result<Option<usize>> {
-        self.buf.reserve(READ_CHUNK);
-        match self.reader.try_read_buf(&mut self.buf) {
-            Ok(n) => Ok(Some(n)),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
-            Err(e) => Err(e),
         }
     }
 
@@ -630,9 +625,9 @@ impl Conn {
                 }),
             }));
         }
-        let _ = self.writer.write_all(&self.out).await;
+        let _ = self.stream.write_all(&self.out).await;
         self.out.clear();
-        let _ = self.writer.shutdown().await;
+        let _ = self.stream.shutdown().await;
     }
 
     fn queue(&mut self, packet: &Packet) {

@@ -19,10 +19,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use kafka_protocol::records::RecordBatchDecoder;
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 pub use broker::{Message, MessageProperties, MqttBroker, MqttMetrics};
 use rules::{DownlinkRule, Template};
@@ -30,13 +29,14 @@ use rules::{DownlinkRule, Template};
 use crate::auth::Gate;
 use crate::config::MqttConfig;
 use crate::storage::{Log, ReadError, TopicConfig, TopicError, now_ms, state_op};
+use crate::tls::{Listener, accept_any};
 
 /// Accepts connections until `stop`; then every connection says goodbye and ends.
 pub async fn serve(
     broker: MqttBroker,
     settings: MqttConfig,
     gate: Arc<Gate>,
-    listener: TcpListener,
+    listeners: Vec<Listener>,
     mut stop: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let settings = Arc::new(settings);
@@ -57,20 +57,40 @@ pub async fn serve(
     let conn_stop = stop.clone();
     loop {
         let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
+            accepted = accept_any(&listeners) => accepted,
             _ = stop.wait_for(|s| *s) => break,
         };
         match accepted {
-            Ok((stream, peer)) => {
-                let _ = stream.set_nodelay(true);
-                connections.spawn(connection::run(
-                    broker.clone(),
-                    settings.clone(),
-                    gate.clone(),
-                    stream,
-                    peer,
-                    conn_stop.clone(),
-                ));
+            Ok(incoming) => {
+                let (broker, settings, gate) = (broker.clone(), settings.clone(), gate.clone());
+                let stop = conn_stop.clone();
+                let addr = incoming.peer;
+                match incoming.plain() {
+                    // Spawned as it is: a wrapper's state would size every idle
+                    // connection's task.
+                    Ok(stream) => {
+                        let peer = connection::Peer {
+                            addr,
+                            identity: None,
+                        };
+                        connections
+                            .spawn(connection::run(broker, settings, gate, stream, peer, stop));
+                    }
+                    Err(tls) => {
+                        connections.spawn(async move {
+                            match tls.open().await {
+                                Ok((stream, identity)) => {
+                                    let peer = connection::Peer { addr, identity };
+                                    connection::run(broker, settings, gate, stream, peer, stop)
+                                        .await;
+                                }
+                                Err(e) => {
+                                    debug!(peer = %addr, error = %e, "MQTT TLS handshake failed")
+                                }
+                            }
+                        });
+                    }
+                }
             }
             Err(e) => {
                 // Out of file descriptors, most likely: wait rather than spin.
@@ -80,7 +100,7 @@ pub async fn serve(
         }
         while connections.try_join_next().is_some() {}
     }
-    drop(listener);
+    drop(listeners);
     while connections.join_next().await.is_some() {}
     let _ = ticker.await;
     Ok(())
