@@ -155,11 +155,6 @@ impl Tls {
         }
     }
 
-    /// Whether clients must present a certificate.
-    pub fn verifies_clients(&self) -> bool {
-        self.files.client_ca.is_some()
-    }
-
     /// The handshake, bounded by `HANDSHAKE_TIMEOUT`. A failure is counted; the caller
     /// just drops the connection (the client got a TLS alert where there was one to send).
     pub async fn accept(&self, tcp: TcpStream) -> io::Result<Accepted> {

@@ -141,7 +141,7 @@ impl KafkaBroker {
         let mut broker = MetadataResponseBroker::default();
         broker.node_id = BrokerId(0);
         broker.host = s(&self.settings.advertised_host);
-        broker.port = self.advertised_port(client);
+        broker.port = self.settings.advertised_port(client.tls);
         out.brokers = vec![broker];
         out.cluster_id = Some(s(&self.cluster_id));
         out.controller_id = BrokerId(0);
@@ -853,16 +853,8 @@ impl KafkaBroker {
         }
         out.node_id = BrokerId(0);
         out.host = s(&self.settings.advertised_host);
-        out.port = self.advertised_port(client);
+        out.port = self.settings.advertised_port(client.tls);
         out
-    }
-
-    /// The port a client is told: TLS clients are kept on the TLS listener.
-    fn advertised_port(&self, client: &Client) -> i32 {
-        match (client.tls, self.settings.advertised_tls_port) {
-            (true, Some(port)) => port,
-            _ => self.settings.advertised_port,
-        }
     }
 
     async fn join_group(

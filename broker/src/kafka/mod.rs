@@ -69,6 +69,16 @@ pub struct KafkaSettings {
     pub topic_defaults: TopicConfig,
 }
 
+impl KafkaSettings {
+    /// The port a client is told: TLS clients are kept on the TLS listener.
+    pub fn advertised_port(&self, tls: bool) -> i32 {
+        match (tls, self.advertised_tls_port) {
+            (true, Some(port)) => port,
+            _ => self.advertised_port,
+        }
+    }
+}
+
 /// The Kafka listener's metrics (`weir_kafka_*`).
 #[derive(Clone, Debug, Default)]
 pub struct KafkaMetrics {
@@ -580,10 +590,7 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 
 /// Logs the listener address; kept apart so `server.rs` stays the one place that starts things.
 pub fn log_listening(addr: SocketAddr, tls: bool, settings: &KafkaSettings) {
-    let port = match (tls, settings.advertised_tls_port) {
-        (true, Some(port)) => port,
-        _ => settings.advertised_port,
-    };
+    let port = settings.advertised_port(tls);
     info!(kafka = %addr, tls, advertised = %format!("{}:{port}", settings.advertised_host), "kafka listener ready");
 }
 #[cfg(test)]
