@@ -32,6 +32,9 @@ pub struct Config {
     pub storage: StorageConfig,
     pub topic_defaults: TopicDefaults,
     pub log: LogConfig,
+    /// The file this was read from, if any: SIGHUP reads its `[[auth.acl]]` again.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -177,6 +180,7 @@ impl Default for Config {
             storage: StorageConfig::default(),
             topic_defaults: TopicDefaults::default(),
             log: LogConfig::default(),
+            source: None,
         }
     }
 }
@@ -291,13 +295,20 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        Self::parse(&text).map_err(|e| match e {
+        let mut config = Self::parse(&text).map_err(|e| match e {
             ConfigError::Parse { source, .. } => ConfigError::Parse {
                 path: path.to_owned(),
                 source,
             },
             other => other,
-        })
+        })?;
+        config.source = Some(path.to_owned());
+        Ok(config)
+    }
+
+    /// The `[[auth.acl]]` rules, checked.
+    pub fn acl(&self) -> Result<crate::acl::Acl, ConfigError> {
+        crate::acl::Acl::new(self.auth.acl.clone()).map_err(|e| ConfigError::Invalid(e.to_string()))
     }
 
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
@@ -312,6 +323,7 @@ impl Config {
     /// Checks what serde cannot: ranges and topic defaults.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.topic_config()?;
+        self.acl()?;
         self.kafka_advertised()?;
         let d = &self.topic_defaults;
         if d.partitions == 0 || d.partitions > crate::storage::MAX_PARTITIONS {

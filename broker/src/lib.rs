@@ -1,6 +1,7 @@
 //! Weir: a WebAssembly-extensible message broker for edge and IoT gateways.
 //! See ARCHITECTURE.md at the repository root for the map of this crate.
 
+pub mod acl;
 pub mod admin;
 pub mod auth;
 pub mod bench;

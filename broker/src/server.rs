@@ -49,9 +49,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let gate = Arc::new(Gate::new(
         users.clone(),
         config.auth.anonymous,
+        config.acl()?,
         auth_metrics.clone(),
     ));
-    info!(users = users.list().len(), anonymous = ?config.auth.anonymous, "authentication");
+    info!(users = users.list().len(), anonymous = ?config.auth.anonymous, acl_rules = config.auth.acl.len(), "authentication");
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let host = PluginHost::new(config.data_dir.join("plugin-cache"))?;
@@ -153,7 +154,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         &log,
         &host,
         &mqtt_metrics,
-        gate,
+        gate.clone(),
         tls.as_ref(),
         &stop_rx,
     )
@@ -165,7 +166,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     serving.store(true, std::sync::atomic::Ordering::Release);
     info!(admin = %admin_addr, admin_tls = config.admin.tls, "weir is serving");
 
-    let reloads = tokio::spawn(reload_on_hangup(hangups, tls.clone(), stop_rx.clone()));
+    let reload_acl = config.source.clone().map(|path| (path, gate.clone()));
+    let reloads = tokio::spawn(reload_on_hangup(
+        hangups,
+        tls.clone(),
+        reload_acl,
+        stop_rx.clone(),
+    ));
     shutdown_signal().await;
     info!("shutting down: finishing in-flight requests");
     let _ = stop_tx.send(true);
@@ -325,10 +332,12 @@ async fn run_retention(log: Log, every: Duration, mut stop: watch::Receiver<bool
     }
 }
 
-/// Reloads the TLS certificates on each SIGHUP until `stop`.
+/// Reloads the TLS certificates and the `[[auth.acl]]` rules (from the config file, if
+/// the broker was started with one) on each SIGHUP until `stop`.
 async fn reload_on_hangup(
     hangups: Option<tokio::signal::unix::Signal>,
     tls: Option<Arc<Tls>>,
+    acl: Option<(std::path::PathBuf, Arc<Gate>)>,
     mut stop: watch::Receiver<bool>,
 ) {
     let Some(mut hangups) = hangups else { return };
@@ -337,14 +346,23 @@ async fn reload_on_hangup(
             Some(()) = hangups.recv() => {}
             _ = stop.wait_for(|s| *s) => return,
         }
-        let Some(tls) = &tls else {
-            info!("SIGHUP: nothing to reload ([tls] is not configured)");
-            continue;
-        };
-        match tls.reload() {
-            Ok(()) => info!("SIGHUP: TLS certificates reloaded"),
+        match &tls {
+            None => info!("SIGHUP: no certificates to reload ([tls] is not configured)"),
+            Some(tls) => match tls.reload() {
+                Ok(()) => info!("SIGHUP: TLS certificates reloaded"),
+                Err(e) => {
+                    error!(error = %e, "SIGHUP: TLS certificates not reloaded; the ones in use stay")
+                }
+            },
+        }
+        let Some((path, gate)) = &acl else { continue };
+        match Config::load(path).and_then(|c| c.acl()) {
+            Ok(rules) => {
+                info!(rules = rules.len(), "SIGHUP: [[auth.acl]] rules reloaded");
+                gate.set_acl(rules);
+            }
             Err(e) => {
-                error!(error = %e, "SIGHUP: TLS certificates not reloaded; the ones in use stay")
+                error!(error = %e, "SIGHUP: [[auth.acl]] rules not reloaded; the ones in use stay")
             }
         }
     }

@@ -39,7 +39,12 @@ fn heap_per_idle_connection() {
     let dir = tempfile::tempdir().unwrap();
     let log = Log::open(LogOptions::new(dir.path())).unwrap();
     let users = Users::load(log.clone(), Default::default()).unwrap();
-    let gate = Gate::new(Arc::new(users), Anonymous::Loopback, Default::default());
+    let gate = Gate::new(
+        Arc::new(users),
+        Anonymous::Loopback,
+        Default::default(),
+        Default::default(),
+    );
     let broker = MqttBroker::open(log, Vec::new(), 1000, Default::default()).unwrap();
     let listener = rt
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))

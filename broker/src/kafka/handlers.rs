@@ -1,6 +1,6 @@
 //! One function per Kafka API, on top of `storage::Log`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,6 +30,7 @@ use super::codec::Request;
 use super::errors;
 use super::groups::{GroupState, JoinRequest};
 use super::producers::{SequenceState, Verdict};
+use crate::acl::{Operation, Resource, Subject};
 use crate::record_batch::RecordBatch;
 use crate::storage::{
     CommittedOffset, PartitionOffsets, ReadError, TopicError, WriteOp, WriteOutcome, now_ms,
@@ -78,38 +79,55 @@ impl KafkaBroker {
             .as_ref()
             .map(|c| c.to_string())
             .unwrap_or_default();
+        let who = client.subject(&client_id);
+        if let Some(refused) = self.group_refusal(who, &request.body) {
+            return Some(refused);
+        }
         Some(match request.body {
             RequestKind::ApiVersions(_) => ResponseKind::ApiVersions(self.api_versions()),
             RequestKind::Metadata(r) => {
-                ResponseKind::Metadata(self.metadata(r, version, client).await)
+                ResponseKind::Metadata(self.metadata(r, version, client, who).await)
             }
-            RequestKind::Produce(r) => return self.produce(r).await.map(ResponseKind::Produce),
-            RequestKind::Fetch(r) => ResponseKind::Fetch(self.fetch(r).await),
-            RequestKind::ListOffsets(r) => ResponseKind::ListOffsets(self.list_offsets(r, version)),
+            RequestKind::Produce(r) => {
+                return self.produce(r, who).await.map(ResponseKind::Produce);
+            }
+            RequestKind::Fetch(r) => ResponseKind::Fetch(self.fetch(r, who).await),
+            RequestKind::ListOffsets(r) => {
+                ResponseKind::ListOffsets(self.list_offsets(r, version, who))
+            }
             RequestKind::InitProducerId(r) => {
                 ResponseKind::InitProducerId(self.init_producer_id(r).await)
             }
-            RequestKind::CreateTopics(r) => ResponseKind::CreateTopics(self.create_topics(r).await),
-            RequestKind::DeleteTopics(r) => ResponseKind::DeleteTopics(self.delete_topics(r).await),
+            RequestKind::CreateTopics(r) => {
+                ResponseKind::CreateTopics(self.create_topics(r, who).await)
+            }
+            RequestKind::DeleteTopics(r) => {
+                ResponseKind::DeleteTopics(self.delete_topics(r, who).await)
+            }
             RequestKind::DescribeConfigs(r) => {
-                ResponseKind::DescribeConfigs(self.describe_configs(r))
+                ResponseKind::DescribeConfigs(self.describe_configs(r, who))
             }
             RequestKind::OffsetForLeaderEpoch(r) => {
-                ResponseKind::OffsetForLeaderEpoch(self.offset_for_leader_epoch(r))
+                ResponseKind::OffsetForLeaderEpoch(self.offset_for_leader_epoch(r, who))
             }
             RequestKind::FindCoordinator(r) => {
                 ResponseKind::FindCoordinator(self.find_coordinator(r, client))
             }
             RequestKind::JoinGroup(r) => {
+                let client_id = client_id.clone();
                 ResponseKind::JoinGroup(self.join_group(r, version, client_id, client_host).await)
             }
             RequestKind::SyncGroup(r) => ResponseKind::SyncGroup(self.sync_group(r).await),
             RequestKind::Heartbeat(r) => ResponseKind::Heartbeat(self.heartbeat(r)),
             RequestKind::LeaveGroup(r) => ResponseKind::LeaveGroup(self.leave_group(r, version)),
-            RequestKind::OffsetCommit(r) => ResponseKind::OffsetCommit(self.offset_commit(r).await),
-            RequestKind::OffsetFetch(r) => ResponseKind::OffsetFetch(self.offset_fetch(r)),
-            RequestKind::ListGroups(_) => ResponseKind::ListGroups(self.list_groups()),
-            RequestKind::DescribeGroups(r) => ResponseKind::DescribeGroups(self.describe_groups(r)),
+            RequestKind::OffsetCommit(r) => {
+                ResponseKind::OffsetCommit(self.offset_commit(r, who).await)
+            }
+            RequestKind::OffsetFetch(r) => ResponseKind::OffsetFetch(self.offset_fetch(r, who)),
+            RequestKind::ListGroups(_) => ResponseKind::ListGroups(self.list_groups(who)),
+            RequestKind::DescribeGroups(r) => {
+                ResponseKind::DescribeGroups(self.describe_groups(r, who))
+            }
             // The connection answers these itself (`gatekeep`); here only out of place.
             RequestKind::SaslHandshake(_) => {
                 let mut body = kafka_protocol::messages::SaslHandshakeResponse::default();
@@ -129,6 +147,96 @@ impl KafkaBroker {
         })
     }
 
+    // ---- authorization ----
+
+    /// Whether `[[auth.acl]]` lets `who` do `op` on `topic`; a refusal is counted.
+    fn may(&self, who: Subject<'_>, op: Operation, topic: &str) -> bool {
+        self.gate.authorize(who, op, Resource::Topic(topic))
+    }
+
+    /// Whether `who` may see `resource` in a listing (not counted as a refusal).
+    fn visible(&self, who: Subject<'_>, resource: Resource<'_>) -> bool {
+        self.gate.acl().allows(who, Operation::Describe, resource)
+    }
+
+    /// The answer to a request about one group `who` may not use:
+    /// GROUP_AUTHORIZATION_FAILED. Joining, syncing, heartbeats, leaving and commits
+    /// need `read` on the group; finding its coordinator and fetching its offsets,
+    /// `describe`.
+    fn group_refusal(&self, who: Subject<'_>, body: &RequestKind) -> Option<ResponseKind> {
+        const GROUP_KEY: i8 = 0;
+        let (group, op) = match body {
+            RequestKind::JoinGroup(r) => (&r.group_id.0, Operation::Read),
+            RequestKind::SyncGroup(r) => (&r.group_id.0, Operation::Read),
+            RequestKind::Heartbeat(r) => (&r.group_id.0, Operation::Read),
+            RequestKind::LeaveGroup(r) => (&r.group_id.0, Operation::Read),
+            RequestKind::OffsetCommit(r) => (&r.group_id.0, Operation::Read),
+            RequestKind::OffsetFetch(r) => (&r.group_id.0, Operation::Describe),
+            RequestKind::FindCoordinator(r) if r.key_type == GROUP_KEY => {
+                (&r.key, Operation::Describe)
+            }
+            _ => return None,
+        };
+        if self
+            .gate
+            .authorize(who, op, Resource::Group(group.as_str()))
+        {
+            return None;
+        }
+        let denied = code(ResponseError::GroupAuthorizationFailed);
+        Some(match body {
+            RequestKind::JoinGroup(_) => {
+                let mut out = JoinGroupResponse::default();
+                out.error_code = denied;
+                out.generation_id = -1;
+                ResponseKind::JoinGroup(out)
+            }
+            RequestKind::SyncGroup(_) => {
+                let mut out = SyncGroupResponse::default();
+                out.error_code = denied;
+                ResponseKind::SyncGroup(out)
+            }
+            RequestKind::Heartbeat(_) => {
+                let mut out = HeartbeatResponse::default();
+                out.error_code = denied;
+                ResponseKind::Heartbeat(out)
+            }
+            RequestKind::LeaveGroup(_) => {
+                let mut out = LeaveGroupResponse::default();
+                out.error_code = denied;
+                ResponseKind::LeaveGroup(out)
+            }
+            RequestKind::OffsetCommit(r) => {
+                let mut out = OffsetCommitResponse::default();
+                for t in &r.topics {
+                    let mut topic = OffsetCommitResponseTopic::default();
+                    topic.name = t.name.clone();
+                    for p in &t.partitions {
+                        let mut part = OffsetCommitResponsePartition::default();
+                        part.partition_index = p.partition_index;
+                        part.error_code = denied;
+                        topic.partitions.push(part);
+                    }
+                    out.topics.push(topic);
+                }
+                ResponseKind::OffsetCommit(out)
+            }
+            RequestKind::OffsetFetch(_) => {
+                let mut out = OffsetFetchResponse::default();
+                out.error_code = denied;
+                ResponseKind::OffsetFetch(out)
+            }
+            _ => {
+                let mut out = FindCoordinatorResponse::default();
+                out.error_code = denied;
+                out.error_message = Some(s("not authorized to use this group"));
+                out.node_id = BrokerId(-1);
+                out.port = -1;
+                ResponseKind::FindCoordinator(out)
+            }
+        })
+    }
+
     // ---- topics and metadata ----
 
     async fn metadata(
@@ -136,6 +244,7 @@ impl KafkaBroker {
         r: MetadataRequest,
         version: i16,
         client: &Client,
+        who: Subject<'_>,
     ) -> MetadataResponse {
         let mut out = MetadataResponse::default();
         let mut broker = MetadataResponseBroker::default();
@@ -145,12 +254,19 @@ impl KafkaBroker {
         out.brokers = vec![broker];
         out.cluster_id = Some(s(&self.cluster_id));
         out.controller_id = BrokerId(0);
+        // All topics: those `who` may describe.
+        let all = || -> Vec<String> {
+            self.log
+                .topics()
+                .into_iter()
+                .map(|t| t.name)
+                .filter(|name| self.visible(who, Resource::Topic(name)))
+                .collect()
+        };
         let names: Vec<String> = match r.topics {
             // v0 used an empty list for "all topics"; later versions use null.
-            None => self.log.topics().into_iter().map(|t| t.name).collect(),
-            Some(t) if t.is_empty() && version == 0 => {
-                self.log.topics().into_iter().map(|t| t.name).collect()
-            }
+            None => all(),
+            Some(t) if t.is_empty() && version == 0 => all(),
             Some(t) => t
                 .into_iter()
                 .filter_map(|t| t.name.map(|n| n.0.to_string()))
@@ -162,8 +278,13 @@ impl KafkaBroker {
             let mut topic = MetadataResponseTopic::default();
             topic.name = Some(topic_name(&name));
             let info = match self.log.topic(&name) {
+                _ if !self.may(who, Operation::Describe, &name) => {
+                    Err(ResponseError::TopicAuthorizationFailed)
+                }
                 Some(info) => Ok(info),
-                None if allow_create => self.auto_create(&name).await,
+                None if allow_create && self.may(who, Operation::Create, &name) => {
+                    self.auto_create(&name).await
+                }
                 None => Err(ResponseError::UnknownTopicOrPartition),
             };
             match info {
@@ -207,13 +328,24 @@ impl KafkaBroker {
         }
     }
 
-    async fn create_topics(&self, r: CreateTopicsRequest) -> CreateTopicsResponse {
+    async fn create_topics(
+        &self,
+        r: CreateTopicsRequest,
+        who: Subject<'_>,
+    ) -> CreateTopicsResponse {
         let mut out = CreateTopicsResponse::default();
         for t in r.topics {
             let name = t.name.0.to_string();
             let mut result = CreatableTopicResult::default();
             result.name = t.name.clone();
-            let created = self.create_topic(&name, &t, r.validate_only).await;
+            let created = if self.may(who, Operation::Create, &name) {
+                self.create_topic(&name, &t, r.validate_only).await
+            } else {
+                Err((
+                    ResponseError::TopicAuthorizationFailed,
+                    format!("not authorized to create {name}"),
+                ))
+            };
             match created {
                 Ok(info) => {
                     result.num_partitions = info.partitions as i32;
@@ -309,11 +441,18 @@ impl KafkaBroker {
             .map_err(|e| (errors::topic(&e), e.to_string()))
     }
 
-    async fn delete_topics(&self, r: DeleteTopicsRequest) -> DeleteTopicsResponse {
+    async fn delete_topics(
+        &self,
+        r: DeleteTopicsRequest,
+        who: Subject<'_>,
+    ) -> DeleteTopicsResponse {
         let mut out = DeleteTopicsResponse::default();
         for name in r.topic_names {
             let mut result = DeletableTopicResult::default();
-            if let Err(e) = self.log.delete_topic(name.0.as_str()).await {
+            if !self.may(who, Operation::Delete, name.0.as_str()) {
+                result.error_code = code(ResponseError::TopicAuthorizationFailed);
+                result.error_message = Some(s("not authorized to delete this topic"));
+            } else if let Err(e) = self.log.delete_topic(name.0.as_str()).await {
                 result.error_code = code(errors::topic(&e));
                 result.error_message = Some(s(&e.to_string()));
             }
@@ -323,7 +462,11 @@ impl KafkaBroker {
         out
     }
 
-    fn describe_configs(&self, r: DescribeConfigsRequest) -> DescribeConfigsResponse {
+    fn describe_configs(
+        &self,
+        r: DescribeConfigsRequest,
+        who: Subject<'_>,
+    ) -> DescribeConfigsResponse {
         const TOPIC: i8 = 2;
         let defaults = &self.settings.topic_defaults;
         let mut out = DescribeConfigsResponse::default();
@@ -339,6 +482,10 @@ impl KafkaBroker {
             };
             if res.resource_type == TOPIC {
                 match self.log.topic(res.resource_name.as_str()) {
+                    _ if !self.may(who, Operation::Describe, res.resource_name.as_str()) => {
+                        result.error_code = code(ResponseError::TopicAuthorizationFailed);
+                        result.error_message = Some(s("not authorized to describe this topic"));
+                    }
                     Some(info) => {
                         result.configs = info
                             .config
@@ -369,8 +516,12 @@ impl KafkaBroker {
 
     // ---- produce ----
 
-    async fn produce(self: &Arc<Self>, r: ProduceRequest) -> Option<ProduceResponse> {
-        self.start_produce(r).await.await
+    async fn produce(
+        self: &Arc<Self>,
+        r: ProduceRequest,
+        who: Subject<'_>,
+    ) -> Option<ProduceResponse> {
+        self.start_produce(r, who).await.await
     }
 
     /// Phase one of a produce, run in request order on the connection: validates each
@@ -380,6 +531,7 @@ impl KafkaBroker {
     pub(super) async fn start_produce(
         self: &Arc<Self>,
         r: ProduceRequest,
+        who: Subject<'_>,
     ) -> impl std::future::Future<Output = Option<ProduceResponse>> + Send + 'static {
         let early = if r.transactional_id.as_ref().is_some_and(|t| !t.0.is_empty()) {
             Some(ResponseError::TransactionalIdAuthorizationFailed)
@@ -391,11 +543,18 @@ impl KafkaBroker {
         let mut started = Vec::new();
         if early.is_none() {
             for t in &r.topic_data {
+                let name = t.name.0.to_string();
+                let allowed = self.may(who, Operation::Write, &name);
                 for p in &t.partition_data {
-                    started.push(
-                        self.start_partition(t.name.0.to_string(), p.index, p.records.clone())
-                            .await,
-                    );
+                    started.push(if allowed {
+                        self.start_partition(name.clone(), p.index, p.records.clone())
+                            .await
+                    } else {
+                        Started::Done(Err((
+                            ResponseError::TopicAuthorizationFailed,
+                            Some(format!("not authorized to write to {name}")),
+                        )))
+                    });
                 }
             }
         }
@@ -637,7 +796,13 @@ impl KafkaBroker {
 
     // ---- fetch and offsets ----
 
-    async fn fetch(&self, r: FetchRequest) -> FetchResponse {
+    async fn fetch(&self, r: FetchRequest, who: Subject<'_>) -> FetchResponse {
+        let denied: HashSet<String> = r
+            .topics
+            .iter()
+            .map(|t| t.topic.0.to_string())
+            .filter(|name| !self.may(who, Operation::Read, name))
+            .collect();
         let deadline = Instant::now() + Duration::from_millis(r.max_wait_ms.max(0) as u64);
         let max_bytes = if r.max_bytes <= 0 {
             usize::MAX
@@ -649,6 +814,9 @@ impl KafkaBroker {
         let mut watchers = Vec::new();
         for t in &r.topics {
             for p in &t.partitions {
+                if denied.contains(t.topic.0.as_str()) {
+                    continue;
+                }
                 if let Ok(rx) = self
                     .log
                     .watch(t.topic.0.as_str(), p.partition.max(0) as u32)
@@ -658,7 +826,7 @@ impl KafkaBroker {
             }
         }
         loop {
-            let (response, bytes, errors) = self.fetch_once(&r, max_bytes);
+            let (response, bytes, errors) = self.fetch_once(&r, max_bytes, &denied);
             // min_bytes 0 means "answer now", as in Kafka.
             if (bytes >= min_bytes && (bytes > 0 || min_bytes == 0))
                 || errors
@@ -674,7 +842,7 @@ impl KafkaBroker {
                 .await
                 .is_err()
             {
-                let (response, bytes, _) = self.fetch_once(&r, max_bytes);
+                let (response, bytes, _) = self.fetch_once(&r, max_bytes, &denied);
                 self.metrics.fetched_bytes.inc_by(bytes as u64);
                 return response;
             }
@@ -682,7 +850,12 @@ impl KafkaBroker {
     }
 
     /// One pass over the requested partitions: (response, record bytes, any error).
-    fn fetch_once(&self, r: &FetchRequest, max_bytes: usize) -> (FetchResponse, usize, bool) {
+    fn fetch_once(
+        &self,
+        r: &FetchRequest,
+        max_bytes: usize,
+        denied: &HashSet<String>,
+    ) -> (FetchResponse, usize, bool) {
         let mut out = FetchResponse::default();
         let mut total = 0usize;
         let mut any_error = false;
@@ -698,7 +871,9 @@ impl KafkaBroker {
                 part.log_start_offset = -1;
                 part.preferred_read_replica = BrokerId(-1);
                 let room = max_bytes.saturating_sub(total);
-                let result = if p.partition < 0 || p.fetch_offset < 0 {
+                let result = if denied.contains(&name) {
+                    Err(ResponseError::TopicAuthorizationFailed)
+                } else if p.partition < 0 || p.fetch_offset < 0 {
                     Err(if p.partition < 0 {
                         ResponseError::UnknownTopicOrPartition
                     } else {
@@ -751,12 +926,18 @@ impl KafkaBroker {
         (out, total, any_error)
     }
 
-    fn list_offsets(&self, r: ListOffsetsRequest, version: i16) -> ListOffsetsResponse {
+    fn list_offsets(
+        &self,
+        r: ListOffsetsRequest,
+        version: i16,
+        who: Subject<'_>,
+    ) -> ListOffsetsResponse {
         const LATEST: i64 = -1;
         const EARLIEST: i64 = -2;
         let mut out = ListOffsetsResponse::default();
         for t in r.topics {
             let name = t.name.0.to_string();
+            let allowed = self.may(who, Operation::Describe, &name);
             let mut topic = ListOffsetsTopicResponse::default();
             topic.name = t.name;
             for p in t.partitions {
@@ -795,6 +976,11 @@ impl KafkaBroker {
                 if p.partition_index < 0 {
                     part.error_code = code(ResponseError::UnknownTopicOrPartition);
                 }
+                if !allowed {
+                    part.error_code = code(ResponseError::TopicAuthorizationFailed);
+                    part.offset = -1;
+                    part.timestamp = -1;
+                }
                 topic.partitions.push(part);
             }
             out.topics.push(topic);
@@ -805,24 +991,30 @@ impl KafkaBroker {
     fn offset_for_leader_epoch(
         &self,
         r: OffsetForLeaderEpochRequest,
+        who: Subject<'_>,
     ) -> OffsetForLeaderEpochResponse {
         let mut out = OffsetForLeaderEpochResponse::default();
         for t in r.topics {
+            let allowed = self.may(who, Operation::Describe, t.topic.0.as_str());
             let mut topic = offset_for_leader_epoch_response::OffsetForLeaderTopicResult::default();
             for p in t.partitions {
                 let mut part = offset_for_leader_epoch_response::EpochEndOffset::default();
                 part.partition = p.partition;
                 // One leader, epoch 0, forever: its end is the log end.
-                match self
-                    .log
-                    .offsets(t.topic.0.as_str(), p.partition.max(0) as u32)
-                {
+                let offsets = if allowed {
+                    self.log
+                        .offsets(t.topic.0.as_str(), p.partition.max(0) as u32)
+                        .map_err(|e| errors::read(&e))
+                } else {
+                    Err(ResponseError::TopicAuthorizationFailed)
+                };
+                match offsets {
                     Ok(o) => {
                         part.leader_epoch = 0;
                         part.end_offset = o.high_watermark as i64;
                     }
                     Err(e) => {
-                        part.error_code = code(errors::read(&e));
+                        part.error_code = code(e);
                         part.leader_epoch = -1;
                         part.end_offset = -1;
                     }
@@ -962,7 +1154,11 @@ impl KafkaBroker {
         out
     }
 
-    async fn offset_commit(&self, r: OffsetCommitRequest) -> OffsetCommitResponse {
+    async fn offset_commit(
+        &self,
+        r: OffsetCommitRequest,
+        who: Subject<'_>,
+    ) -> OffsetCommitResponse {
         let group = r.group_id.0.to_string();
         let denied = self.groups.check_commit(
             &group,
@@ -974,9 +1170,12 @@ impl KafkaBroker {
         let mut errors_by_tp: BTreeMap<(String, i32), i16> = BTreeMap::new();
         for t in &r.topics {
             let name = t.name.0.to_string();
+            let allowed = self.may(who, Operation::Read, &name);
             for p in &t.partitions {
                 let error = if let Some(e) = denied {
                     Some(e)
+                } else if !allowed {
+                    Some(ResponseError::TopicAuthorizationFailed)
                 } else if p.partition_index < 0
                     || self.log.offsets(&name, p.partition_index as u32).is_err()
                 {
@@ -1027,7 +1226,7 @@ impl KafkaBroker {
         out
     }
 
-    fn offset_fetch(&self, r: OffsetFetchRequest) -> OffsetFetchResponse {
+    fn offset_fetch(&self, r: OffsetFetchRequest, who: Subject<'_>) -> OffsetFetchResponse {
         let group = r.group_id.0.to_string();
         let mut out = OffsetFetchResponse::default();
         let committed = match self.log.committed_offsets(&group) {
@@ -1051,7 +1250,9 @@ impl KafkaBroker {
             None => {
                 let mut all: BTreeMap<String, Vec<i32>> = BTreeMap::new();
                 for (t, p, _) in &committed {
-                    all.entry(t.clone()).or_default().push(*p as i32);
+                    if self.visible(who, Resource::Topic(t)) {
+                        all.entry(t.clone()).or_default().push(*p as i32);
+                    }
                 }
                 all.into_iter().collect()
             }
@@ -1059,9 +1260,17 @@ impl KafkaBroker {
         for (name, partitions) in wanted {
             let mut topic = offset_fetch_response::OffsetFetchResponseTopic::default();
             topic.name = topic_name(&name);
+            let allowed = self.may(who, Operation::Describe, &name);
             for p in partitions {
                 let mut part = offset_fetch_response::OffsetFetchResponsePartition::default();
                 part.partition_index = p;
+                if !allowed {
+                    part.error_code = code(ResponseError::TopicAuthorizationFailed);
+                    part.committed_offset = -1;
+                    part.committed_leader_epoch = -1;
+                    topic.partitions.push(part);
+                    continue;
+                }
                 match find(&name, p) {
                     Some(c) => {
                         part.committed_offset = c.offset;
@@ -1081,7 +1290,7 @@ impl KafkaBroker {
         out
     }
 
-    fn list_groups(&self) -> ListGroupsResponse {
+    fn list_groups(&self, who: Subject<'_>) -> ListGroupsResponse {
         let mut out = ListGroupsResponse::default();
         let mut seen: BTreeMap<String, (String, &'static str)> = BTreeMap::new();
         if let Ok(groups) = self.log.groups_with_offsets() {
@@ -1098,6 +1307,7 @@ impl KafkaBroker {
                 ),
             );
         }
+        seen.retain(|name, _| self.visible(who, Resource::Group(name)));
         for (name, (protocol_type, state)) in seen {
             let mut g = list_groups_response::ListedGroup::default();
             g.group_id = GroupId(s(&name));
@@ -1109,10 +1319,23 @@ impl KafkaBroker {
         out
     }
 
-    fn describe_groups(&self, r: DescribeGroupsRequest) -> DescribeGroupsResponse {
+    fn describe_groups(
+        &self,
+        r: DescribeGroupsRequest,
+        who: Subject<'_>,
+    ) -> DescribeGroupsResponse {
         let mut out = DescribeGroupsResponse::default();
         for id in r.groups {
             let mut d = describe_groups_response::DescribedGroup::default();
+            if !self
+                .gate
+                .authorize(who, Operation::Describe, Resource::Group(id.0.as_str()))
+            {
+                d.error_code = code(ResponseError::GroupAuthorizationFailed);
+                d.group_id = id;
+                out.groups.push(d);
+                continue;
+            }
             let described = self.groups.with_group(id.0.as_str(), |g| {
                 d.group_state = s(g.state.name());
                 d.protocol_type = s(g.protocol_type.as_deref().unwrap_or(""));

@@ -27,7 +27,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
-use crate::auth::Gate;
+use crate::acl::Subject;
+use crate::auth::{Gate, Principal};
 use crate::storage::{Log, TopicConfig};
 use crate::tls::{Listener, Stream, accept_any};
 use codec::DecodeError;
@@ -133,6 +134,19 @@ pub(super) struct Client {
     pub(super) host: String,
     /// Connected to the TLS listener.
     pub(super) tls: bool,
+    /// Who it logged in as (or anonymous), once it did.
+    pub(super) principal: std::sync::OnceLock<Principal>,
+}
+
+impl Client {
+    /// The subject `[[auth.acl]]` judges: this principal with the request's client id.
+    pub(super) fn subject<'a>(&'a self, client_id: &'a str) -> Subject<'a> {
+        static NOBODY: Principal = Principal::Anonymous;
+        Subject {
+            principal: self.principal.get().unwrap_or(&NOBODY),
+            client_id,
+        }
+    }
 }
 
 /// Where a connection stands with SASL.
@@ -223,6 +237,7 @@ impl KafkaBroker {
                 let client = Client {
                     host: peer.ip().to_string(),
                     tls: incoming.is_tls(),
+                    principal: std::sync::OnceLock::new(),
                 };
                 let ended = match incoming.open().await {
                     Ok((Stream::Plain(tcp), _)) => {
@@ -236,7 +251,7 @@ impl KafkaBroker {
                         // A client certificate is a login (`[tls] client_ca`).
                         let login = match identity {
                             Some(name) => {
-                                broker.gate.certified(&name);
+                                let _ = client.principal.set(broker.gate.certified(&name));
                                 Login::Done
                             }
                             None => Login::Open,
@@ -329,7 +344,7 @@ impl KafkaBroker {
                 break; // the client went away mid-frame
             }
             let queued = match codec::decode_request(Bytes::from(frame)) {
-                Ok(request) => match self.gatekeep(&mut login, &request, peer).await {
+                Ok(request) => match self.gatekeep(&mut login, &client, &request, peer).await {
                     None => self.start(request, &client, &mut last_other).await,
                     Some(Gatekept::Answer { queued, close }) => {
                         if queue.send((queued, held)).await.is_err() || close {
@@ -379,9 +394,14 @@ impl KafkaBroker {
     async fn gatekeep(
         &self,
         login: &mut Login,
+        client: &Client,
         request: &codec::Request,
         peer: SocketAddr,
     ) -> Option<Gatekept> {
+        let done = |login: &mut Login, principal: Principal| {
+            let _ = client.principal.set(principal);
+            *login = Login::Done;
+        };
         use kafka_protocol::error::ResponseError;
         use kafka_protocol::messages::{SaslAuthenticateResponse, SaslHandshakeResponse};
         let (api, version, correlation_id) = (
@@ -454,8 +474,8 @@ impl KafkaBroker {
                         }
                     };
                     match admitted {
-                        Ok(_principal) => {
-                            *login = Login::Done;
+                        Ok(principal) => {
+                            done(login, principal);
                             authenticate(None, Vec::new())
                         }
                         Err(_) => authenticate(Some(refused("PLAIN")), Vec::new()),
@@ -482,8 +502,7 @@ impl KafkaBroker {
                 Login::Scram(scram) => match scram.finish(&req.auth_bytes) {
                     // A user removed during the exchange is refused.
                     Ok(reply) if self.gate.users.exists(&scram.user) => {
-                        self.gate.logged_in(peer.ip(), &scram.user);
-                        *login = Login::Done;
+                        done(login, self.gate.logged_in(peer.ip(), &scram.user));
                         authenticate(None, reply)
                     }
                     result => {
@@ -505,8 +524,8 @@ impl KafkaBroker {
             _ => match login {
                 Login::Done => None,
                 Login::Open => match self.gate.anonymous(peer.ip()) {
-                    Ok(_principal) => {
-                        *login = Login::Done;
+                    Ok(principal) => {
+                        done(login, principal);
                         None
                     }
                     Err(_) => Some(Gatekept::Close(format!(
@@ -539,7 +558,15 @@ impl KafkaBroker {
                 if let Some(done) = last_other.take() {
                     let _ = done.await;
                 }
-                let finish = self.start_produce(produce).await;
+                let client_id = request
+                    .header
+                    .client_id
+                    .as_ref()
+                    .map(|c| c.to_string())
+                    .unwrap_or_default();
+                let finish = self
+                    .start_produce(produce, client.subject(&client_id))
+                    .await;
                 Box::pin(async move { finish.await.map(ResponseKind::Produce) })
             }
             body => {

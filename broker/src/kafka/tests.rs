@@ -205,6 +205,7 @@ async fn every_api_and_version_answers_and_encodes() {
         std::sync::Arc::new(users),
         crate::auth::Anonymous::All,
         Default::default(),
+        Default::default(),
     );
     let broker = KafkaBroker::new(
         log.clone(),
@@ -216,6 +217,7 @@ async fn every_api_and_version_answers_and_encodes() {
     let client = super::Client {
         host: "127.0.0.1".into(),
         tls: false,
+        principal: Default::default(),
     };
     for &(api, min, max) in SUPPORTED_APIS {
         for version in min..=max {

@@ -316,27 +316,39 @@ fn to4(q: QoS) -> rumqttc::QoS {
 }
 
 /// A PUBACK or PUBREC for a publish at `qos` (1 or 2).
-pub fn publish_ack(qos: QoS, pkid: u16, ok: bool, no_subscribers: bool) -> Packet {
+pub fn publish_ack(qos: QoS, pkid: u16, outcome: PublishOutcome) -> Packet {
     match qos {
         QoS::ExactlyOnce => {
             let mut rec = PubRec::new(pkid, None);
-            rec.reason = match (ok, no_subscribers) {
-                (false, _) => PubRecReason::UnspecifiedError,
-                (true, true) => PubRecReason::NoMatchingSubscribers,
-                (true, false) => PubRecReason::Success,
+            rec.reason = match outcome {
+                PublishOutcome::Stored => PubRecReason::Success,
+                PublishOutcome::NoSubscribers => PubRecReason::NoMatchingSubscribers,
+                PublishOutcome::Failed => PubRecReason::UnspecifiedError,
+                PublishOutcome::NotAuthorized => PubRecReason::NotAuthorized,
             };
             Packet::PubRec(rec)
         }
         _ => {
             let mut ack = PubAck::new(pkid, None);
-            ack.reason = match (ok, no_subscribers) {
-                (false, _) => PubAckReason::UnspecifiedError,
-                (true, true) => PubAckReason::NoMatchingSubscribers,
-                (true, false) => PubAckReason::Success,
+            ack.reason = match outcome {
+                PublishOutcome::Stored => PubAckReason::Success,
+                PublishOutcome::NoSubscribers => PubAckReason::NoMatchingSubscribers,
+                PublishOutcome::Failed => PubAckReason::UnspecifiedError,
+                PublishOutcome::NotAuthorized => PubAckReason::NotAuthorized,
             };
             Packet::PubAck(ack)
         }
     }
+}
+
+/// What became of a client's publish, as its PUBACK or PUBREC says (MQTT 5; 3.1.1
+/// acknowledgements carry no reason).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PublishOutcome {
+    Stored,
+    NoSubscribers,
+    Failed,
+    NotAuthorized,
 }
 
 /// The CONNACK refusing a connection, in the shape its version takes.

@@ -30,9 +30,10 @@ use super::broker::{
     Delivery, Inbox, Message, MessageProperties, MqttBroker, NEVER_EXPIRES, Prepared, SubOptions,
     SubscribeRefusal, ToConnection, Will,
 };
-use super::codec::{self, CodecError, Version};
+use super::codec::{self, CodecError, PublishOutcome, Version};
 use super::topics;
-use crate::auth::{Gate, Refusal};
+use crate::acl::{Operation, Resource, Subject};
+use crate::auth::{Gate, Principal, Refusal};
 use crate::config::MqttConfig;
 use crate::storage::{WriteError, now_ms};
 use crate::tls::Stream;
@@ -125,7 +126,7 @@ async fn handle(
 async fn accept(
     broker: MqttBroker,
     settings: Arc<MqttConfig>,
-    gate: &Gate,
+    gate: &Arc<Gate>,
     mut stream: Stream,
     peer: Peer,
     stop: watch::Receiver<bool>,
@@ -173,7 +174,24 @@ async fn accept(
                 None => gate.admit(peer.addr.ip(), credentials).await,
             };
             match admitted {
-                Ok(_principal) => Ok(accepted),
+                Ok(principal) => {
+                    // A will is a publish: refused at CONNECT, as Mosquitto does.
+                    let will_allowed = accepted.will.as_ref().is_none_or(|w| {
+                        let who = Subject {
+                            principal: &principal,
+                            client_id: &accepted.client_id,
+                        };
+                        gate.authorize(who, Operation::Publish, Resource::Topic(&w.message.topic))
+                    });
+                    if will_allowed {
+                        Ok((accepted, principal))
+                    } else {
+                        Err((
+                            ConnectReturnCode::NotAuthorized,
+                            "the will's topic is denied by [[auth.acl]]".to_string(),
+                        ))
+                    }
+                }
                 Err(Refusal::BadCredentials) => Err((
                     ConnectReturnCode::BadUserNamePassword,
                     "bad user name or password".to_string(),
@@ -186,7 +204,7 @@ async fn accept(
         }
         Err(refused) => Err(refused),
     };
-    let accepted = match admitted {
+    let (accepted, principal) = match admitted {
         Ok(a) => a,
         Err((code, reason)) => {
             broker.metrics().refused_connects.inc();
@@ -258,6 +276,8 @@ async fn accept(
         version,
         client_id: accepted.client_id.clone(),
         link_id: connected.link_id,
+        principal,
+        gate: gate.clone(),
         stream,
         // What the client sent after CONNECT stays; an idle connection holds no buffer.
         buf: if buf.is_empty() { BytesMut::new() } else { buf },
@@ -427,6 +447,8 @@ fn check_connect(
 struct Inbound {
     acks: Vec<(QoS, u16)>,
     prepared: Prepared,
+    /// Denied by `[[auth.acl]]`: nothing was prepared, only the answer waits its turn.
+    denied: bool,
 }
 
 /// Publishes read and not yet submitted: consecutive small ones are prepared and
@@ -470,6 +492,8 @@ struct Conn {
     version: Version,
     client_id: String,
     link_id: u64,
+    principal: Principal,
+    gate: Arc<Gate>,
     stream: Stream,
     buf: BytesMut,
     out: BytesMut,
@@ -770,7 +794,11 @@ impl Conn {
         }
         if p.qos == QoS::ExactlyOnce && self.awaiting_rel.contains(&p.pkid) {
             // A resent QoS 2 PUBLISH already taken: answer PUBREC again, take it once.
-            self.queue(&codec::publish_ack(QoS::ExactlyOnce, p.pkid, true, false));
+            self.queue(&codec::publish_ack(
+                QoS::ExactlyOnce,
+                p.pkid,
+                PublishOutcome::Stored,
+            ));
             return Ok(());
         }
         if p.qos != QoS::AtMostOnce
@@ -788,6 +816,21 @@ impl Conn {
                 DisconnectReasonCode::PayloadFormatInvalid,
                 "payload is not UTF-8".into(),
             ));
+        }
+        if !self.authorized(Operation::Publish, Resource::Topic(&topic)) {
+            if p.qos != QoS::AtMostOnce {
+                // Answered in its turn: acknowledgements leave in the order publishes came.
+                self.submit_publishes().await;
+                self.inbound_pending += 1;
+                let inbound = Inbound {
+                    acks: vec![(p.qos, p.pkid)],
+                    prepared: Prepared::default(),
+                    denied: true,
+                };
+                self.acks
+                    .push_back(Box::pin(async move { (inbound, Ok(())) }));
+            }
+            return Ok(());
         }
         let message = Message::from_v5(topic, &p, props, self.client_id.clone());
         if message.payload.len() > COALESCE_MAX_PAYLOAD {
@@ -824,6 +867,7 @@ impl Conn {
                 let inbound = Inbound {
                     acks,
                     prepared: Prepared::default(),
+                    denied: false,
                 };
                 self.acks
                     .push_back(Box::pin(async move { (inbound, Err(e)) }));
@@ -833,16 +877,28 @@ impl Conn {
         let future: AckFuture = if prepared.needs_write() {
             match self.broker.log().submit(prepared.take_ops()).await {
                 Ok(pending) => {
-                    let inbound = Inbound { acks, prepared };
+                    let inbound = Inbound {
+                        acks,
+                        prepared,
+                        denied: false,
+                    };
                     Box::pin(async move { (inbound, pending.await.map(drop)) })
                 }
                 Err(e) => {
-                    let inbound = Inbound { acks, prepared };
+                    let inbound = Inbound {
+                        acks,
+                        prepared,
+                        denied: false,
+                    };
                     Box::pin(async move { (inbound, Err(e)) })
                 }
             }
         } else {
-            let inbound = Inbound { acks, prepared };
+            let inbound = Inbound {
+                acks,
+                prepared,
+                denied: false,
+            };
             Box::pin(async move { (inbound, Ok(())) })
         };
         self.acks.push_back(future);
@@ -854,8 +910,18 @@ impl Conn {
         inbound: Inbound,
         result: Result<(), WriteError>,
     ) -> Result<Option<End>, Violation> {
-        let Inbound { acks, prepared } = inbound;
+        let Inbound {
+            acks,
+            prepared,
+            denied,
+        } = inbound;
         self.inbound_pending -= acks.len();
+        if denied {
+            for (qos, pkid) in acks {
+                self.refused(qos, pkid);
+            }
+            return Ok(None);
+        }
         let unrouted = prepared.unrouted.clone();
         let ok = match result {
             Ok(()) => {
@@ -878,19 +944,52 @@ impl Conn {
             }
         };
         for (i, (qos, pkid)) in acks.into_iter().enumerate() {
-            let unrouted = unrouted.get(i).copied().unwrap_or(false);
+            let outcome = match (ok, unrouted.get(i).copied().unwrap_or(false)) {
+                (false, _) => PublishOutcome::Failed,
+                (true, true) => PublishOutcome::NoSubscribers,
+                (true, false) => PublishOutcome::Stored,
+            };
             match qos {
                 QoS::AtMostOnce => {}
-                QoS::AtLeastOnce => self.queue(&codec::publish_ack(qos, pkid, ok, unrouted)),
+                QoS::AtLeastOnce => self.queue(&codec::publish_ack(qos, pkid, outcome)),
                 QoS::ExactlyOnce => {
                     if ok {
                         self.awaiting_rel.insert(pkid);
                     }
-                    self.queue(&codec::publish_ack(qos, pkid, ok, unrouted));
+                    self.queue(&codec::publish_ack(qos, pkid, outcome));
                 }
             }
         }
         Ok(None)
+    }
+
+    /// Answers a publish `[[auth.acl]]` denied: PUBACK or PUBREC 0x87 in MQTT 5; in
+    /// 3.1.1, which cannot say no, acknowledged as if taken, as Mosquitto does.
+    fn refused(&mut self, qos: QoS, pkid: u16) {
+        let outcome = match self.version {
+            Version::V5 => PublishOutcome::NotAuthorized,
+            Version::V311 => PublishOutcome::Stored,
+        };
+        match qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => self.queue(&codec::publish_ack(qos, pkid, outcome)),
+            QoS::ExactlyOnce => {
+                if self.version == Version::V311 {
+                    // The client's PUBREL then completes the exchange.
+                    self.awaiting_rel.insert(pkid);
+                }
+                self.queue(&codec::publish_ack(qos, pkid, outcome));
+            }
+        }
+    }
+
+    /// Whether `[[auth.acl]]` lets this client do `op` on `resource`.
+    fn authorized(&self, op: Operation, resource: Resource<'_>) -> bool {
+        let who = Subject {
+            principal: &self.principal,
+            client_id: &self.client_id,
+        };
+        self.gate.authorize(who, op, resource)
     }
 
     async fn subscribe(&mut self, s: Subscribe) -> Result<(), Violation> {
@@ -901,7 +1000,7 @@ impl Conn {
                 "subscription identifier 0".into(),
             ));
         }
-        let filters = s
+        let filters: Vec<(String, SubOptions)> = s
             .filters
             .into_iter()
             .map(|f| {
@@ -919,17 +1018,39 @@ impl Conn {
                 (f.path, opts)
             })
             .collect();
+        // A filter `[[auth.acl]]` denies is answered 0x87 (0x80 in 3.1.1) and not taken.
+        let denied: Vec<bool> = filters
+            .iter()
+            .map(|(raw, _)| {
+                topics::SubscriptionFilter::parse(raw).is_some_and(|f| {
+                    !self.authorized(Operation::Subscribe, Resource::Filter(&f.filter))
+                })
+            })
+            .collect();
+        let filters = filters
+            .into_iter()
+            .zip(&denied)
+            .filter_map(|(f, denied)| (!denied).then_some(f))
+            .collect();
         let (results, retained, ops) = self.broker.subscribe(&self.client_id, filters);
         let stored = ops.is_empty() || self.broker.log().write(ops).await.is_ok();
-        let return_codes = results
+        let mut results = results.into_iter();
+        let return_codes = denied
             .into_iter()
-            .map(|r| match (r, stored) {
-                (_, false) => SubscribeReasonCode::Unspecified,
-                (Ok(q), true) => SubscribeReasonCode::Success(qos_of(q)),
-                (Err(SubscribeRefusal::InvalidFilter), true) => {
-                    SubscribeReasonCode::TopicFilterInvalid
+            .map(|denied| {
+                if denied {
+                    return SubscribeReasonCode::NotAuthorized;
                 }
-                (Err(SubscribeRefusal::SharedNoLocal), true) => SubscribeReasonCode::Unspecified,
+                match (results.next(), stored) {
+                    (_, false) => SubscribeReasonCode::Unspecified,
+                    (Some(Ok(q)), true) => SubscribeReasonCode::Success(qos_of(q)),
+                    (Some(Err(SubscribeRefusal::InvalidFilter)), true) => {
+                        SubscribeReasonCode::TopicFilterInvalid
+                    }
+                    (Some(Err(SubscribeRefusal::SharedNoLocal)) | None, true) => {
+                        SubscribeReasonCode::Unspecified
+                    }
+                }
             })
             .collect();
         self.queue(&Packet::SubAck(SubAck {
