@@ -1,28 +1,33 @@
 """Produces one record and reads it back over SASL, with confluent-kafka (librdkafka
 bundled) or kafka-python, to check a login works or is refused.
 
-    kafka_sasl.py BOOTSTRAP CLIENT MECHANISM USER PASSWORD TOPIC
-CLIENT is confluent or kafka-python. Prints "ok" after reading the record back, or
-"refused: ..." if the broker refused the login; anything else raises.
+    kafka_sasl.py BOOTSTRAP CLIENT MECHANISM USER PASSWORD TOPIC [CA [CERT KEY]]
+CLIENT is confluent or kafka-python. With CA (a PEM file) the connection is TLS
+(SASL_SSL), and MECHANISM "none" logs in with the client certificate CERT/KEY instead
+of SASL (SSL). Prints "ok" after reading the record back, or "refused: ..." if the
+broker refused the login; anything else raises.
 """
 
 import sys
 import uuid
 
 BOOTSTRAP, CLIENT, MECHANISM, USER, PASSWORD, TOPIC = sys.argv[1:7]
+CA, CERT, KEY = (sys.argv[7:10] + [None, None, None])[:3]
 VALUE = uuid.uuid4().hex.encode()
+PROTOCOL = ("SSL" if MECHANISM == "none" else "SASL_SSL") if CA else "SASL_PLAINTEXT"
 
 
 def confluent():
     from confluent_kafka import Consumer, KafkaException, Producer
 
-    sasl = {
-        "bootstrap.servers": BOOTSTRAP,
-        "security.protocol": "sasl_plaintext",
-        "sasl.mechanisms": MECHANISM,
-        "sasl.username": USER,
-        "sasl.password": PASSWORD,
-    }
+    sasl = {"bootstrap.servers": BOOTSTRAP, "security.protocol": PROTOCOL.lower()}
+    if MECHANISM != "none":
+        sasl.update({"sasl.mechanisms": MECHANISM, "sasl.username": USER,
+                     "sasl.password": PASSWORD})
+    if CA:
+        sasl["ssl.ca.location"] = CA
+    if CERT:
+        sasl.update({"ssl.certificate.location": CERT, "ssl.key.location": KEY})
     errors = []
     producer = Producer({**sasl, "error_cb": errors.append, "message.timeout.ms": 20000})
     delivered = []
@@ -49,8 +54,14 @@ def kafka_python():
     from kafka import KafkaConsumer, KafkaProducer
     from kafka.errors import KafkaError
 
-    sasl = dict(bootstrap_servers=BOOTSTRAP, security_protocol="SASL_PLAINTEXT",
-                sasl_mechanism=MECHANISM, sasl_plain_username=USER, sasl_plain_password=PASSWORD)
+    sasl = dict(bootstrap_servers=BOOTSTRAP, security_protocol=PROTOCOL)
+    if MECHANISM != "none":
+        sasl.update(sasl_mechanism=MECHANISM, sasl_plain_username=USER,
+                    sasl_plain_password=PASSWORD)
+    if CA:
+        sasl.update(ssl_cafile=CA)
+    if CERT:
+        sasl.update(ssl_certfile=CERT, ssl_keyfile=KEY)
     try:
         producer = KafkaProducer(**sasl, request_timeout_ms=20000, max_block_ms=20000)
     except KafkaError as e:

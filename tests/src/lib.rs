@@ -776,40 +776,165 @@ impl TlsProxy {
 }
 
 /// A self-signed certificate (its own CA) for 127.0.0.1 and localhost, valid a day.
-fn self_signed_certificate() -> (
-    openssl::x509::X509,
-    openssl::pkey::PKey<openssl::pkey::Private>,
-) {
+fn self_signed_certificate() -> (X509, PKey<Private>) {
+    let key = new_key();
+    let cert = certificate("localhost", &key, None, Role::Ca, (0, 1));
+    (cert, key)
+}
+
+use openssl::pkey::{PKey, Private};
+use openssl::x509::X509;
+
+/// What a certificate is for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// A CA that also serves as 127.0.0.1/localhost (the proxy's self-signed one).
+    Ca,
+    Server,
+    Client,
+}
+
+fn new_key() -> PKey<Private> {
+    PKey::from_rsa(openssl::rsa::Rsa::generate(2048).unwrap()).unwrap()
+}
+
+/// An X.509 v3 certificate for `cn`, signed by `issuer` (or itself), valid from
+/// `days.0` to `days.1` days from now (negative: in the past).
+fn certificate(
+    cn: &str,
+    key: &PKey<Private>,
+    issuer: Option<(&X509, &PKey<Private>)>,
+    role: Role,
+    days: (i64, i64),
+) -> X509 {
     use openssl::asn1::Asn1Time;
-    use openssl::bn::BigNum;
+    use openssl::bn::{BigNum, MsbOption};
     use openssl::hash::MessageDigest;
-    use openssl::pkey::PKey;
-    use openssl::rsa::Rsa;
-    use openssl::x509::extension::{BasicConstraints, SubjectAlternativeName};
-    use openssl::x509::{X509, X509NameBuilder};
-    let key = PKey::from_rsa(Rsa::generate(2048).unwrap()).unwrap();
+    use openssl::x509::X509NameBuilder;
+    use openssl::x509::extension::{
+        BasicConstraints, ExtendedKeyUsage, KeyUsage, SubjectAlternativeName,
+    };
     let mut name = X509NameBuilder::new().unwrap();
-    name.append_entry_by_text("CN", "localhost").unwrap();
+    name.append_entry_by_text("CN", cn).unwrap();
     let name = name.build();
     let mut b = X509::builder().unwrap();
     b.set_version(2).unwrap();
-    b.set_serial_number(&BigNum::from_u32(1).unwrap().to_asn1_integer().unwrap())
+    let mut serial = BigNum::new().unwrap();
+    serial.rand(64, MsbOption::MAYBE_ZERO, false).unwrap();
+    b.set_serial_number(&serial.to_asn1_integer().unwrap())
         .unwrap();
     b.set_subject_name(&name).unwrap();
-    b.set_issuer_name(&name).unwrap();
-    b.set_pubkey(&key).unwrap();
-    b.set_not_before(&Asn1Time::days_from_now(0).unwrap())
+    b.set_issuer_name(issuer.map_or(&name, |(c, _)| c.subject_name()))
         .unwrap();
-    b.set_not_after(&Asn1Time::days_from_now(1).unwrap())
+    b.set_pubkey(key).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let at = |d: i64| Asn1Time::from_unix(now + d * 86_400).unwrap();
+    b.set_not_before(&at(days.0)).unwrap();
+    b.set_not_after(&at(days.1)).unwrap();
+    let context = b.x509v3_context(issuer.map(|(c, _)| c.as_ref()), None);
+    let san = match role {
+        Role::Ca | Role::Server => Some(
+            SubjectAlternativeName::new()
+                .ip("127.0.0.1")
+                .dns("localhost")
+                .build(&context)
+                .unwrap(),
+        ),
+        Role::Client => None,
+    };
+    if let Some(san) = san {
+        b.append_extension(san).unwrap();
+    }
+    match role {
+        Role::Ca => {
+            b.append_extension(BasicConstraints::new().critical().ca().build().unwrap())
+                .unwrap();
+        }
+        Role::Server => {
+            b.append_extension(ExtendedKeyUsage::new().server_auth().build().unwrap())
+                .unwrap();
+        }
+        Role::Client => {
+            b.append_extension(ExtendedKeyUsage::new().client_auth().build().unwrap())
+                .unwrap();
+            b.append_extension(
+                KeyUsage::new()
+                    .digital_signature()
+                    .key_encipherment()
+                    .build()
+                    .unwrap(),
+            )
+            .unwrap();
+        }
+    }
+    b.sign(issuer.map_or(key, |(_, k)| k), MessageDigest::sha256())
         .unwrap();
-    let san = SubjectAlternativeName::new()
-        .ip("127.0.0.1")
-        .dns("localhost")
-        .build(&b.x509v3_context(None, None))
-        .unwrap();
-    b.append_extension(san).unwrap();
-    b.append_extension(BasicConstraints::new().critical().ca().build().unwrap())
-        .unwrap();
-    b.sign(&key, MessageDigest::sha256()).unwrap();
-    (b.build(), key)
+    b.build()
+}
+
+/// A small PKI in `dir` for a test: a CA (`ca.pem`), a server certificate for
+/// 127.0.0.1 and localhost (`server.pem`, `server.key`), and client certificates on
+/// demand.
+pub struct Pki {
+    pub dir: PathBuf,
+    pub ca_pem: PathBuf,
+    pub server_pem: PathBuf,
+    pub server_key: PathBuf,
+    ca: (X509, PKey<Private>),
+}
+
+impl Pki {
+    pub fn new(dir: &Path) -> Pki {
+        let ca_key = new_key();
+        let ca = certificate("Weir test CA", &ca_key, None, Role::Ca, (-1, 2));
+        let ca_pem = dir.join("ca.pem");
+        std::fs::write(&ca_pem, ca.to_pem().unwrap()).unwrap();
+        let key = new_key();
+        let server = certificate(
+            "localhost",
+            &key,
+            Some((&ca, &ca_key)),
+            Role::Server,
+            (-1, 2),
+        );
+        let server_pem = dir.join("server.pem");
+        let server_key = dir.join("server.key");
+        std::fs::write(&server_pem, server.to_pem().unwrap()).unwrap();
+        std::fs::write(&server_key, key.private_key_to_pem_pkcs8().unwrap()).unwrap();
+        Pki {
+            dir: dir.to_owned(),
+            ca_pem,
+            server_pem,
+            server_key,
+            ca: (ca, ca_key),
+        }
+    }
+
+    /// A client certificate for `cn` signed by this CA, valid between these days from
+    /// now: (`NAME.pem`, `NAME.key`) in the PKI's directory.
+    pub fn client(&self, cn: &str, file: &str, days: (i64, i64)) -> (PathBuf, PathBuf) {
+        let key = new_key();
+        let cert = certificate(cn, &key, Some((&self.ca.0, &self.ca.1)), Role::Client, days);
+        self.write(file, &cert, &key)
+    }
+
+    /// A client certificate for `cn` from a CA nobody trusts.
+    pub fn untrusted_client(&self, cn: &str, file: &str) -> (PathBuf, PathBuf) {
+        let other_key = new_key();
+        let other = certificate("Someone else's CA", &other_key, None, Role::Ca, (-1, 2));
+        let key = new_key();
+        let cert = certificate(cn, &key, Some((&other, &other_key)), Role::Client, (-1, 2));
+        self.write(file, &cert, &key)
+    }
+
+    fn write(&self, file: &str, cert: &X509, key: &PKey<Private>) -> (PathBuf, PathBuf) {
+        let pem = self.dir.join(format!("{file}.pem"));
+        let key_path = self.dir.join(format!("{file}.key"));
+        std::fs::write(&pem, cert.to_pem().unwrap()).unwrap();
+        std::fs::write(&key_path, key.private_key_to_pem_pkcs8().unwrap()).unwrap();
+        (pem, key_path)
+    }
 }

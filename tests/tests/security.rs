@@ -2,6 +2,8 @@
 //! without user names and passwords, users added and removed with the `weir user` CLI,
 //! kept across a restart, and never stored as the password.
 
+use std::net::SocketAddr;
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -460,4 +462,253 @@ fn acl_rules_refuse_what_they_do_not_allow() {
     let denied = publish("mqttv5", dev1, "devices/dev1/t", "still-denied");
     assert!(denied.contains("Not authorized"), "{denied}");
     broker.terminate();
+}
+
+/// `[tls]` and the TLS listeners, for a broker whose certificate `pki` signed.
+fn tls_config(pki: &Pki, mqtt_tls: SocketAddr, kafka_tls: SocketAddr, client_ca: bool) -> String {
+    let mut toml = format!(
+        "[tls]\ncert = {:?}\nkey = {:?}\n",
+        pki.server_pem, pki.server_key
+    );
+    if client_ca {
+        toml += &format!("client_ca = {:?}\n", pki.ca_pem);
+    }
+    toml += &format!(
+        "[mqtt]\ntls_listen = \"{mqtt_tls}\"\n[kafka]\ntls_listen = \"{kafka_tls}\"\n[auth]\nanonymous = \"none\"\n"
+    );
+    toml
+}
+
+/// mosquitto_pub of one QoS 1 message over TLS; its output if it failed.
+fn publish_tls(port: u16, tls: &[&str], login: Option<(&str, &str)>) -> Option<String> {
+    let mut cmd = external("mosquitto_pub");
+    cmd.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1"])
+        .args(["-t", "tls/test", "-m", "hello"])
+        .args(tls);
+    if let Some((user, password)) = login {
+        cmd.args(["-u", user, "-P", password]);
+    }
+    let out = run(&mut cmd, Duration::from_secs(30));
+    (!out.status.success()).then(|| format!("{}{}", out.stdout, out.stderr))
+}
+
+#[test]
+fn tls_listeners_with_passwords() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path());
+    let (mqtt_tls, kafka_tls) = (free_addr(), free_addr());
+    let broker = Broker::start_with_config(
+        &dir.path().join("d"),
+        &tls_config(&pki, mqtt_tls, kafka_tls, false),
+    );
+    add_user(&broker, "dev1", "dev-pw");
+    let ca = pki.ca_pem.to_str().unwrap();
+    let cafile = ["--cafile", ca];
+
+    // mosquitto_sub and _pub over TLS with a password; the subscriber stays connected
+    // across a SIGHUP that reloads the certificates.
+    let sub = Background::spawn(
+        external("mosquitto_sub")
+            .args(["-h", "127.0.0.1", "-p", &mqtt_tls.port().to_string()])
+            .args(cafile)
+            .args(["-u", "dev1", "-P", "dev-pw", "-q", "1", "-V", "mqttv5"])
+            .args(["-t", "tls/test", "-C", "1", "-W", "60"]),
+    );
+    broker.wait_metric("weir_mqtt_subscriptions", 1.0);
+    signal(&broker.child, "HUP");
+    broker.wait_metric("weir_tls_reloads_total", 1.0);
+    assert_eq!(
+        publish_tls(mqtt_tls.port(), &cafile, Some(("dev1", "dev-pw"))),
+        None
+    );
+    let (status, out) = sub.finish(Duration::from_secs(30));
+    assert!(status.success() && out.contains("hello"), "{out}");
+
+    // paho-mqtt over TLS.
+    let out = python(
+        "paho_tls.py",
+        &[&mqtt_tls.port().to_string(), ca, "dev1", "dev-pw"],
+    );
+    assert_eq!(out.stdout.trim(), "ok", "{}", out.stderr);
+
+    // Refused: a wrong password over TLS, a client that does not speak TLS, and one
+    // that does not trust the certificate.
+    let refused = publish_tls(mqtt_tls.port(), &cafile, Some(("dev1", "wrong"))).expect("refused");
+    assert!(refused.contains("bad user name or password"), "{refused}");
+    assert!(publish_tls(mqtt_tls.port(), &[], Some(("dev1", "dev-pw"))).is_some());
+    let system_roots = ["--capath", "/etc/ssl/certs"];
+    assert!(publish_tls(mqtt_tls.port(), &system_roots, Some(("dev1", "dev-pw"))).is_some());
+    broker.wait_metric("weir_tls_handshake_failures_total", 2.0);
+
+    // Kafka over TLS: kcat with SASL_SSL and SCRAM-SHA-512 (librdkafka 2.0.2), told
+    // the TLS port in Metadata, so that it can produce and consume through it.
+    broker
+        .cli(&["topic", "create", "tls-t", "--partitions", "1"])
+        .status
+        .success()
+        .then_some(())
+        .expect("create topic");
+    let kafka_bootstrap = kafka_tls.to_string();
+    let kcat_tls = |args: &[&str]| {
+        let mut cmd = external("kcat");
+        cmd.args(["-b", &kafka_bootstrap])
+            .args(["-X", "security.protocol=SASL_SSL"])
+            .args(["-X", &format!("ssl.ca.location={ca}")])
+            .args(["-X", "sasl.mechanisms=SCRAM-SHA-512"])
+            .args(["-X", "sasl.username=dev1", "-X", "sasl.password=dev-pw"])
+            .args(args);
+        cmd
+    };
+    assert!(run_with_stdin(
+        &mut kcat_tls(&["-P", "-t", "tls-t"]),
+        "over-tls\n"
+    ));
+    let out = run(
+        &mut kcat_tls(&["-C", "-t", "tls-t", "-e", "-q"]),
+        Duration::from_secs(60),
+    );
+    assert_eq!(out.stdout.trim(), "over-tls", "{}", out.stderr);
+    let out = run(&mut kcat_tls(&["-L"]), Duration::from_secs(60));
+    assert!(
+        out.stdout
+            .contains(&format!("127.0.0.1:{}", kafka_tls.port())),
+        "{}",
+        out.stdout
+    );
+    // confluent-kafka with PLAIN and SCRAM, kafka-python with SCRAM, over TLS.
+    for (client, mechanism) in [
+        ("confluent", "PLAIN"),
+        ("confluent", "SCRAM-SHA-256"),
+        ("kafka-python", "SCRAM-SHA-512"),
+    ] {
+        let out = python(
+            "kafka_sasl.py",
+            &[
+                &kafka_bootstrap,
+                client,
+                mechanism,
+                "dev1",
+                "dev-pw",
+                "tls-t",
+                ca,
+            ],
+        );
+        assert_eq!(
+            out.stdout.trim(),
+            "ok",
+            "{client} {mechanism}: {}",
+            out.stderr
+        );
+    }
+}
+
+#[test]
+fn tls_client_certificates_are_logins() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path());
+    let (mqtt_tls, kafka_tls) = (free_addr(), free_addr());
+    let broker = Broker::start_with_config(
+        &dir.path().join("d"),
+        &tls_config(&pki, mqtt_tls, kafka_tls, true),
+    );
+    let ca = pki.ca_pem.to_str().unwrap();
+    let (cert, key) = pki.client("device-7", "device", (-1, 2));
+    let (expired_cert, expired_key) = pki.client("device-8", "expired", (-3, -1));
+    let (stranger_cert, stranger_key) = pki.untrusted_client("device-9", "stranger");
+    let with = |cert: &Path, key: &Path| {
+        [
+            "--cafile".to_string(),
+            ca.to_string(),
+            "--cert".to_string(),
+            cert.to_str().unwrap().to_string(),
+            "--key".to_string(),
+            key.to_str().unwrap().to_string(),
+        ]
+    };
+
+    // A certificate the CA signed is a login, without a password.
+    let args = with(&cert, &key);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    assert_eq!(publish_tls(mqtt_tls.port(), &args, None), None);
+    broker.wait_metric("weir_auth_logins_total", 1.0);
+
+    // Refused at the handshake: no certificate, an expired one, an untrusted one.
+    assert!(publish_tls(mqtt_tls.port(), &["--cafile", ca], None).is_some());
+    for (cert, key) in [
+        (&expired_cert, &expired_key),
+        (&stranger_cert, &stranger_key),
+    ] {
+        let args = with(cert, key);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        assert!(
+            publish_tls(mqtt_tls.port(), &args, None).is_some(),
+            "{}",
+            cert.display()
+        );
+    }
+    broker.wait_metric("weir_tls_handshake_failures_total", 3.0);
+    assert!(broker.metric("weir_auth_logins_total") < 2.0);
+
+    // kafka-python with security_protocol="SSL" and its certificate: produce, consume.
+    broker
+        .cli(&["topic", "create", "mtls-t", "--partitions", "1"])
+        .status
+        .success()
+        .then_some(())
+        .expect("create topic");
+    let out = python(
+        "kafka_sasl.py",
+        &[
+            &kafka_tls.to_string(),
+            "kafka-python",
+            "none",
+            "",
+            "",
+            "mtls-t",
+            ca,
+            cert.to_str().unwrap(),
+            key.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.stdout.trim(), "ok", "{}", out.stderr);
+}
+
+#[test]
+fn the_admin_api_off_loopback_needs_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("d");
+    let out = run_weir(&[
+        "serve",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--admin-listen",
+        "0.0.0.0:0",
+    ]);
+    assert!(!out.status.success());
+    assert!(out.stderr.contains("token"), "{}", out.stderr);
+
+    let broker = Broker::start_with_config(&data, "[admin]\ntoken = \"s3cret-token\"\n");
+    let admin = broker.admin.to_string();
+    let list = |token: Option<&str>| {
+        let mut cmd = Command::new(weir_bin());
+        cmd.args(["topic", "--admin", &admin, "list"]);
+        if let Some(token) = token {
+            cmd.env("WEIR_ADMIN_TOKEN", token);
+        }
+        run(&mut cmd, Duration::from_secs(30))
+    };
+    let out = list(None);
+    assert!(
+        !out.status.success() && out.stderr.contains("401"),
+        "{}",
+        out.stderr
+    );
+    let out = list(Some("wrong"));
+    assert!(
+        !out.status.success() && out.stderr.contains("401"),
+        "{}",
+        out.stderr
+    );
+    let out = list(Some("s3cret-token"));
+    assert!(out.status.success(), "{}", out.stderr);
 }
