@@ -73,13 +73,8 @@ impl KafkaBroker {
     ) -> Option<ResponseKind> {
         let client_host = client.host.as_str();
         let version = request.version();
-        let client_id = request
-            .header
-            .client_id
-            .as_ref()
-            .map(|c| c.to_string())
-            .unwrap_or_default();
-        let who = client.subject(&client_id);
+        let client_id = request.header.client_id.as_deref().unwrap_or_default();
+        let who = client.subject(client_id);
         if let Some(refused) = self.group_refusal(who, &request.body) {
             return Some(refused);
         }
@@ -114,7 +109,7 @@ impl KafkaBroker {
                 ResponseKind::FindCoordinator(self.find_coordinator(r, client))
             }
             RequestKind::JoinGroup(r) => {
-                let client_id = client_id.clone();
+                let client_id = client_id.to_string();
                 ResponseKind::JoinGroup(self.join_group(r, version, client_id, client_host).await)
             }
             RequestKind::SyncGroup(r) => ResponseKind::SyncGroup(self.sync_group(r).await),

@@ -558,14 +558,9 @@ impl KafkaBroker {
                 if let Some(done) = last_other.take() {
                     let _ = done.await;
                 }
-                let client_id = request
-                    .header
-                    .client_id
-                    .as_ref()
-                    .map(|c| c.to_string())
-                    .unwrap_or_default();
+                let client_id = request.header.client_id.as_deref().unwrap_or_default();
                 let finish = self
-                    .start_produce(produce, client.subject(&client_id))
+                    .start_produce(produce, client.subject(client_id))
                     .await;
                 Box::pin(async move { finish.await.map(ResponseKind::Produce) })
             }
