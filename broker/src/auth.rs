@@ -42,6 +42,8 @@ const FIRST_DELAY: Duration = Duration::from_millis(250);
 const MAX_DELAY: Duration = Duration::from_secs(8);
 /// An address's failures are forgotten this long after its last one.
 const FAILURES_KEPT: Duration = Duration::from_secs(600);
+/// How often a refused client without credentials is logged as a warning.
+const ANONYMOUS_WARNING_EVERY: Duration = Duration::from_secs(60);
 /// Addresses whose failures are tracked; beyond this the oldest are forgotten.
 const MAX_TRACKED: usize = 10_000;
 
@@ -448,6 +450,8 @@ pub struct Gate {
     anonymous: Anonymous,
     acl: RwLock<Arc<Acl>>,
     failures: Mutex<HashMap<IpAddr, Failures>>,
+    /// When the last refused anonymous client was logged as a warning.
+    anonymous_warned: Mutex<Option<Instant>>,
     metrics: AuthMetrics,
 }
 
@@ -458,6 +462,7 @@ impl Gate {
             anonymous,
             acl: RwLock::new(Arc::new(acl)),
             failures: Mutex::new(HashMap::new()),
+            anonymous_warned: Mutex::new(None),
             metrics,
         }
     }
@@ -534,8 +539,15 @@ impl Gate {
             return Ok(Principal::Anonymous);
         }
         self.metrics.anonymous_refused.inc();
-        tracing::warn!(%peer, anonymous = ?self.anonymous,
-            "refused a client without credentials: add users with `weir user add NAME`, or set [auth] anonymous = \"all\"");
+        // Once a minute at most: a fleet retrying without credentials would flood the log.
+        let mut warned = self.anonymous_warned.lock();
+        if warned.is_none_or(|at| at.elapsed() >= ANONYMOUS_WARNING_EVERY) {
+            *warned = Some(Instant::now());
+            tracing::warn!(%peer, anonymous = ?self.anonymous,
+                "refused a client without credentials (weir_auth_anonymous_refused_total counts them all): add users with `weir user add NAME`, or set [auth] anonymous = \"all\"");
+        } else {
+            tracing::debug!(%peer, "refused a client without credentials");
+        }
         Err(Refusal::NotAuthorized)
     }
 

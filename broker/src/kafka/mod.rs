@@ -559,9 +559,7 @@ impl KafkaBroker {
                     let _ = done.await;
                 }
                 let client_id = request.header.client_id.as_deref().unwrap_or_default();
-                let finish = self
-                    .start_produce(produce, client.subject(client_id))
-                    .await;
+                let finish = self.start_produce(produce, client.subject(client_id)).await;
                 Box::pin(async move { finish.await.map(ResponseKind::Produce) })
             }
             body => {

@@ -17,7 +17,9 @@ use bytes::Bytes;
 use clap::{Parser, ValueEnum};
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
-use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
+use rumqttc::{
+    AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration, Transport,
+};
 use tokio::sync::Mutex;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -84,6 +86,13 @@ struct Args {
     /// and this password (`{device}` substituted too).
     #[arg(long, default_value = "")]
     password: String,
+    /// Connect over TLS, trusting the CA certificates in this PEM file (the broker's
+    /// `[mqtt] tls_listen`).
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    /// The client configuration --tls-ca makes.
+    #[arg(skip)]
+    tls: Option<Arc<rustls::ClientConfig>>,
     /// Print the summary as one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -109,7 +118,11 @@ struct DeviceResult {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Arc::new(Args::parse());
+    let mut args = Args::parse();
+    if let Some(ca) = &args.tls_ca {
+        args.tls = Some(tls_client(ca)?);
+    }
+    let args = Arc::new(args);
     anyhow::ensure!(args.qos <= 2, "--qos must be 0, 1 or 2");
     let (host, port) = args
         .broker
@@ -218,6 +231,22 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A TLS client configuration trusting the certificates in `ca` (ring, as the broker).
+fn tls_client(ca: &std::path::Path) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).with_context(|| format!("{}", ca.display()))? {
+        roots.add(cert.with_context(|| format!("{}", ca.display()))?)?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
 async fn run_device(
     args: Arc<Args>,
     device: String,
@@ -240,6 +269,11 @@ async fn run_device(
     // A request channel of one: rumqttc 0.25 holds a single publish whose packet id
     // collides with one still in flight, and after a reconnect several queued
     // requests can collide at once and all but the last are lost.
+    if let Some(tls) = &args.tls {
+        options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+            tls.clone(),
+        )));
+    }
     let (client, mut events) = AsyncClient::new(options, 1);
     let qos = match args.qos {
         0 => QoS::AtMostOnce,
