@@ -105,6 +105,36 @@ fn topic_commands_against_a_running_broker() {
     assert_eq!(out.stdout, "sensors\t3 partitions\n");
 }
 
+/// A log that is not a terminal (the journal, a file) has no colour escapes, with or
+/// without NO_COLOR.
+#[test]
+fn logs_to_a_pipe_are_plain_text() {
+    let dir = tempfile::tempdir().unwrap();
+    // A Kafka address already taken: the broker logs its start, then fails.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = listener.local_addr().unwrap().to_string();
+    let mut child = std::process::Command::new(weir_tests::weir_bin())
+        .args(["serve", "--data-dir", dir.path().to_str().unwrap()])
+        .args(["--kafka-listen", &taken, "--admin-listen", "127.0.0.1:0"])
+        .args(["--mqtt-listen", "127.0.0.1:0"])
+        .env_remove("NO_COLOR")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pipe = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || std::io::read_to_string(pipe).unwrap_or_default());
+    let status = weir_tests::wait_bounded(&mut child, std::time::Duration::from_secs(60));
+    assert!(!status.success(), "started on a taken address");
+    let log = reader.join().unwrap();
+    assert!(log.contains("log opened"), "{log}");
+    assert!(
+        !log.contains('\x1b'),
+        "colour escapes in a piped log: {log:?}"
+    );
+}
+
 #[test]
 fn sigint_also_stops_cleanly_and_logs_can_be_json() {
     let dir = tempfile::tempdir().unwrap();
