@@ -165,6 +165,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .ok();
     serving.store(true, std::sync::atomic::Ordering::Release);
     info!(admin = %admin_addr, admin_tls = config.admin.tls, "weir is serving");
+    // systemd (Type=notify): ready once every listener is bound.
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        warn!(error = %e, "cannot tell systemd the service is ready");
+    }
+    let watchdog = tokio::spawn(feed_watchdog(log.clone(), stop_rx.clone()));
 
     let reload_acl = config.source.clone().map(|path| (path, gate.clone()));
     let reloads = tokio::spawn(reload_on_hangup(
@@ -175,7 +180,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     ));
     shutdown_signal().await;
     info!("shutting down: finishing in-flight requests");
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     let _ = stop_tx.send(true);
+    watchdog.abort();
     if let Err(e) = admin.await? {
         error!(error = %e, "admin listener failed");
     }
@@ -364,6 +371,35 @@ async fn reload_on_hangup(
             Err(e) => {
                 error!(error = %e, "SIGHUP: [[auth.acl]] rules not reloaded; the ones in use stay")
             }
+        }
+    }
+}
+
+/// Feeds systemd's watchdog (`WatchdogSec`) at half its interval while the log's writer
+/// is healthy. A writer stuck in one commit (a hung disk) for the whole interval, or a
+/// runtime too wedged to run this task, stops the feeding, and systemd restarts the
+/// service. Without a watchdog (`WATCHDOG_USEC` unset) it returns at once.
+async fn feed_watchdog(log: Log, mut stop: watch::Receiver<bool>) {
+    let Some(interval) = sd_notify::watchdog_enabled() else {
+        return;
+    };
+    info!(
+        interval_ms = interval.as_millis() as u64,
+        "feeding systemd's watchdog"
+    );
+    let mut tick = tokio::time::interval(interval / 2);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        if log.writer_healthy(interval) {
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+        } else {
+            warn!(
+                interval_ms = interval.as_millis() as u64,
+                "the log writer is stuck in a commit: not feeding systemd's watchdog"
+            );
         }
     }
 }

@@ -105,6 +105,51 @@ fn topic_commands_against_a_running_broker() {
     assert_eq!(out.stdout, "sensors\t3 partitions\n");
 }
 
+/// As systemd runs it (`Type=notify`, `WatchdogSec`): READY=1 once the listeners are
+/// bound, WATCHDOG=1 at half the interval while the writer is healthy, STOPPING=1.
+#[test]
+fn tells_systemd_it_is_ready_and_feeds_the_watchdog() {
+    use std::os::unix::net::UnixDatagram;
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut broker = Broker::start_with(
+        std::process::Command::new(weir_tests::weir_bin())
+            .env("NOTIFY_SOCKET", &socket_path)
+            .env("WATCHDOG_USEC", "400000"),
+        &dir.path().join("d"),
+        &[],
+    );
+    let next = || {
+        let mut buf = [0u8; 256];
+        let n = socket.recv(&mut buf).expect("a notification within 30 s");
+        String::from_utf8_lossy(&buf[..n]).trim_end().to_string()
+    };
+    assert_eq!(next(), "READY=1");
+    // Start-up is over by then: every listener answers.
+    for addr in [broker.kafka, broker.mqtt] {
+        std::net::TcpStream::connect(addr).expect("listener bound before READY=1");
+    }
+    let started = Instant::now();
+    for _ in 0..3 {
+        assert_eq!(next(), "WATCHDOG=1");
+    }
+    // Three at 0.2 s intervals, whatever the machine's load (bounded above only by
+    // the receive timeout).
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    weir_tests::signal(&broker.child, "TERM");
+    let rest: Vec<String> = std::iter::repeat_with(next)
+        .take_while(|m| m != "STOPPING=1")
+        .take(100)
+        .collect();
+    assert!(rest.iter().all(|m| m == "WATCHDOG=1"), "{rest:?}");
+    assert!(weir_tests::wait_bounded(&mut broker.child, Duration::from_secs(30)).success());
+}
+
 /// A log that is not a terminal (the journal, a file) has no colour escapes, with or
 /// without NO_COLOR.
 #[test]

@@ -354,6 +354,9 @@ struct Shared {
     metrics: StorageMetrics,
     /// Signalled by the writer thread after the database is closed.
     closed: parking_lot::Mutex<Option<oneshot::Receiver<()>>>,
+    /// When the writer began the commit it is in (ms since the epoch), 0 between
+    /// commits: a commit that never ends is a stuck disk (the service watchdog).
+    committing_since_ms: std::sync::atomic::AtomicI64,
 }
 
 /// Published view of the topics, updated by the writer only after a commit.
@@ -392,9 +395,21 @@ impl Log {
             catalog: RwLock::new(Catalog::default()),
             metrics,
             closed: parking_lot::Mutex::new(Some(closed_rx)),
+            committing_since_ms: std::sync::atomic::AtomicI64::new(0),
         });
         writer::Writer::start(shared.clone(), options, state, rx, closed_tx)?;
         Ok(Log { shared, commands })
+    }
+
+    /// Whether the writer thread is running and no commit has taken longer than `stall`
+    /// so far: what the service watchdog is fed from.
+    pub fn writer_healthy(&self, stall: Duration) -> bool {
+        let since = self
+            .shared
+            .committing_since_ms
+            .load(std::sync::atomic::Ordering::Acquire);
+        !self.commands.is_closed()
+            && (since == 0 || now_ms().saturating_sub(since) < stall.as_millis() as i64)
     }
 
     pub fn metrics(&self) -> &StorageMetrics {

@@ -603,7 +603,13 @@ impl Writer {
                 shutting_down = true;
                 self.rx.close();
             }
+            self.shared
+                .committing_since_ms
+                .store(super::now_ms().max(1), std::sync::atomic::Ordering::Release);
             self.commit_group(group);
+            self.shared
+                .committing_since_ms
+                .store(0, std::sync::atomic::Ordering::Release);
         }
         self.flush_if_needed();
         if let Some(db) = self.shared.db.take() {
