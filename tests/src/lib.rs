@@ -46,6 +46,30 @@ impl Broker {
         Self::start_on(data_dir, (free_addr(), free_addr(), free_addr()), extra)
     }
 
+    /// Starts a broker with `toml` as its config file (see `start_with_config`) under
+    /// `ulimit -v address_space_kib`, as on a board with a small address space.
+    pub fn start_limited(data_dir: &Path, toml: &str, address_space_kib: u64) -> Broker {
+        let config = data_dir.with_extension("toml");
+        std::fs::write(&config, toml).expect("write config");
+        let limit = format!("ulimit -v {address_space_kib} && exec \"$0\" \"$@\"");
+        Self::start_with(
+            Command::new("sh").args(["-c", &limit]).arg(weir_bin()),
+            data_dir,
+            &["--config", config.to_str().expect("utf-8 path")],
+        )
+    }
+
+    /// Starts `weir serve` through `command` (`weir` itself with an environment, or a
+    /// wrapper whose arguments end with it), on free ports.
+    pub fn start_with(command: &mut Command, data_dir: &Path, extra: &[&str]) -> Broker {
+        Self::launch(
+            command,
+            data_dir,
+            (free_addr(), free_addr(), free_addr()),
+            extra,
+        )
+    }
+
     /// Stops this broker (SIGTERM, or SIGKILL with `kill`) and starts it again on the
     /// same data directory and ports, as a restarted service comes back.
     pub fn restart(&mut self, kill: bool, extra: &[&str]) {
@@ -68,10 +92,20 @@ impl Broker {
 
     fn start_on(
         data_dir: &Path,
+        addresses: (SocketAddr, SocketAddr, SocketAddr),
+        extra: &[&str],
+    ) -> Broker {
+        Self::launch(&mut Command::new(weir_bin()), data_dir, addresses, extra)
+    }
+
+    /// Runs `weir` (or what `command` wraps it in) `serve` with these addresses.
+    fn launch(
+        command: &mut Command,
+        data_dir: &Path,
         (admin, kafka, mqtt): (SocketAddr, SocketAddr, SocketAddr),
         extra: &[&str],
     ) -> Broker {
-        let mut child = Command::new(weir_bin())
+        let mut child = command
             .arg("serve")
             .arg("--data-dir")
             .arg(data_dir)
