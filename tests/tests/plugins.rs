@@ -82,6 +82,22 @@ fn metric(pipeline: &str, name: &str) -> String {
     format!("weir_pipeline_{name}{{pipeline=\"{pipeline}\"}}")
 }
 
+/// On a board with a small address space (`ulimit -v` 1 GiB): wasmtime's default
+/// reservation of 4 GiB per linear memory would fail every instance.
+#[test]
+fn plugins_run_in_one_gib_of_address_space() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start_limited(&dir.path().join("d"), &clean_pipeline(), 1 << 20);
+    produce(
+        &broker,
+        "readings",
+        "s1:{\"temperature\": 20}\ns2:{\"temperature\": 50}\n",
+    );
+    broker.wait_metric(&metric("clean", "records_in_total"), 2.0);
+    assert_eq!(consume(&broker, "readings-clean").len(), 1);
+    assert_eq!(consume(&broker, "alarms").len(), 1);
+}
+
 #[test]
 fn json_filter_keeps_converts_enriches_and_routes() {
     let dir = tempfile::tempdir().unwrap();

@@ -47,6 +47,17 @@ pub use bindings::weir::plugin::types::{
 
 /// How often the epoch advances; call time limits are counted in these ticks.
 const EPOCH_TICK: Duration = Duration::from_millis(10);
+/// Address space reserved for each linear memory. wasmtime's default (4 GiB plus 32 MiB
+/// guards on each side, so that no bounds check is needed) is more than a 32-bit board
+/// or a `ulimit -v` of 1 GiB allows (wasmtime #8607); a plugin's memory is limited
+/// to `[plugins] memory_mb` (16 MiB by default) anyway. Beyond this a memory is moved
+/// as it grows; below it, bounds are checked explicitly (the cost is in BENCHMARKS.md).
+const MEMORY_RESERVATION: u64 = 32 << 20;
+/// Extra room reserved when a memory is moved, so that the next growth need not move it.
+const MEMORY_RESERVATION_FOR_GROWTH: u64 = 16 << 20;
+/// Guard pages after (and before) each memory: accesses at small constant offsets need
+/// no bounds check of their own.
+const MEMORY_GUARD: u64 = 64 << 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PluginError {
@@ -134,6 +145,9 @@ impl PluginHost {
         let mut config = Config::new();
         config.wasm_component_model(true);
         config.epoch_interruption(true);
+        config.memory_reservation(MEMORY_RESERVATION);
+        config.memory_reservation_for_growth(MEMORY_RESERVATION_FOR_GROWTH);
+        config.memory_guard_size(MEMORY_GUARD);
         if std::env::var_os("WEIR_PLUGIN_PERFMAP").is_some() {
             // `perf record` then names plugin functions (/tmp/perf-PID.map).
             config.profiler(wasmtime::ProfilingStrategy::PerfMap);
