@@ -47,11 +47,13 @@ pub use bindings::weir::plugin::types::{
 
 /// How often the epoch advances; call time limits are counted in these ticks.
 const EPOCH_TICK: Duration = Duration::from_millis(10);
-/// Address space reserved for each linear memory. wasmtime's default (4 GiB plus 32 MiB
-/// guards on each side, so that no bounds check is needed) is more than a 32-bit board
-/// or a `ulimit -v` of 1 GiB allows (wasmtime #8607); a plugin's memory is limited
-/// to `[plugins] memory_mb` (16 MiB by default) anyway. Beyond this a memory is moved
-/// as it grows; below it, bounds are checked explicitly (the cost is in BENCHMARKS.md).
+/// Address space reserved for each linear memory when the process's address space is
+/// limited (`ulimit -v`). wasmtime's default (4 GiB plus guards, so that no bounds
+/// check is needed) is more than a limit of 1 GiB allows (wasmtime #8607); a plugin's
+/// memory is limited to `[plugins] memory_mb` (16 MiB by default) anyway. Beyond this
+/// a memory is moved as it grows. The explicit bounds checks this needs cost
+/// json-filter about a fifth of its speed (BENCHMARKS.md), so without a limit the
+/// default stays.
 const MEMORY_RESERVATION: u64 = 32 << 20;
 /// Extra room reserved when a memory is moved, so that the next growth need not move it.
 const MEMORY_RESERVATION_FOR_GROWTH: u64 = 16 << 20;
@@ -145,9 +147,12 @@ impl PluginHost {
         let mut config = Config::new();
         config.wasm_component_model(true);
         config.epoch_interruption(true);
-        config.memory_reservation(MEMORY_RESERVATION);
-        config.memory_reservation_for_growth(MEMORY_RESERVATION_FOR_GROWTH);
-        config.memory_guard_size(MEMORY_GUARD);
+        let address_space = rustix::process::getrlimit(rustix::process::Resource::As);
+        if address_space.current.is_some() {
+            config.memory_reservation(MEMORY_RESERVATION);
+            config.memory_reservation_for_growth(MEMORY_RESERVATION_FOR_GROWTH);
+            config.memory_guard_size(MEMORY_GUARD);
+        }
         if std::env::var_os("WEIR_PLUGIN_PERFMAP").is_some() {
             // `perf record` then names plugin functions (/tmp/perf-PID.map).
             config.profiler(wasmtime::ProfilingStrategy::PerfMap);
