@@ -11,9 +11,13 @@ use std::time::Duration;
 
 use weir_tests::{Broker, run, signal, wait_bounded};
 
-/// The amd64 package in target/debian/.
+/// The amd64 package in the target directory's debian/.
 fn package() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debian");
+    // cargo-deb writes into the target directory, wherever CARGO_TARGET_DIR puts it.
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let dir = target.join("debian");
     let found = std::fs::read_dir(&dir)
         .ok()
         .into_iter()
