@@ -366,6 +366,43 @@ impl KafkaWire {
     }
 }
 
+/// A component built by `cargo build --release --target wasm32-wasip2` in `plugins/`
+/// (the README's test command does it).
+pub fn plugin_wasm(name: &str) -> PathBuf {
+    let dir = match name.split('_').next() {
+        Some("python") => "python",
+        Some("js") => "js",
+        Some("c") => "c",
+        _ => "wasm32-wasip2/release",
+    };
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../plugins/target")
+        .join(dir)
+        .join(format!("{name}.wasm"));
+    assert!(
+        path.exists(),
+        "{} is missing: build the plugins first (./scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+/// The machine an ELF executable is for (its header's e_machine): 183 is aarch64.
+pub fn elf_machine(bin: &Path) -> u16 {
+    let header = std::fs::read(bin).unwrap_or_else(|e| panic!("{}: {e}", bin.display()));
+    u16::from_le_bytes([header[18], header[19]])
+}
+
+pub const EM_AARCH64: u16 = 183;
+
+/// A command running the aarch64 executable `bin` under qemu's user-mode emulation,
+/// with Debian's aarch64 glibc (libc6-arm64-cross) as its root for libraries.
+pub fn emulated_aarch64(bin: &Path) -> Command {
+    let mut cmd = external("qemu-aarch64-static");
+    cmd.args(["-L", "/usr/aarch64-linux-gnu"]).arg(bin);
+    cmd
+}
+
 /// Path of another binary of the workspace, built next to `weir` (`weir-sim`).
 pub fn workspace_bin(name: &str) -> PathBuf {
     let bin = weir_bin().with_file_name(format!("{name}{}", std::env::consts::EXE_SUFFIX));

@@ -9,10 +9,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use weir_tests::{Broker, run, signal, wait_bounded};
+use weir_tests::{Broker, EM_AARCH64, elf_machine, emulated_aarch64, run, signal, wait_bounded};
 
-/// The amd64 package in the target directory's debian/.
-fn package() -> PathBuf {
+/// The package for `arch` (amd64, arm64) in the target directory's debian/.
+fn package(arch: &str) -> PathBuf {
     // cargo-deb writes into the target directory, wherever CARGO_TARGET_DIR puts it.
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
@@ -27,11 +27,11 @@ fn package() -> PathBuf {
         .find(|p| {
             p.file_name()
                 .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("weir_") && n.ends_with("_amd64.deb"))
+                .is_some_and(|n| n.starts_with("weir_") && n.ends_with(&format!("_{arch}.deb")))
         });
     found.unwrap_or_else(|| {
         panic!(
-            "no weir_*_amd64.deb in {}: run scripts/package first (./scripts/test does)",
+            "no weir_*_{arch}.deb in {}: run scripts/package first (./scripts/test does)",
             dir.display()
         )
     })
@@ -48,7 +48,7 @@ fn dpkg_deb(args: &[&str], deb: &Path) -> String {
 
 #[test]
 fn the_debian_package_installs_a_hardened_notify_service() {
-    let deb = package();
+    let deb = package("amd64");
 
     // Control data: name, architecture, the adduser the postinst needs, the conffile,
     // and a postinst that makes the `weir` system user and enables the unit.
@@ -208,6 +208,48 @@ fn the_debian_package_installs_a_hardened_notify_service() {
     }
     signal(&broker.child, "TERM");
     assert!(wait_bounded(&mut broker.child, Duration::from_secs(60)).success());
+}
+
+/// The arm64 package (`scripts/package --target aarch64-unknown-linux-gnu`) holds the
+/// aarch64 binary, which runs (under qemu here) and needs no more than the glibc of
+/// Debian 12 and Raspberry Pi OS (2.36).
+#[test]
+fn the_arm64_package_holds_a_working_aarch64_binary() {
+    let deb = package("arm64");
+    let info = dpkg_deb(&["--info"], &deb);
+    assert!(info.contains("Architecture: arm64"), "{info}");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = run(
+        Command::new("dpkg-deb").arg("-x").arg(&deb).arg(tmp.path()),
+        Duration::from_secs(120),
+    );
+    assert!(out.status.success(), "{}", out.stderr);
+    let binary = tmp.path().join("usr/bin/weir");
+    assert_eq!(elf_machine(&binary), EM_AARCH64);
+    let out = run(
+        emulated_aarch64(&binary).arg("--version"),
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success(), "{}", out.stderr);
+    assert!(out.stdout.starts_with("weir "), "{}", out.stdout);
+    let symbols = run(
+        Command::new("aarch64-linux-gnu-objdump")
+            .arg("-T")
+            .arg(&binary),
+        Duration::from_secs(60),
+    );
+    assert!(symbols.status.success(), "{}", symbols.stderr);
+    let newest = symbols
+        .stdout
+        .split_whitespace()
+        .filter_map(|w| w.trim_matches(['(', ')']).strip_prefix("GLIBC_"))
+        .filter_map(|v| {
+            let mut parts = v.split('.').map(|n| n.parse::<u32>().ok());
+            Some((parts.next()??, parts.next().flatten().unwrap_or(0)))
+        })
+        .max()
+        .expect("glibc symbol versions");
+    assert!(newest <= (2, 36), "needs glibc {newest:?}");
 }
 
 fn chown(path: &Path, owner: &str) {

@@ -2,32 +2,10 @@
 //! plugins contained, and exactly-once outputs across a SIGKILL.
 
 use std::collections::HashSet;
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use weir_tests::{Broker, run, run_with_stdin, weir_bin};
-
-/// A component built by `cargo build --release --target wasm32-wasip2` in `plugins/`
-/// (the README's test command does it).
-fn plugin_wasm(name: &str) -> PathBuf {
-    let dir = match name.split('_').next() {
-        Some("python") => "python",
-        Some("js") => "js",
-        Some("c") => "c",
-        _ => "wasm32-wasip2/release",
-    };
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../plugins/target")
-        .join(dir)
-        .join(format!("{name}.wasm"));
-    assert!(
-        path.exists(),
-        "{} is missing: build the plugins first (./scripts/test does)",
-        path.display()
-    );
-    path
-}
+use weir_tests::{Broker, plugin_wasm, run, run_with_stdin, weir_bin};
 
 fn clean_pipeline() -> String {
     format!(

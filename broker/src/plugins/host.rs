@@ -48,8 +48,10 @@ pub use bindings::weir::plugin::types::{
 /// How often the epoch advances; call time limits are counted in these ticks.
 const EPOCH_TICK: Duration = Duration::from_millis(10);
 /// Address space reserved for each linear memory when the process's address space is
-/// limited (`ulimit -v`). wasmtime's default (4 GiB plus guards, so that no bounds
-/// check is needed) is more than a limit of 1 GiB allows (wasmtime #8607); a plugin's
+/// small: limited (`ulimit -v`), or a kernel with 39-bit virtual addresses (512 GiB,
+/// as some Raspberry Pi kernels). wasmtime's default (4 GiB plus guards, so that no
+/// bounds check is needed) is more than a limit of 1 GiB allows, and a few hundred
+/// instances exhaust 512 GiB (wasmtime #8607); a plugin's
 /// memory is limited to `[plugins] memory_mb` (16 MiB by default) anyway. Beyond this
 /// a memory is moved as it grows. The explicit bounds checks this needs cost
 /// json-filter about a fifth of its speed (BENCHMARKS.md), so without a limit the
@@ -132,6 +134,36 @@ impl bindings::weir::plugin::host::Host for State {
     }
 }
 
+/// Whether this process's address space is too small for wasmtime's default
+/// reservations: a `ulimit -v`, or a top of the stack (the top of the user address
+/// space on Linux) below 4 TiB, i.e. fewer than 42 bits of virtual address.
+fn small_address_space() -> bool {
+    let limited = rustix::process::getrlimit(rustix::process::Resource::As)
+        .current
+        .is_some();
+    let top = std::fs::read_to_string("/proc/self/maps")
+        .ok()
+        .and_then(|maps| top_of_stack(&maps));
+    let small = limited || top.is_some_and(|top| top < 1 << 42);
+    if small {
+        info!(
+            limited,
+            top_of_stack = format!("{:#x}", top.unwrap_or_default()),
+            "small address space: plugin memories reserve {} MiB each",
+            MEMORY_RESERVATION >> 20
+        );
+    }
+    small
+}
+
+/// The end address of the `[stack]` mapping in a `/proc/PID/maps` text.
+fn top_of_stack(maps: &str) -> Option<u64> {
+    let line = maps.lines().find(|l| l.ends_with("[stack]"))?;
+    let range = line.split_whitespace().next()?;
+    let (_, end) = range.split_once('-')?;
+    u64::from_str_radix(end, 16).ok()
+}
+
 /// A compiled component, ready to instantiate.
 #[derive(Clone)]
 pub struct Module {
@@ -147,8 +179,7 @@ impl PluginHost {
         let mut config = Config::new();
         config.wasm_component_model(true);
         config.epoch_interruption(true);
-        let address_space = rustix::process::getrlimit(rustix::process::Resource::As);
-        if address_space.current.is_some() {
+        if small_address_space() {
             config.memory_reservation(MEMORY_RESERVATION);
             config.memory_reservation_for_growth(MEMORY_RESERVATION_FOR_GROWTH);
             config.memory_guard_size(MEMORY_GUARD);
@@ -437,6 +468,21 @@ fn hex(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_top_of_the_stack_tells_the_address_space_size() {
+        let x86_64 =
+            "7ffd1c5e2000-7ffd1c603000 rw-p 00000000 00:00 0                          [stack]";
+        let va39 = "55a0000000-55a0021000 r-xp 00000000 b3:02 1234  /usr/bin/weir\n\
+                    7fd7e1c000-7fd7e3d000 rw-p 00000000 00:00 0      [stack]";
+        assert_eq!(top_of_stack(x86_64), Some(0x7ffd1c603000));
+        assert_eq!(top_of_stack(va39), Some(0x7fd7e3d000));
+        assert!(top_of_stack(x86_64).unwrap() >= 1 << 42);
+        assert!(top_of_stack(va39).unwrap() < 1 << 42);
+        assert_eq!(top_of_stack("no stack here"), None);
+        let ours = std::fs::read_to_string("/proc/self/maps").unwrap();
+        assert!(top_of_stack(&ours).is_some());
+    }
 
     fn output(input: u32, target: &str, key: Option<&[u8]>, value: Option<&[u8]>) -> Vec<u8> {
         let mut w = packed::Writer::default();
