@@ -389,7 +389,11 @@ pub fn plugin_wasm(name: &str) -> PathBuf {
 
 /// The machine an ELF executable is for (its header's e_machine): 183 is aarch64.
 pub fn elf_machine(bin: &Path) -> u16 {
-    let header = std::fs::read(bin).unwrap_or_else(|e| panic!("{}: {e}", bin.display()));
+    use std::io::Read;
+    let mut header = [0u8; 20];
+    std::fs::File::open(bin)
+        .and_then(|mut f| f.read_exact(&mut header))
+        .unwrap_or_else(|e| panic!("{}: {e}", bin.display()));
     u16::from_le_bytes([header[18], header[19]])
 }
 
