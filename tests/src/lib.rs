@@ -399,11 +399,13 @@ pub fn elf_machine(bin: &Path) -> u16 {
 
 pub const EM_AARCH64: u16 = 183;
 
-/// A command running the aarch64 executable `bin` under qemu's user-mode emulation,
-/// with Debian's aarch64 glibc (libc6-arm64-cross) as its root for libraries.
+/// A command running the aarch64 executable `bin` under qemu's user-mode emulation. Its
+/// libraries (glibc, libssl3) are Debian's arm64 packages installed beside the host's
+/// (dpkg multiarch, set up by scripts/build-aarch64), found where an arm64 system has
+/// them, so no library root is given.
 pub fn emulated_aarch64(bin: &Path) -> Command {
     let mut cmd = external("qemu-aarch64-static");
-    cmd.args(["-L", "/usr/aarch64-linux-gnu"]).arg(bin);
+    cmd.arg(bin);
     cmd
 }
 

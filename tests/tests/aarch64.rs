@@ -1,14 +1,16 @@
 //! The aarch64 build (`scripts/build-aarch64`) run under qemu-aarch64, as on a
 //! Raspberry Pi: devices publish frames at QoS 1, an ingest plugin decodes them (so
 //! Cranelift compiles WebAssembly to aarch64 code), a pipeline enriches them, a Kafka
-//! client on this machine reads the results, and a rule replicates them to a centre.
+//! client on this machine reads the results, and a rule replicates them to a centre over
+//! TLS (librdkafka on the system's arm64 libssl3, which this build links).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use weir_tests::{
-    Broker, EM_AARCH64, dump_records, elf_machine, emulated_aarch64, plugin_wasm, run, weir_bin,
+    Broker, EM_AARCH64, dump_records, dump_records_over, elf_machine, emulated_aarch64,
+    plugin_wasm, run, weir_bin,
 };
 
 const TRIPLE: &str = "aarch64-unknown-linux-gnu";
@@ -35,8 +37,9 @@ fn aarch64_bin(name: &str) -> PathBuf {
     bin
 }
 
-/// The gateway's config: frames decoded at ingest, a pipeline, a rule up to `centre`.
-fn gateway_config(centre: &str) -> String {
+/// The gateway's config: frames decoded at ingest, a pipeline, a rule up to `centre`
+/// over TLS, trusting `ca`.
+fn gateway_config(centre: &str, ca: &std::path::Path) -> String {
     format!(
         r#"
 [topic_defaults]
@@ -61,6 +64,8 @@ gateway_id = "pi"
 [[replication.upstream]]
 name = "centre"
 bootstrap_servers = "{centre}"
+security_protocol = "ssl"
+ssl_ca_location = "{ca}"
 
 [[replication.rule]]
 name = "up"
@@ -71,6 +76,7 @@ linger_ms = 20
 "#,
         frame_decode = plugin_wasm("frame_decode").display(),
         json_filter = plugin_wasm("json_filter").display(),
+        ca = ca.display(),
     )
 }
 
@@ -98,9 +104,15 @@ fn a_gateway_runs_on_aarch64_under_emulation() {
     assert_eq!(elf_machine(&sim), EM_AARCH64, "{}", sim.display());
 
     let dir = tempfile::tempdir().unwrap();
-    let centre = Broker::start(&dir.path().join("centre"), &[]);
+    // TLS ends at a proxy in front of the centre (on this machine, x86).
+    let tls = weir_tests::TlsProxy::start(dir.path());
+    let centre = Broker::start_with_config(
+        &dir.path().join("centre"),
+        &format!("[kafka]\nadvertised = \"{}\"\n", tls.addr),
+    );
+    tls.set_target(centre.kafka);
     let config = dir.path().join("gateway.toml");
-    std::fs::write(&config, gateway_config(&centre.bootstrap())).unwrap();
+    std::fs::write(&config, gateway_config(&tls.addr.to_string(), &tls.ca_pem)).unwrap();
     let gateway = Broker::start_with(
         &mut emulated_aarch64(&weir),
         &dir.path().join("gateway"),
@@ -157,7 +169,12 @@ fn a_gateway_runs_on_aarch64_under_emulation() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let upstream = dump_records(&centre.bootstrap(), "pi.readings");
+    let upstream = dump_records_over(
+        &tls.addr.to_string(),
+        "pi.readings",
+        Some(&tls.ca_pem),
+        None,
+    );
     let mut stored: Vec<(&str, &str)> = readings
         .iter()
         .map(|(_, k, v, _)| (k.as_str(), v.as_str()))

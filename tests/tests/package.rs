@@ -212,12 +212,18 @@ fn the_debian_package_installs_a_hardened_notify_service() {
 
 /// The arm64 package (`scripts/package --target aarch64-unknown-linux-gnu`) holds the
 /// aarch64 binary, which runs (under qemu here) and needs no more than the glibc of
-/// Debian 12 and Raspberry Pi OS (2.36).
+/// Ubuntu 22.04 (2.35; Debian 12 and Raspberry Pi OS have 2.36), and the system's
+/// OpenSSL (libssl3), which the package depends on.
 #[test]
 fn the_arm64_package_holds_a_working_aarch64_binary() {
     let deb = package("arm64");
     let info = dpkg_deb(&["--info"], &deb);
     assert!(info.contains("Architecture: arm64"), "{info}");
+    let depends = info
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Depends: "))
+        .unwrap_or_else(|| panic!("no Depends: {info}"));
+    assert!(depends.contains("libssl3"), "{depends}");
     let tmp = tempfile::tempdir().unwrap();
     let out = run(
         Command::new("dpkg-deb").arg("-x").arg(&deb).arg(tmp.path()),
@@ -249,7 +255,20 @@ fn the_arm64_package_holds_a_working_aarch64_binary() {
         })
         .max()
         .expect("glibc symbol versions");
-    assert!(newest <= (2, 36), "needs glibc {newest:?}");
+    assert!(newest <= (2, 35), "needs glibc {newest:?}");
+    let headers = run(
+        Command::new("aarch64-linux-gnu-objdump")
+            .arg("-p")
+            .arg(&binary),
+        Duration::from_secs(60),
+    );
+    let needed: Vec<&str> = headers
+        .stdout
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("NEEDED"))
+        .map(str::trim)
+        .collect();
+    assert!(needed.contains(&"libssl.so.3"), "{needed:?}");
 }
 
 fn chown(path: &Path, owner: &str) {
