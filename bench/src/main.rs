@@ -5,7 +5,8 @@
 //!   kafka-bench compare --weir target/release/weir --tansu PATH [--records N]
 //!   kafka-bench run --bootstrap HOST:PORT --topic T --records N --size S --acks all
 //!   kafka-bench catchup --weir target/release/weir --tansu PATH [--records N]
-//!   kafka-bench wear --weir target/release/weir [--devices N --seconds S --intervals 0,50]
+//!   kafka-bench wear --weir target/release/weir [--devices N --seconds S --intervals 0,50
+//!     --checkpoints 0,30000]
 
 mod wear;
 
@@ -95,6 +96,10 @@ enum Cmd {
         /// `storage.commit_interval_ms` values, one broker run each.
         #[arg(long, value_delimiter = ',', default_value = "0,50")]
         intervals: Vec<u64>,
+        /// `storage.checkpoint_interval_ms` values (0: no journal), one broker run for
+        /// each with each commit interval.
+        #[arg(long, value_delimiter = ',', default_value = "30000")]
+        checkpoints: Vec<u64>,
         #[arg(long, default_value = "weir-wear-bench")]
         dir: PathBuf,
     },
@@ -523,6 +528,7 @@ fn main() -> anyhow::Result<()> {
             kafka_rate,
             size,
             intervals,
+            checkpoints,
             dir,
         } => wear::wear(&wear::WearRun {
             sim: &sim.unwrap_or_else(|| wear::sim_beside(&weir)),
@@ -532,6 +538,7 @@ fn main() -> anyhow::Result<()> {
             kafka_rate,
             size,
             intervals: &intervals,
+            checkpoints: &checkpoints,
             dir: &dir,
         })?,
     }

@@ -26,12 +26,14 @@ pub(crate) struct WearRun<'a> {
     pub(crate) kafka_rate: u64,
     pub(crate) size: usize,
     pub(crate) intervals: &'a [u64],
+    pub(crate) checkpoints: &'a [u64],
     pub(crate) dir: &'a Path,
 }
 
 /// One broker run's figures.
 struct Figures {
     interval_ms: u64,
+    checkpoint_ms: u64,
     payload_bytes: f64,
     disk_bytes: f64,
     commits: f64,
@@ -51,19 +53,22 @@ struct Latency {
 
 pub(crate) fn wear(run: &WearRun<'_>) -> anyhow::Result<()> {
     let mut all = Vec::new();
-    for &interval in run.intervals {
-        all.push(one_run(run, interval)?);
+    for &checkpoint in run.checkpoints {
+        for &interval in run.intervals {
+            all.push(one_run(run, interval, checkpoint)?);
+        }
     }
     println!(
-        "| commit_interval_ms | disk bytes / payload byte | disk MB/s | commits/s | PUBACK p50 / p99 ms | produce ack p50 / p99 ms | QoS 0 pub→sub p50 / p99 ms | messages + records acked | SD card life (32 TB written) |"
+        "| commit_interval_ms | checkpoint_interval_ms | disk bytes / payload byte | disk MB/s | commits/s | PUBACK p50 / p99 ms | produce ack p50 / p99 ms | QoS 0 pub→sub p50 / p99 ms | messages + records acked | SD card life (32 TB written) |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for f in &all {
         let per_second = f.disk_bytes / f.seconds;
         let years = SD_CARD_ENDURANCE_BYTES / per_second / (365.0 * 86_400.0);
         println!(
-            "| {} | {:.1} | {:.2} | {:.0} | {:.1} / {:.1} | {:.1} / {:.1} | {:.2} / {:.2} | {} + {} | {} |",
+            "| {} | {} | {:.1} | {:.2} | {:.0} | {:.1} / {:.1} | {:.1} / {:.1} | {:.2} / {:.2} | {} + {} | {} |",
             f.interval_ms,
+            f.checkpoint_ms,
             f.disk_bytes / f.payload_bytes,
             per_second / 1e6,
             f.commits / f.seconds,
@@ -86,7 +91,7 @@ pub(crate) fn wear(run: &WearRun<'_>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn one_run(run: &WearRun<'_>, interval_ms: u64) -> anyhow::Result<Figures> {
+fn one_run(run: &WearRun<'_>, interval_ms: u64, checkpoint_ms: u64) -> anyhow::Result<Figures> {
     let _ = std::fs::remove_dir_all(run.dir);
     std::fs::create_dir_all(run.dir)?;
     let (kafka, admin, mqtt) = (
@@ -103,7 +108,7 @@ fn one_run(run: &WearRun<'_>, interval_ms: u64) -> anyhow::Result<Figures> {
              [kafka]\nlisten = \"{kafka}\"\n\
              [admin]\nlisten = \"{admin}\"\n\
              [mqtt]\nlisten = \"{mqtt}\"\n\
-             [storage]\ncommit_interval_ms = {interval_ms}\n\
+             [storage]\ncommit_interval_ms = {interval_ms}\ncheckpoint_interval_ms = {checkpoint_ms}\n\
              [[mqtt.ingest]]\nfilter = \"sensors/{{device}}/#\"\ntopic = \"telemetry\"\nkey = \"{{device}}\"\n",
             data = run.dir.join("data"),
         ),
@@ -168,6 +173,7 @@ fn one_run(run: &WearRun<'_>, interval_ms: u64) -> anyhow::Result<Figures> {
     };
     Ok(Figures {
         interval_ms,
+        checkpoint_ms,
         payload_bytes: field("payload_bytes") + (kafka_latency.acked as usize * run.size) as f64,
         disk_bytes,
         commits,

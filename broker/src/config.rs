@@ -132,6 +132,10 @@ pub struct StorageConfig {
     /// first write, so that a light load makes few durable commits (flash wear);
     /// acknowledgements wait for it. 0: commit at once.
     pub commit_interval_ms: u64,
+    /// With fsync: small group commits are made durable in the write-ahead journal
+    /// and the database's own durable commit (a checkpoint) runs at most this long
+    /// after the first of them. 0: no journal, every group commit is durable in redb.
+    pub checkpoint_interval_ms: u64,
     /// redb page cache, in MiB.
     pub cache_mb: usize,
     /// Bytes of batches one group commit gathers at most, in KiB.
@@ -232,6 +236,11 @@ pub const DEFAULT_COMMIT_INTERVAL_MS: u64 = 50;
 /// Longer windows would hold acknowledgements past what MQTT and Kafka clients
 /// tolerate before they resend.
 const MAX_COMMIT_INTERVAL_MS: u64 = 1000;
+/// The measured choice (BENCHMARKS.md, "Flash wear"): about the kernel's own writeback
+/// delay (30 s), past which the database's pages are written anyway.
+pub const DEFAULT_CHECKPOINT_INTERVAL_MS: u64 = 30_000;
+/// A crash replays at most this long of writes from the journal at start.
+const MAX_CHECKPOINT_INTERVAL_MS: u64 = 600_000;
 /// The redb cache, MiB: at least one MiB, at most 64 GiB.
 const CACHE_MB_RANGE: std::ops::RangeInclusive<usize> = 1..=65_536;
 
@@ -241,6 +250,7 @@ impl Default for StorageConfig {
             fsync: true,
             flush_interval_ms: 1000,
             commit_interval_ms: DEFAULT_COMMIT_INTERVAL_MS,
+            checkpoint_interval_ms: DEFAULT_CHECKPOINT_INTERVAL_MS,
             cache_mb: 64,
             max_group_kb: 8192,
             retention_check_interval_ms: 30_000,
@@ -387,6 +397,13 @@ impl Config {
                 self.storage.commit_interval_ms
             )));
         }
+        if self.storage.checkpoint_interval_ms > MAX_CHECKPOINT_INTERVAL_MS {
+            return Err(ConfigError::Invalid(format!(
+                "[storage] checkpoint_interval_ms = {} is out of range: 0 to \
+                 {MAX_CHECKPOINT_INTERVAL_MS}",
+                self.storage.checkpoint_interval_ms
+            )));
+        }
         let wants_tls = [
             self.mqtt.tls_listen.map(|_| "[mqtt] tls_listen"),
             self.kafka.tls_listen.map(|_| "[kafka] tls_listen"),
@@ -492,6 +509,7 @@ impl Config {
         options.fsync = self.storage.fsync;
         options.flush_interval = Duration::from_millis(self.storage.flush_interval_ms);
         options.commit_interval = Duration::from_millis(self.storage.commit_interval_ms);
+        options.checkpoint_interval = Duration::from_millis(self.storage.checkpoint_interval_ms);
         options.cache_bytes = self.storage.cache_mb << 20;
         options.max_group_bytes = self.storage.max_group_kb << 10;
         options
@@ -562,6 +580,7 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from("/var/lib/weir"));
         for (text, key) in [
             ("commit_interval_ms = 1001", "commit_interval_ms"),
+            ("checkpoint_interval_ms = 600001", "checkpoint_interval_ms"),
             ("cache_mb = 0", "cache_mb"),
             ("cache_mb = 100000", "cache_mb"),
         ] {

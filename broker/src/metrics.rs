@@ -11,6 +11,7 @@ use prometheus_client::registry::Registry;
 #[derive(Clone, Debug)]
 pub struct StorageMetrics {
     pub commits: Counter,
+    pub checkpoints: Counter,
     pub commit_errors: Counter,
     pub disk_full_errors: Counter,
     pub commit_seconds: Histogram,
@@ -26,6 +27,7 @@ impl Default for StorageMetrics {
     fn default() -> Self {
         Self {
             commits: Counter::default(),
+            checkpoints: Counter::default(),
             commit_errors: Counter::default(),
             disk_full_errors: Counter::default(),
             // 50 µs … ~1.6 s
@@ -47,6 +49,11 @@ impl StorageMetrics {
             "commits",
             "Write transactions committed",
             self.commits.clone(),
+        );
+        r.register(
+            "checkpoints",
+            "Durable commits that start a new generation of the write-ahead journal",
+            self.checkpoints.clone(),
         );
         r.register(
             "commit_errors",

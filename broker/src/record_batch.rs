@@ -48,6 +48,19 @@ pub struct RecordBatch {
     bytes: Bytes,
 }
 
+/// As its bytes; read back through `parse`, so a batch from the journal is checked again.
+impl serde::Serialize for RecordBatch {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&self.bytes)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for RecordBatch {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        RecordBatch::parse(Bytes::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
 impl RecordBatch {
     /// Checks length, magic, CRC-32C and record count of exactly one batch.
     pub fn parse(bytes: Bytes) -> Result<Self, BatchError> {
@@ -248,7 +261,7 @@ pub mod build {
     };
 
     /// One record to encode: key, value, timestamp in ms, headers.
-    #[derive(Clone, Debug, Default)]
+    #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
     pub struct NewRecord {
         pub key: Option<Bytes>,
         pub value: Option<Bytes>,

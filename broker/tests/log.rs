@@ -642,8 +642,9 @@ fn the_commit_window_groups_a_light_load_without_slowing_a_synchronous_writer() 
     });
 }
 
-/// Format 1 was written by two layouts: today's (relabelled 2 on open, data intact)
-/// and the first, with a `batch_index` table (refused, naming both versions).
+/// Format 1 was written by two layouts: the second (relabelled 3 on open, data intact,
+/// as is format 2: the same tables) and the first, with a `batch_index` table (refused,
+/// naming both versions).
 #[test]
 fn an_older_format_is_relabelled_or_refused() {
     use redb::{ReadableDatabase, TableDefinition};
@@ -678,15 +679,17 @@ fn an_older_format_is_relabelled_or_refused() {
         log.append("t", 0, client_batch(1, 3, 10, 0)).await.unwrap();
         log.close().await.unwrap();
     });
-    assert_eq!(version(&file), Some(2));
-    set_version(&file, 1);
-    rt().block_on(async {
-        let log = Log::open(LogOptions::new(dir.path())).unwrap();
-        assert_eq!(log.offsets("t", 0).unwrap().high_watermark, 3);
-        assert_eq!(read_all(&log, "t", 0).len(), 1);
-        log.close().await.unwrap();
-    });
-    assert_eq!(version(&file), Some(2));
+    assert_eq!(version(&file), Some(3));
+    for old_version in [1, 2] {
+        set_version(&file, old_version);
+        rt().block_on(async {
+            let log = Log::open(LogOptions::new(dir.path())).unwrap();
+            assert_eq!(log.offsets("t", 0).unwrap().high_watermark, 3);
+            assert_eq!(read_all(&log, "t", 0).len(), 1);
+            log.close().await.unwrap();
+        });
+        assert_eq!(version(&file), Some(3));
+    }
 
     let old = tempfile::tempdir().unwrap();
     let file = old.path().join(DB_FILE);
@@ -712,14 +715,14 @@ fn an_older_format_is_relabelled_or_refused() {
             e,
             StorageError::FormatVersion {
                 found: 1,
-                expected: 2
+                expected: 3
             }
         ),
         "{e}"
     );
     let message = e.to_string();
     assert!(
-        message.contains("version 1") && message.contains("version 2"),
+        message.contains("version 1") && message.contains("version 3"),
         "{message}"
     );
     // Refused without a change: still the old file.

@@ -9,7 +9,7 @@
 //! `WEIR_POWER_CUTS` sets the number of cuts (1,000 by default); `WEIR_POWER_CUT_SEED`
 //! replays a run (the seed is printed).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -34,30 +34,23 @@ const OUTPUT: &str = "out";
 /// State namespaces whose values are offsets into `TOPIC`.
 const CURSORS: [&str; 2] = ["pipeline.cursor", "replication.cursor"];
 
-/// The simulated medium.
+/// One file on the simulated medium.
 #[derive(Default)]
-struct Platters {
+struct Medium {
     /// What reads see: every write so far.
     live: Vec<u8>,
     /// What a cut keeps for certain: the bytes as of the last sync.
     durable: Vec<u8>,
     /// Writes since the last sync, in order: each piece may or may not have landed.
     pending: Vec<(usize, Vec<u8>)>,
-    /// Writes, resizes and syncs so far; the power goes before the `cut_at`th.
-    ops: u64,
-    cut_at: u64,
-    /// Bytes written so far.
-    written: u64,
-    /// What the cut left on the medium, once it happened.
+    /// What the cut left of this file, once it happened.
     left: Option<Vec<u8>>,
-    rng: Option<StdRng>,
 }
 
-impl Platters {
+impl Medium {
     /// The durable bytes, the file length of after or before the last resizes, and a
     /// random subset of the pieces written since.
-    fn crash_image(&mut self) -> Vec<u8> {
-        let rng = self.rng.as_mut().expect("a seeded disk");
+    fn crash_image(&self, rng: &mut StdRng) -> Vec<u8> {
         let mut image = self.durable.clone();
         if rng.random_bool(0.5) {
             image.resize(self.live.len(), 0);
@@ -76,25 +69,47 @@ impl Platters {
         }
         image
     }
+}
 
+/// The simulated medium: the database and its journal, which lose power together.
+#[derive(Default)]
+struct Platters {
+    files: BTreeMap<String, Medium>,
+    /// Writes, resizes and syncs so far; the power goes before the `cut_at`th.
+    ops: u64,
+    cut_at: u64,
+    cut: bool,
+    /// Bytes written so far.
+    written: u64,
+    rng: Option<StdRng>,
+}
+
+impl Platters {
     /// Counts one operation that changes the medium; the power goes at the `cut_at`th.
     fn tick(&mut self) -> std::io::Result<()> {
-        if self.left.is_none() {
+        if !self.cut {
             self.ops += 1;
             if self.ops >= self.cut_at {
-                self.left = Some(self.crash_image());
+                self.cut = true;
+                let rng = self.rng.as_mut().expect("a seeded disk");
+                for medium in self.files.values_mut() {
+                    medium.left = Some(medium.crash_image(rng));
+                }
             }
         }
         self.powered()
     }
 
     fn powered(&self) -> std::io::Result<()> {
-        match self.left {
-            Some(_) => Err(std::io::Error::other("power cut")),
-            None => Ok(()),
+        match self.cut {
+            true => Err(std::io::Error::other("power cut")),
+            false => Ok(()),
         }
     }
 }
+
+/// Every file's bytes, by name.
+type Images = BTreeMap<String, Vec<u8>>;
 
 #[derive(Clone)]
 struct Disk(Arc<Mutex<Platters>>);
@@ -102,15 +117,25 @@ struct Disk(Arc<Mutex<Platters>>);
 impl std::fmt::Debug for Disk {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let p = self.0.lock().unwrap();
-        write!(f, "Disk({} bytes, {} ops)", p.live.len(), p.ops)
+        write!(f, "Disk({} files, {} ops)", p.files.len(), p.ops)
     }
 }
 
 impl Disk {
-    fn new(image: Vec<u8>, cut_at: u64, seed: u64) -> Self {
+    fn new(images: Images, cut_at: u64, seed: u64) -> Self {
+        let files = images
+            .into_iter()
+            .map(|(name, image)| {
+                let medium = Medium {
+                    live: image.clone(),
+                    durable: image,
+                    ..Medium::default()
+                };
+                (name, medium)
+            })
+            .collect();
         Disk(Arc::new(Mutex::new(Platters {
-            live: image.clone(),
-            durable: image,
+            files,
             cut_at,
             rng: Some(StdRng::seed_from_u64(seed)),
             ..Platters::default()
@@ -118,19 +143,33 @@ impl Disk {
     }
 
     fn is_cut(&self) -> bool {
-        self.0.lock().unwrap().left.is_some()
+        self.0.lock().unwrap().cut
     }
 
-    /// What a restart finds: the cut's image, or everything after a clean close.
-    fn image(&self) -> Vec<u8> {
+    /// What a restart finds: the cut's images, or everything after a clean close.
+    fn images(&self) -> Images {
         let p = self.0.lock().unwrap();
-        p.left.clone().unwrap_or_else(|| p.live.clone())
+        p.files
+            .iter()
+            .map(|(name, m)| {
+                (
+                    name.clone(),
+                    m.left.clone().unwrap_or_else(|| m.live.clone()),
+                )
+            })
+            .collect()
     }
 
-    /// The test hook that puts the log on this disk.
+    /// The test hook that puts the log's files on this disk.
     fn opener(&self) -> OpenBackend {
         let disk = self.clone();
-        OpenBackend(Arc::new(move || Box::new(disk.clone())))
+        OpenBackend(Arc::new(move |name: &str| {
+            disk.0.lock().unwrap().files.entry(name.into()).or_default();
+            Box::new(DiskFile {
+                disk: disk.clone(),
+                name: name.into(),
+            })
+        }))
     }
 
     fn ops(&self) -> u64 {
@@ -138,57 +177,79 @@ impl Disk {
     }
 }
 
-impl StorageBackend for Disk {
+/// One file of a `Disk`.
+#[derive(Debug)]
+struct DiskFile {
+    disk: Disk,
+    name: String,
+}
+
+impl DiskFile {
+    fn with<T>(
+        &self,
+        change: bool,
+        f: impl FnOnce(&mut Medium, &mut u64) -> std::io::Result<T>,
+    ) -> std::io::Result<T> {
+        let mut p = self.disk.0.lock().unwrap();
+        if change {
+            p.tick()?;
+        } else {
+            p.powered()?;
+        }
+        let p = &mut *p;
+        let medium = p.files.get_mut(&self.name).expect("opened");
+        f(medium, &mut p.written)
+    }
+}
+
+impl StorageBackend for DiskFile {
     fn len(&self) -> std::io::Result<u64> {
-        let p = self.0.lock().unwrap();
-        p.powered()?;
-        Ok(p.live.len() as u64)
+        self.with(false, |m, _| Ok(m.live.len() as u64))
     }
 
     fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
-        let p = self.0.lock().unwrap();
-        p.powered()?;
-        let start = offset as usize;
-        let bytes = p
-            .live
-            .get(start..start + out.len())
-            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::UnexpectedEof))?;
-        out.copy_from_slice(bytes);
-        Ok(())
+        self.with(false, |m, _| {
+            let start = offset as usize;
+            let bytes = m
+                .live
+                .get(start..start + out.len())
+                .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::UnexpectedEof))?;
+            out.copy_from_slice(bytes);
+            Ok(())
+        })
     }
 
     fn set_len(&self, len: u64) -> std::io::Result<()> {
-        let mut p = self.0.lock().unwrap();
-        p.tick()?;
-        p.live.resize(len as usize, 0);
-        Ok(())
+        self.with(true, |m, _| {
+            m.live.resize(len as usize, 0);
+            Ok(())
+        })
     }
 
     fn sync_data(&self) -> std::io::Result<()> {
-        let mut p = self.0.lock().unwrap();
-        p.tick()?;
-        let p = &mut *p;
-        p.durable.resize(p.live.len(), 0);
-        for (offset, data) in p.pending.drain(..) {
-            let end = (offset + data.len()).min(p.durable.len());
-            if offset < end {
-                p.durable[offset..end].copy_from_slice(&data[..end - offset]);
+        self.with(true, |m, _| {
+            m.durable.resize(m.live.len(), 0);
+            for (offset, data) in m.pending.drain(..) {
+                let end = (offset + data.len()).min(m.durable.len());
+                if offset < end {
+                    m.durable[offset..end].copy_from_slice(&data[..end - offset]);
+                }
             }
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        let mut p = self.0.lock().unwrap();
-        p.tick()?;
-        let start = offset as usize;
-        if p.live.len() < start + data.len() {
-            p.live.resize(start + data.len(), 0);
-        }
-        p.live[start..start + data.len()].copy_from_slice(data);
-        p.pending.push((start, data.to_vec()));
-        p.written += data.len() as u64;
-        Ok(())
+        self.with(true, |m, written| {
+            let start = offset as usize;
+            if m.live.len() < start + data.len() {
+                m.live.resize(start + data.len(), 0);
+            }
+            m.live[start..start + data.len()].copy_from_slice(data);
+            m.pending.push((start, data.to_vec()));
+            *written += data.len() as u64;
+            Ok(())
+        })
     }
 }
 
@@ -560,7 +621,7 @@ fn cut_power(cuts_wanted: usize, seed: u64, ack_before_commit: bool) -> String {
         .build()
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let mut image = Vec::new();
+    let mut images = Images::new();
     let mut model = Arc::new(Mutex::new(Model::default()));
     let (mut cuts, mut in_open, mut acked, mut ops) = (0, 0, 0, 0);
     let mut on_this_database = 0;
@@ -570,15 +631,19 @@ fn cut_power(cuts_wanted: usize, seed: u64, ack_before_commit: bool) -> String {
             "only {cuts} cuts before the deadline; seed {seed}"
         );
         if on_this_database == CUTS_PER_DATABASE {
-            image.clear();
+            images.clear();
             model = Arc::new(Mutex::new(Model::default()));
             on_this_database = 0;
         }
         let at = format!("cut {cuts} (seed {seed})");
-        check_integrity(&image, &at);
-        let disk = Disk::new(image.clone(), rng.random_range(1..=120), rng.random());
+        check_integrity(images.get(DB_FILE).map_or(&[][..], Vec::as_slice), &at);
+        let disk = Disk::new(images.clone(), rng.random_range(1..=120), rng.random());
         let mut options = LogOptions::new(dir.path());
         options.commit_interval = Duration::from_millis(*[0, 0, 1, 5].choose(&mut rng).unwrap());
+        // No journal, one that checkpoints often, and one that checkpoints only when
+        // the log closes (or the journal fills).
+        options.checkpoint_interval =
+            Duration::from_millis(*[0, 20, 60_000].choose(&mut rng).unwrap());
         options.cache_bytes = 4 << 20;
         options.unsafe_ack_before_commit = ack_before_commit;
         options.open_backend = Some(disk.opener());
@@ -620,7 +685,7 @@ fn cut_power(cuts_wanted: usize, seed: u64, ack_before_commit: bool) -> String {
             cuts += 1;
             on_this_database += 1;
         }
-        image = disk.image();
+        images = disk.images();
     }
     format!(
         "{cuts} cuts ({in_open} while opening), {acked} appends acknowledged, {ops} disk operations"
@@ -635,7 +700,7 @@ fn a_cut_while_the_database_is_created_leaves_one_that_opens() {
     let mut cuts = 0;
     for cut_at in 1..40 {
         for seed in 0..8 {
-            let disk = Disk::new(Vec::new(), cut_at, seed);
+            let disk = Disk::new(Images::new(), cut_at, seed);
             let mut options = LogOptions::new(dir.path());
             options.open_backend = Some(disk.opener());
             if let Ok(log) = Log::open(options) {
@@ -646,7 +711,7 @@ fn a_cut_while_the_database_is_created_leaves_one_that_opens() {
             }
             cuts += 1;
             let mut options = LogOptions::new(dir.path());
-            options.open_backend = Some(Disk::new(disk.image(), u64::MAX, 0).opener());
+            options.open_backend = Some(Disk::new(disk.images(), u64::MAX, 0).opener());
             let log = Log::open(options)
                 .unwrap_or_else(|e| panic!("cut at operation {cut_at} (seed {seed}): {e}"));
             drop(log);
@@ -706,7 +771,7 @@ fn bytes_per_commit() {
     );
     println!("|---|---|---|");
     for (batches, per_batch) in [(1usize, 1usize), (50, 1), (1, 50), (5, 10)] {
-        let disk = Disk::new(Vec::new(), u64::MAX, 1);
+        let disk = Disk::new(Images::new(), u64::MAX, 1);
         let mut options = LogOptions::new(dir.path());
         options.open_backend = Some(disk.opener());
         let log = Log::open(options).unwrap();

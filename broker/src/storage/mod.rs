@@ -6,6 +6,7 @@
 //! committed. Reads open their own read transactions and never wait for the writer.
 //! This is the only module that opens redb transactions.
 
+mod journal;
 mod tables;
 pub mod topic;
 mod writer;
@@ -35,6 +36,8 @@ use writer::{Caller, Command, DbSlot};
 
 /// The database file inside the data directory.
 pub const DB_FILE: &str = "weir.redb";
+/// The write-ahead journal beside it (`journal.rs`).
+pub const JOURNAL_FILE: &str = "weir.journal";
 
 /// How the log is opened.
 #[derive(Clone, Debug)]
@@ -51,6 +54,10 @@ pub struct LogOptions {
     pub commit_interval: Duration,
     /// A group commit stops gathering once it holds this many bytes of batches.
     pub max_group_bytes: usize,
+    /// With `fsync`: small groups become durable in the journal, and a durable redb
+    /// commit (a checkpoint) runs at most this long after the first of them. Zero: no
+    /// journal, every group commits durably.
+    pub checkpoint_interval: Duration,
     /// redb page cache size.
     pub cache_bytes: usize,
     /// Test-only: answer appends before their transaction commits, and commit without
@@ -70,7 +77,8 @@ pub struct LogOptions {
 pub struct OpenBackend(pub Arc<BackendFn>);
 
 #[doc(hidden)]
-pub type BackendFn = dyn Fn() -> Box<dyn redb::StorageBackend> + Send + Sync;
+/// Called with the file's name: `DB_FILE` or `JOURNAL_FILE`.
+pub type BackendFn = dyn Fn(&str) -> Box<dyn redb::StorageBackend> + Send + Sync;
 
 impl std::fmt::Debug for OpenBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -86,6 +94,7 @@ impl LogOptions {
             flush_interval: Duration::from_secs(1),
             commit_interval: Duration::ZERO,
             max_group_bytes: 8 << 20,
+            checkpoint_interval: Duration::ZERO,
             cache_bytes: 64 << 20,
             unsafe_ack_before_commit: false,
             open_backend: None,
@@ -165,7 +174,8 @@ pub struct RetentionDeletion {
 }
 
 /// One change in an atomic write. All ops of one `Log::write` commit together or not at all.
-#[derive(Clone, Debug)]
+/// Serialized only into the journal (`journal.rs`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum WriteOp {
     Append {
         topic: String,
@@ -248,6 +258,11 @@ pub enum StorageError {
     FormatVersion { found: u64, expected: u64 },
     #[error("corrupt {table} entry: {detail}")]
     Corrupt { table: &'static str, detail: String },
+    #[error("journal {path}: {error}")]
+    Journal {
+        path: PathBuf,
+        error: Arc<std::io::Error>,
+    },
     #[error(
         "disk full: {available} bytes free in the data directory, {needed} needed to resume writing"
     )]
@@ -266,13 +281,15 @@ impl StorageError {
                 _ => false,
             },
             StorageError::DiskFull { .. } => true,
+            StorageError::Journal { error, .. } => error.kind() == std::io::ErrorKind::StorageFull,
             _ => false,
         }
     }
 
     /// True when the database must be reopened before the next write.
     fn is_io(&self) -> bool {
-        matches!(self, StorageError::Database(e)
+        matches!(self, StorageError::Journal { .. })
+            || matches!(self, StorageError::Database(e)
             if matches!(e.as_ref(), redb::Error::Io(_) | redb::Error::PreviousIo | redb::Error::Backend(_)))
     }
 }

@@ -7,15 +7,21 @@ use serde::{Deserialize, Serialize};
 use super::topic::TopicConfig;
 
 /// Written to `meta` on creation; a database with another version is refused.
-/// 1: the first layout (a `batch_index` table) and, unbumped, today's; 2: today's.
-pub(crate) const FORMAT_VERSION: u64 = 2;
+/// 1: the first layout (a `batch_index` table) and, unbumped, the second; 2: the second
+/// layout; 3: the same tables with the write-ahead journal beside them (`meta`'s
+/// journal keys), which a build of format 2 would ignore, losing what it holds.
+pub(crate) const FORMAT_VERSION: u64 = 3;
 
 /// Kafka's name for a topic id is a UUID; ours is a counter that is never reused,
 /// so a topic deleted and created again never sees the old batches.
 pub(crate) type TopicId = u32;
 
-/// `format_version`, `next_topic_id`.
+/// `format_version`, `next_topic_id`, `journal_generation`, `journal_seq`.
 pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// `meta` keys of the journal (`journal.rs`): the generation the database's journal
+/// entries belong to, and the last entry applied.
+pub(crate) const JOURNAL_GENERATION: &str = "journal_generation";
+pub(crate) const JOURNAL_SEQ: &str = "journal_seq";
 /// Topic name → postcard `TopicRecord`.
 pub(crate) const TOPICS: TableDefinition<&str, &[u8]> = TableDefinition::new("topics");
 /// (topic id, partition) → `PartitionRow` as a tuple.
