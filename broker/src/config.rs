@@ -153,6 +153,7 @@ pub struct TopicDefaults {
     pub retention_bytes: i64,
     pub max_message_bytes: u32,
     pub cleanup_policy: String,
+    pub compression_type: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -267,6 +268,7 @@ impl Default for TopicDefaults {
             retention_bytes: kafka.retention_bytes.map_or(-1, |v| v as i64),
             max_message_bytes: kafka.max_message_bytes,
             cleanup_policy: "delete".into(),
+            compression_type: kafka.compression_type.as_str().into(),
         }
     }
 }
@@ -446,6 +448,7 @@ impl Config {
                 d.max_message_bytes.to_string().as_str(),
             ),
             ("cleanup.policy", d.cleanup_policy.as_str()),
+            ("compression.type", d.compression_type.as_str()),
         ])
     }
 

@@ -642,13 +642,25 @@ fn the_commit_window_groups_a_light_load_without_slowing_a_synchronous_writer() 
     });
 }
 
-/// Format 1 was written by two layouts: the second (relabelled 3 on open, data intact,
-/// as is format 2: the same tables) and the first, with a `batch_index` table (refused,
-/// naming both versions).
+/// Format 1 was written by two layouts: the second (migrated to 4 on open, data intact,
+/// as are formats 2 and 3: the same tables, topic configs as a fixed struct) and the
+/// first, with a `batch_index` table (refused, naming both versions).
 #[test]
-fn an_older_format_is_relabelled_or_refused() {
+fn an_older_format_is_migrated_or_refused() {
     use redb::{ReadableDatabase, TableDefinition};
     const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+    const TOPICS: TableDefinition<&str, &[u8]> = TableDefinition::new("topics");
+    /// A topic row as formats 1 to 3 wrote it.
+    #[derive(serde::Serialize)]
+    struct OldTopic {
+        id: u32,
+        partitions: u32,
+        retention_ms: Option<u64>,
+        retention_bytes: Option<u64>,
+        max_message_bytes: u32,
+        cleanup_policy_delete: u32,
+        created_ms: i64,
+    }
     // Only the table's name marks the first layout; its types do not matter here.
     const BATCH_INDEX: TableDefinition<u64, u64> = TableDefinition::new("batch_index");
     const OLD_PARTITIONS: TableDefinition<(u32, u32), (u64, u64, u64)> =
@@ -659,6 +671,20 @@ fn an_older_format_is_relabelled_or_refused() {
         txn.open_table(META)
             .unwrap()
             .insert("format_version", version)
+            .unwrap();
+        let old = OldTopic {
+            id: 0,
+            partitions: 1,
+            retention_ms: Some(12_345),
+            retention_bytes: None,
+            max_message_bytes: 2048,
+            cleanup_policy_delete: 0,
+            created_ms: 1,
+        };
+        let row = postcard::to_stdvec(&old).unwrap();
+        txn.open_table(TOPICS)
+            .unwrap()
+            .insert("t", row.as_slice())
             .unwrap();
         txn.commit().unwrap();
     };
@@ -679,16 +705,20 @@ fn an_older_format_is_relabelled_or_refused() {
         log.append("t", 0, client_batch(1, 3, 10, 0)).await.unwrap();
         log.close().await.unwrap();
     });
-    assert_eq!(version(&file), Some(3));
-    for old_version in [1, 2] {
+    assert_eq!(version(&file), Some(4));
+    for old_version in [1, 2, 3] {
         set_version(&file, old_version);
         rt().block_on(async {
             let log = Log::open(LogOptions::new(dir.path())).unwrap();
             assert_eq!(log.offsets("t", 0).unwrap().high_watermark, 3);
             assert_eq!(read_all(&log, "t", 0).len(), 1);
+            let config = log.topic("t").unwrap().config;
+            assert_eq!(config.retention_ms, Some(12_345));
+            assert_eq!(config.max_message_bytes, 2048);
+            assert_eq!(config.compression_type, CompressionType::Producer);
             log.close().await.unwrap();
         });
-        assert_eq!(version(&file), Some(3));
+        assert_eq!(version(&file), Some(4));
     }
 
     let old = tempfile::tempdir().unwrap();
@@ -715,14 +745,14 @@ fn an_older_format_is_relabelled_or_refused() {
             e,
             StorageError::FormatVersion {
                 found: 1,
-                expected: 3
+                expected: 4
             }
         ),
         "{e}"
     );
     let message = e.to_string();
     assert!(
-        message.contains("version 1") && message.contains("version 3"),
+        message.contains("version 1") && message.contains("version 4"),
         "{message}"
     );
     // Refused without a change: still the old file.
@@ -808,6 +838,26 @@ fn records_the_broker_made_in_one_window_share_a_batch() {
             batches <= 2,
             "20 one-record writes in one window: {batches} batches"
         );
+        // Compressed with the topic's compression.type: zstd (4) for "producer".
+        let codec = |topic: &str| {
+            let batches = read_all(&log, topic, 0);
+            batches
+                .iter()
+                .map(|b| b.header().attributes() & 7)
+                .collect::<Vec<i16>>()
+        };
+        assert!(codec("t").iter().all(|c| *c == 4), "{:?}", codec("t"));
+        for (name, expected) in [("uncompressed", 0), ("gzip", 1), ("lz4", 3)] {
+            let config = TopicConfig::default()
+                .with_overrides([("compression.type", name)])
+                .unwrap();
+            log.create_topic(name, 1, config).await.unwrap();
+            log.write(vec![records_op(name, 0, &[vec![1], vec![2]])])
+                .await
+                .unwrap();
+            assert_eq!(codec(name), vec![expected], "{name}");
+            assert_eq!(stored_records(&log, name, 0).0.len(), 2);
+        }
 
         // A client's batch between two of them: offsets in the order of arrival.
         let first = log

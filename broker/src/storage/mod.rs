@@ -30,7 +30,8 @@ use tables::{
     BATCHES, GROUP_OFFSETS, PARTITIONS, PartitionRow, STATE, TIME_INDEX, TopicId, split_stored,
 };
 pub use topic::{
-    CleanupPolicy, InvalidTopicConfig, InvalidTopicName, MAX_PARTITIONS, TopicConfig, TopicName,
+    CleanupPolicy, CompressionType, InvalidTopicConfig, InvalidTopicName, MAX_PARTITIONS,
+    TopicConfig, TopicName,
 };
 use writer::{Caller, Command, DbSlot};
 
@@ -99,6 +100,12 @@ impl LogOptions {
             unsafe_ack_before_commit: false,
             open_backend: None,
         }
+    }
+
+    /// Whether acknowledgements wait for durable commits: with fsync, unless the
+    /// test-only early acknowledgement is set.
+    pub(crate) fn acks_wait_for_durability(&self) -> bool {
+        self.fsync && !self.unsafe_ack_before_commit
     }
 }
 

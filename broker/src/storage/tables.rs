@@ -9,8 +9,9 @@ use super::topic::TopicConfig;
 /// Written to `meta` on creation; a database with another version is refused.
 /// 1: the first layout (a `batch_index` table) and, unbumped, the second; 2: the second
 /// layout; 3: the same tables with the write-ahead journal beside them (`meta`'s
-/// journal keys), which a build of format 2 would ignore, losing what it holds.
-pub(crate) const FORMAT_VERSION: u64 = 3;
+/// journal keys), which a build of format 2 would ignore, losing what it holds; 4: topic
+/// configs stored as Kafka's key/value strings (`TopicConfig`), 1 to 3 migrated on open.
+pub(crate) const FORMAT_VERSION: u64 = 4;
 
 /// Kafka's name for a topic id is a UUID; ours is a counter that is never reused,
 /// so a topic deleted and created again never sees the old batches.
@@ -48,6 +49,41 @@ pub(crate) struct TopicRecord {
     pub(crate) partitions: u32,
     pub(crate) config: TopicConfig,
     pub(crate) created_ms: i64,
+}
+
+/// A `TopicRecord` as formats 1 to 3 stored it: the config as a fixed struct.
+#[derive(Deserialize)]
+pub(crate) struct TopicRecordV3 {
+    id: TopicId,
+    partitions: u32,
+    config: TopicConfigV3,
+    created_ms: i64,
+}
+
+#[derive(Deserialize)]
+struct TopicConfigV3 {
+    retention_ms: Option<u64>,
+    retention_bytes: Option<u64>,
+    max_message_bytes: u32,
+    /// `Delete`, the only policy those formats knew.
+    _cleanup_policy: u32,
+}
+
+impl From<TopicRecordV3> for TopicRecord {
+    fn from(old: TopicRecordV3) -> Self {
+        let c = old.config;
+        TopicRecord {
+            id: old.id,
+            partitions: old.partitions,
+            config: TopicConfig {
+                retention_ms: c.retention_ms,
+                retention_bytes: c.retention_bytes,
+                max_message_bytes: c.max_message_bytes,
+                ..TopicConfig::default()
+            },
+            created_ms: old.created_ms,
+        }
+    }
 }
 
 /// Bytes appended between two time-index entries of a partition.

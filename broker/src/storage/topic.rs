@@ -72,8 +72,63 @@ pub enum CleanupPolicy {
     Delete,
 }
 
+/// `compression.type`: the codec of the batches the broker builds itself (MQTT ingest,
+/// pipelines, downlinks). A producer's batches are stored as the producer sent them,
+/// as Redpanda does: recompressing a client's batch costs CPU a gateway lacks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CompressionType {
+    /// Kafka's default, "the producer's codec": the broker, producing, picks zstd.
+    Producer,
+    Uncompressed,
+    Gzip,
+    Snappy,
+    Lz4,
+    Zstd,
+}
+
+impl CompressionType {
+    const NAMES: [(CompressionType, &'static str); 6] = [
+        (CompressionType::Producer, "producer"),
+        (CompressionType::Uncompressed, "uncompressed"),
+        (CompressionType::Gzip, "gzip"),
+        (CompressionType::Snappy, "snappy"),
+        (CompressionType::Lz4, "lz4"),
+        (CompressionType::Zstd, "zstd"),
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        Self::NAMES
+            .iter()
+            .find(|(c, _)| *c == self)
+            .map_or("producer", |(_, name)| name)
+    }
+
+    fn parse(name: &str) -> Option<Self> {
+        Self::NAMES
+            .iter()
+            .find(|(_, n)| *n == name)
+            .map(|(c, _)| *c)
+    }
+
+    /// The codec of a batch the broker builds.
+    pub fn for_broker_batches(self) -> kafka_protocol::records::Compression {
+        use kafka_protocol::records::Compression;
+        match self {
+            CompressionType::Producer | CompressionType::Zstd => Compression::Zstd,
+            CompressionType::Uncompressed => Compression::None,
+            CompressionType::Gzip => Compression::Gzip,
+            CompressionType::Snappy => Compression::Snappy,
+            CompressionType::Lz4 => Compression::Lz4,
+        }
+    }
+}
+
 /// Per-topic settings, named and valued as Kafka names them in `describe`.
+///
+/// Stored as those names and values (`KEYS` order), so that a new key needs no new
+/// database format: a row without it gets the default.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "Vec<(String, String)>", try_from = "Vec<(String, String)>")]
 pub struct TopicConfig {
     /// `retention.ms`: batches appended longer ago than this are deleted. `None` = -1 (forever).
     pub retention_ms: Option<u64>,
@@ -83,6 +138,22 @@ pub struct TopicConfig {
     pub max_message_bytes: u32,
     /// `cleanup.policy`.
     pub cleanup_policy: CleanupPolicy,
+    /// `compression.type`.
+    pub compression_type: CompressionType,
+}
+
+impl From<TopicConfig> for Vec<(String, String)> {
+    fn from(config: TopicConfig) -> Self {
+        config.entries()
+    }
+}
+
+impl TryFrom<Vec<(String, String)>> for TopicConfig {
+    type Error = InvalidTopicConfig;
+
+    fn try_from(entries: Vec<(String, String)>) -> Result<Self, Self::Error> {
+        TopicConfig::default().with_overrides(entries.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+    }
 }
 
 impl Default for TopicConfig {
@@ -93,6 +164,7 @@ impl Default for TopicConfig {
             retention_bytes: None,
             max_message_bytes: 1_048_588,
             cleanup_policy: CleanupPolicy::Delete,
+            compression_type: CompressionType::Producer,
         }
     }
 }
@@ -100,7 +172,7 @@ impl Default for TopicConfig {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum InvalidTopicConfig {
     #[error(
-        "unknown topic config {0:?}; known: retention.ms, retention.bytes, max.message.bytes, cleanup.policy"
+        "unknown topic config {0:?}; known: retention.ms, retention.bytes, max.message.bytes, cleanup.policy, compression.type"
     )]
     UnknownKey(String),
     #[error("topic config {key}={value:?} is invalid: {reason}")]
@@ -113,8 +185,9 @@ pub enum InvalidTopicConfig {
 
 impl TopicConfig {
     /// The config keys this broker understands, in `describe` order.
-    pub const KEYS: [&'static str; 4] = [
+    pub const KEYS: [&'static str; 5] = [
         "cleanup.policy",
+        "compression.type",
         "max.message.bytes",
         "retention.bytes",
         "retention.ms",
@@ -154,6 +227,11 @@ impl TopicConfig {
                     _ => return Err(invalid("expected \"delete\"")),
                 }
             }
+            "compression.type" => {
+                self.compression_type = CompressionType::parse(value).ok_or_else(|| {
+                    invalid("expected producer, uncompressed, gzip, snappy, lz4 or zstd")
+                })?
+            }
             _ => return Err(InvalidTopicConfig::UnknownKey(key.to_string())),
         }
         Ok(())
@@ -169,6 +247,7 @@ impl TopicConfig {
             "cleanup.policy" => match self.cleanup_policy {
                 CleanupPolicy::Delete => "delete".to_string(),
             },
+            "compression.type" => self.compression_type.as_str().to_string(),
             _ => return None,
         })
     }
@@ -242,6 +321,29 @@ mod tests {
             TopicConfig::default()
                 .set("cleanup.policy", "compact")
                 .is_err()
+        );
+        assert!(
+            TopicConfig::default()
+                .set("compression.type", "none")
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn config_is_stored_as_kafka_strings() {
+        let c = TopicConfig::default()
+            .with_overrides([("retention.bytes", "1024"), ("compression.type", "lz4")])
+            .unwrap();
+        let stored = postcard::to_allocvec(&c).unwrap();
+        assert_eq!(postcard::from_bytes::<TopicConfig>(&stored).unwrap(), c);
+        // A row written before a key existed gets the key's default.
+        let older: Vec<(String, String)> = vec![("retention.ms".into(), "5".into())];
+        let c: TopicConfig = postcard::from_bytes(&postcard::to_allocvec(&older).unwrap()).unwrap();
+        assert_eq!(c.retention_ms, Some(5));
+        assert_eq!(c.compression_type, CompressionType::Producer);
+        let unknown: Vec<(String, String)> = vec![("segment.ms".into(), "5".into())];
+        assert!(
+            postcard::from_bytes::<TopicConfig>(&postcard::to_allocvec(&unknown).unwrap()).is_err()
         );
     }
 }

@@ -172,16 +172,17 @@ pub(super) fn open_database(options: &LogOptions) -> Result<(Database, State), S
                 meta.insert("format_version", FORMAT_VERSION)?;
             }
             Some(FORMAT_VERSION) => {}
-            // Format 1 was written by two layouts. The second is today's (time index,
-            // six-field partition rows, batches with their append time) under the old
-            // number: it only needs the new number, as does format 2 (today's tables,
-            // no journal yet). The first (a `batch_index` table) is refused.
-            Some(2) => {
-                info!(path = %path.display(), "database format 2 relabelled {FORMAT_VERSION}: same tables");
+            // Format 1 was written by two layouts. The second is today's tables (time
+            // index, six-field partition rows, batches with their append time) under the
+            // old number, as are formats 2 (no journal yet) and 3 (topic configs as a
+            // fixed struct): their topic rows are rewritten. The first (a `batch_index`
+            // table) is refused.
+            Some(old @ 2..=3) => {
+                migrate_topic_rows(&txn, &path, old)?;
                 meta.insert("format_version", FORMAT_VERSION)?;
             }
             Some(1) if !has_table(&txn, FIRST_LAYOUT_TABLE)? => {
-                info!(path = %path.display(), "database format 1 relabelled {FORMAT_VERSION}: same layout");
+                migrate_topic_rows(&txn, &path, 1)?;
                 meta.insert("format_version", FORMAT_VERSION)?;
             }
             Some(found) => {
@@ -202,6 +203,34 @@ pub(super) fn open_database(options: &LogOptions) -> Result<(Database, State), S
     txn.commit()?;
     let state = State::load(&db)?;
     Ok((db, state))
+}
+
+/// Rewrites each topic row in today's form, in the caller's transaction (which sets
+/// today's format number): all or nothing.
+fn migrate_topic_rows(
+    txn: &WriteTransaction,
+    path: &std::path::Path,
+    from: u64,
+) -> Result<(), StorageError> {
+    let mut topics = txn.open_table(TOPICS)?;
+    let mut rows = Vec::new();
+    for entry in topics.iter()? {
+        let (name, value) = entry?;
+        let old: TopicRecordV3 = super::decode("topics", value.value())?;
+        rows.push((name.value().to_string(), TopicRecord::from(old)));
+    }
+    for (name, record) in &rows {
+        topics.insert(name.as_str(), encode_topic(record)?.as_slice())?;
+    }
+    info!(path = %path.display(), topics = rows.len(), "database format {from} migrated to {FORMAT_VERSION}");
+    Ok(())
+}
+
+fn encode_topic(record: &TopicRecord) -> Result<Vec<u8>, StorageError> {
+    postcard::to_stdvec(record).map_err(|e| StorageError::Corrupt {
+        table: "topics",
+        detail: e.to_string(),
+    })
 }
 
 /// A table only the first layout of format 1 has.
@@ -291,11 +320,22 @@ fn set_aside_unfinished_creation(path: &std::path::Path) -> Result<(), StorageEr
     Ok(())
 }
 
+/// Marks a durable commit as a checkpoint: the journal's entries up to now are in the
+/// database, and its next generation starts empty.
+fn start_generation(
+    meta: &mut Table<&'static str, u64>,
+    generation: u64,
+) -> Result<(), StorageError> {
+    meta.insert(JOURNAL_GENERATION, generation)?;
+    meta.insert(JOURNAL_SEQ, 0)?;
+    Ok(())
+}
+
 /// Whether small groups go to the journal: not without a checkpoint interval, nor
 /// without fsync (nothing waits for durability), nor with the test-only early
 /// acknowledgement.
 fn journal_on(options: &LogOptions) -> bool {
-    !options.checkpoint_interval.is_zero() && options.fsync && !options.unsafe_ack_before_commit
+    !options.checkpoint_interval.is_zero() && options.acks_wait_for_durability()
 }
 
 /// The journal of `options.data_dir`: when it is on, or when a journal is there to be
@@ -662,7 +702,7 @@ impl Writer {
             .build();
         let mut shutting_down = false;
         loop {
-            let durable = self.options.fsync && !self.options.unsafe_ack_before_commit;
+            let durable = self.options.acks_wait_for_durability();
             let idle_until_flush = self.idle_until_flush();
             let first = if shutting_down || idle_until_flush.is_none() {
                 self.rx.blocking_recv()
@@ -811,8 +851,7 @@ impl Writer {
     /// durable one must be made durable (`flush_interval` without fsync, the journal's
     /// `checkpoint_interval` with it); `None` when nothing waits for that.
     fn idle_until_flush(&self) -> Option<Duration> {
-        let durable = self.options.fsync && !self.options.unsafe_ack_before_commit;
-        if !durable {
+        if !self.options.acks_wait_for_durability() {
             return Some(self.options.flush_interval);
         }
         let since = self.journaled_since?;
@@ -840,9 +879,7 @@ impl Writer {
         txn.set_durability(Durability::Immediate)?;
         let next = self.journal.as_ref().map(|j| j.generation() + 1);
         if let Some(generation) = next {
-            let mut meta = txn.open_table(META)?;
-            meta.insert(JOURNAL_GENERATION, generation)?;
-            meta.insert(JOURNAL_SEQ, 0)?;
+            start_generation(&mut txn.open_table(META)?, generation)?;
         }
         txn.commit()?;
         self.checkpointed(next);
@@ -1078,8 +1115,7 @@ impl Writer {
         // The test-only early acknowledgement also skips durability, as a broker that
         // acknowledges from memory does.
         let flush = group.iter().any(|c| matches!(c, Command::Flush { .. }));
-        let durable = journal_seq.is_none()
-            && ((self.options.fsync && !self.options.unsafe_ack_before_commit) || flush);
+        let durable = journal_seq.is_none() && (self.options.acks_wait_for_durability() || flush);
         txn.set_durability(if durable {
             Durability::Immediate
         } else {
@@ -1095,10 +1131,7 @@ impl Writer {
                     }
                     // A durable commit is a checkpoint: the next generation starts.
                     None if durable => {
-                        tables
-                            .meta
-                            .insert(JOURNAL_GENERATION, journal.generation() + 1)?;
-                        tables.meta.insert(JOURNAL_SEQ, 0)?;
+                        start_generation(&mut tables.meta, journal.generation() + 1)?
                     }
                     None => {}
                 }
@@ -1315,6 +1348,7 @@ impl Writer {
         };
         let state = self.state.topics.get(topic).expect("validated");
         let limit = MERGED_BATCH_MAX_BYTES.min(state.record.config.max_message_bytes as usize);
+        let codec = state.record.config.compression_type.for_broker_batches();
         let mut rest = records.as_slice();
         while !rest.is_empty() {
             // Validation saw every record fit alone; the first always goes in.
@@ -1329,8 +1363,7 @@ impl Writer {
                 table: "batches",
                 detail: format!("cannot encode records made by the broker: {detail}"),
             };
-            let bytes = batch(chunk, kafka_protocol::records::Compression::None)
-                .map_err(|e| corrupt(e.to_string()))?;
+            let bytes = batch(chunk, codec).map_err(|e| corrupt(e.to_string()))?;
             let encoded = RecordBatch::parse(bytes).map_err(|e| corrupt(e.to_string()))?;
             self.append(tables, topic, partition, &[encoded], now, changes)?;
             rest = after;
@@ -1436,10 +1469,7 @@ impl Writer {
             config: config.clone(),
             created_ms: now,
         };
-        let encoded = postcard::to_stdvec(&record).map_err(|e| StorageError::Corrupt {
-            table: "topics",
-            detail: e.to_string(),
-        })?;
+        let encoded = encode_topic(&record)?;
         tables
             .meta
             .insert("next_topic_id", u64::from(self.state.next_topic_id))?;
@@ -1472,10 +1502,7 @@ impl Writer {
             return Ok(Err(TopicError::NotFound(name.to_string())));
         };
         topic.record.config = config.clone();
-        let encoded = postcard::to_stdvec(&topic.record).map_err(|e| StorageError::Corrupt {
-            table: "topics",
-            detail: e.to_string(),
-        })?;
+        let encoded = encode_topic(&topic.record)?;
         tables.topics.insert(name, encoded.as_slice())?;
         changes.reconfigured.push(name.to_string());
         Ok(Ok(self.state.info(name)))
