@@ -76,6 +76,7 @@ pub struct AdminState {
     pub serving: Arc<std::sync::atomic::AtomicBool>,
     /// `[admin] token`: when set, every request but `/health` carries it as a bearer token.
     pub token: Option<String>,
+    pub status: Arc<crate::status::StatusSources>,
 }
 
 /// Refuses a request without the bearer token, when one is configured. `/health` stays
@@ -125,6 +126,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
+        .route("/v1/status", get(status))
         .route("/v1/topics", get(list_topics).post(create_topic))
         .route(
             "/v1/topics/{name}",
@@ -196,6 +198,17 @@ async fn create_topic(
         .await?;
     tracing::info!(topic = %info.name, partitions, "topic created");
     Ok((StatusCode::CREATED, Json(info.into())))
+}
+
+async fn status(
+    State(state): State<Arc<AdminState>>,
+) -> Result<Json<crate::status::Status>, ApiFailure> {
+    // Reads every topic's partitions: off the async workers.
+    let sources = state.status.clone();
+    let status = tokio::task::spawn_blocking(move || sources.status())
+        .await
+        .map_err(|e| ApiFailure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(Json(status))
 }
 
 async fn describe_topic(
@@ -463,6 +476,14 @@ impl AdminClient {
     pub async fn list_topics(&self) -> anyhow::Result<Vec<TopicView>> {
         let url = format!("{}/v1/topics", self.base);
         Ok(self.call(self.http.get(url)).await?.unwrap_or_default())
+    }
+
+    /// `/v1/status`: what the status page shows.
+    pub async fn status(&self) -> anyhow::Result<crate::status::Status> {
+        let url = format!("{}/v1/status", self.base);
+        self.call(self.http.get(url))
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("the broker has no /v1/status"))
     }
 
     pub async fn describe_topic(&self, name: &str) -> anyhow::Result<TopicDescription> {

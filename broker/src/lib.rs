@@ -14,5 +14,6 @@ pub mod record_batch;
 pub mod replication;
 pub mod server;
 pub mod shell;
+pub mod status;
 pub mod storage;
 pub mod tls;

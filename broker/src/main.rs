@@ -98,6 +98,15 @@ enum Command {
         #[command(subcommand)]
         command: UserCommand,
     },
+    /// The broker at a glance: health, listeners, rates, MQTT clients, topics, groups,
+    /// pipelines, replication, storage, recent warnings (what the status page shows).
+    Status {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Print `/v1/status` as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Replication with the central cluster.
     Replication {
         #[command(flatten)]
@@ -355,13 +364,18 @@ fn init_tracing(format: LogFormat, level: &str) {
     // Colours only on a terminal: a journal or a file gets plain lines.
     use std::io::IsTerminal;
     let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(colour)
         .with_writer(std::io::stderr);
+    // The status page's recent warnings and errors see what the filter lets through.
+    let registry = tracing_subscriber::registry()
+        .with(filter)
+        .with(weir::status::RecentEventsLayer);
     match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => registry.with(fmt).init(),
+        LogFormat::Json => registry.with(fmt.json()).init(),
     }
 }
 
@@ -479,6 +493,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         p.lag_bytes
                     );
                 }
+            }
+            Ok(())
+        }
+        Command::Status { admin, json } => {
+            let status = AdminClient::from_env(&admin.admin)?.status().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!(
+                    "{}",
+                    weir::status::render_text(&status, weir::storage::now_ms())
+                );
             }
             Ok(())
         }

@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use crate::admin::{self, AdminState};
-use crate::auth::{AuthMetrics, Gate, Users};
+use crate::auth::{Anonymous, AuthMetrics, Gate, Users};
 use crate::config::Config;
 use crate::kafka::{self, KafkaBroker, KafkaMetrics, KafkaSettings};
 use crate::metrics::{self, StorageMetrics};
@@ -23,6 +23,7 @@ use crate::plugins::{
     PluginHost, PluginRegistry,
 };
 use crate::replication::{self, ReplicationMetrics};
+use crate::status::{self, ListenerView, StatusSources};
 use crate::storage::{Log, now_ms};
 use crate::tls::{AdminListener, Listener, Tls, TlsMetrics};
 
@@ -78,7 +79,17 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         _ => None,
     };
     let serving = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let status = Arc::new(StatusSources::new(
+        data_dir.clone(),
+        log.clone(),
+        storage_metrics.clone(),
+        kafka_metrics.clone(),
+        mqtt_metrics.clone(),
+        pipelines.clone(),
+        replication.clone(),
+    ));
     let state = Arc::new(AdminState {
+        status: status.clone(),
         serving: serving.clone(),
         log: log.clone(),
         registry: {
@@ -146,10 +157,32 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     for listener in &kafka_listeners {
         kafka::log_listening(listener.local_addr()?, listener.tls.is_some(), &settings);
     }
+    let mut listener_views = vec![ListenerView {
+        name: "admin".into(),
+        address: admin_addr.to_string(),
+        tls: config.admin.tls && tls.is_some(),
+        auth: if config.admin_token()?.is_some() {
+            "bearer token".into()
+        } else {
+            "open".into()
+        },
+    }];
+    for listener in &kafka_listeners {
+        listener_views.push(ListenerView {
+            name: "kafka".into(),
+            address: listener.local_addr()?.to_string(),
+            tls: listener.tls.is_some(),
+            auth: client_auth(&config),
+        });
+    }
     let kafka_broker = KafkaBroker::new(log.clone(), settings, kafka_metrics, gate.clone())?;
     let kafka = tokio::spawn(kafka_broker.serve(kafka_listeners, stop_rx.clone()));
 
-    let mqtt = start_mqtt(
+    let MqttStarted {
+        tasks: mut mqtt,
+        addrs: mqtt_addrs,
+        broker: mqtt_broker,
+    } = start_mqtt(
         &config,
         &log,
         &host,
@@ -159,6 +192,21 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         &stop_rx,
     )
     .await?;
+    mqtt.push(tokio::spawn(mqtt::sys::run_sys(
+        mqtt_broker,
+        status.clone(),
+        stop_rx.clone(),
+    )));
+    for (addr, tls) in mqtt_addrs {
+        listener_views.push(ListenerView {
+            name: "mqtt".into(),
+            address: addr.to_string(),
+            tls,
+            auth: client_auth(&config),
+        });
+    }
+    let _ = status.listeners.set(listener_views);
+    let sampler = tokio::spawn(status::run_sampler(status.clone(), stop_rx.clone()));
     // Listening for SIGHUP before anything can send it: its default action ends the process.
     let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .inspect_err(|e| warn!(error = %e, "cannot listen for SIGHUP: certificates reload only with a restart"))
@@ -187,6 +235,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         error!(error = %e, "admin listener failed");
     }
     retention.await?;
+    sampler.await?;
     reloads.abort();
     if let Err(e) = kafka.await? {
         error!(error = %e, "kafka listener failed");
@@ -203,6 +252,23 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Who may connect to the Kafka and MQTT listeners, for the status page.
+fn client_auth(config: &Config) -> String {
+    match config.auth.anonymous {
+        Anonymous::Loopback => "anonymous from loopback, users elsewhere".into(),
+        Anonymous::All => "anyone (anonymous = \"all\")".into(),
+        Anonymous::None => "users only".into(),
+    }
+}
+
+/// What `start_mqtt` started: its tasks, the listeners' addresses (with whether they
+/// are TLS), and the broker.
+struct MqttStarted {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    addrs: Vec<(std::net::SocketAddr, bool)>,
+    broker: MqttBroker,
+}
+
 /// Binds the MQTT listener, creates the rules' topics, starts downlinks and bridges.
 async fn start_mqtt(
     config: &Config,
@@ -212,7 +278,7 @@ async fn start_mqtt(
     gate: Arc<Gate>,
     tls: Option<&Arc<Tls>>,
     stop: &watch::Receiver<bool>,
-) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+) -> anyhow::Result<MqttStarted> {
     let m = &config.mqtt;
     let defaults = config.topic_config()?;
     let partitions = config.topic_defaults.partitions;
@@ -248,6 +314,8 @@ async fn start_mqtt(
         Some(l) => Some(l.local_addr()?),
         None => None,
     };
+    let mut addrs = vec![(listeners[0].local_addr()?, false)];
+    addrs.extend(tls_addr.map(|a| (a, true)));
     let broker = {
         let log = log.clone();
         let metrics = metrics.clone();
@@ -281,12 +349,17 @@ async fn start_mqtt(
         )));
     }
     let stop = stop.clone();
+    let serving = broker.clone();
     tasks.push(tokio::spawn(async move {
-        if let Err(e) = mqtt::serve(broker, settings, gate, listeners, stop).await {
+        if let Err(e) = mqtt::serve(serving, settings, gate, listeners, stop).await {
             error!(error = %e, "mqtt listener failed");
         }
     }));
-    Ok(tasks)
+    Ok(MqttStarted {
+        tasks,
+        addrs,
+        broker,
+    })
 }
 
 /// Starts the pipelines of the config file and those created through the admin API.

@@ -509,7 +509,7 @@ pub fn metric_at(admin: SocketAddr, name: &str) -> f64 {
 
 /// The whole HTTP response (status line, headers, body) to `GET path` on the admin API,
 /// or `None` if it cannot be reached.
-fn admin_get(admin: SocketAddr, path: &str) -> Option<String> {
+pub fn admin_get(admin: SocketAddr, path: &str) -> Option<String> {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect_timeout(&admin, Duration::from_secs(1)).ok()?;
     stream

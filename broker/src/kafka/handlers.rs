@@ -38,12 +38,38 @@ use crate::storage::{
 
 const NONE: i16 = 0;
 
+/// Batches, records and bytes an append adds, for the metrics.
+#[derive(Clone, Copy)]
+struct Produced {
+    batches: u64,
+    records: u64,
+    bytes: u64,
+}
+
+impl Produced {
+    fn of(batches: &[RecordBatch]) -> Self {
+        Produced {
+            batches: batches.len() as u64,
+            records: batches.iter().map(|b| b.offset_count()).sum(),
+            bytes: batches.iter().map(|b| b.len() as u64).sum(),
+        }
+    }
+}
+
+impl super::KafkaMetrics {
+    fn produced(&self, p: Produced) {
+        self.produced_batches.inc_by(p.batches);
+        self.produced_records.inc_by(p.records);
+        self.produced_bytes.inc_by(p.bytes);
+    }
+}
+
 /// A produce partition after phase one.
 enum Started {
     /// Refused, or nothing to wait for.
     Done(Result<(u64, u64), (ResponseError, Option<String>)>),
-    /// A plain append, queued.
-    Plain(crate::storage::PendingWrite),
+    /// A plain append, queued, and what it adds once it commits.
+    Plain(crate::storage::PendingWrite, Produced),
     /// An idempotent producer's batches: checked and appended in phase two.
     Idempotent {
         topic: String,
@@ -639,13 +665,14 @@ impl KafkaBroker {
                 batches,
             };
         }
+        let produced = Produced::of(&batches);
         let op = WriteOp::Append {
             topic,
             partition,
             batches,
         };
         match self.log.submit(vec![op]).await {
-            Ok(pending) => Started::Plain(pending),
+            Ok(pending) => Started::Plain(pending, produced),
             Err(e) => fail(errors::write(&e), e.to_string()),
         }
     }
@@ -658,11 +685,11 @@ impl KafkaBroker {
         let fail = |e: ResponseError, m: String| (e, Some(m));
         match started {
             Started::Done(result) => result,
-            Started::Plain(pending) => {
+            Started::Plain(pending, produced) => {
                 let outcome = pending
                     .await
                     .map_err(|e| fail(errors::write(&e), e.to_string()))?;
-                self.metrics.produced_batches.inc();
+                self.metrics.produced(produced);
                 match outcome.first() {
                     Some(WriteOutcome::Appended(a)) => Ok((a.base_offset, a.log_start)),
                     _ => Err(fail(
@@ -724,6 +751,7 @@ impl KafkaBroker {
                 .map_err(|e| fail(errors::read(&e), e.to_string()))?
                 .high_watermark;
             let next = state.accepted(&batch, expected_base);
+            let produced = Produced::of(std::slice::from_ref(&batch));
             let ops = vec![
                 WriteOp::Append {
                     topic: topic.clone(),
@@ -749,7 +777,7 @@ impl KafkaBroker {
             // the corrected one. Only the offset reported for a retried duplicate can
             // be affected, never what is stored.
             slot.set(next.with_last_base(a.base_offset));
-            self.metrics.produced_batches.inc();
+            self.metrics.produced(produced);
             first_base.get_or_insert(a.base_offset);
         }
         let log_start = self

@@ -87,6 +87,8 @@ pub struct KafkaMetrics {
     pub requests: Counter,
     pub bad_frames: Counter,
     pub produced_batches: Counter,
+    pub produced_records: Counter,
+    pub produced_bytes: Counter,
     pub fetched_bytes: Counter,
 }
 
@@ -108,6 +110,16 @@ impl KafkaMetrics {
             "produced_batches",
             "Record batches appended through Produce",
             self.produced_batches.clone(),
+        );
+        r.register(
+            "produced_records",
+            "Records appended through Produce",
+            self.produced_records.clone(),
+        );
+        r.register(
+            "produced_bytes",
+            "Record batch bytes appended through Produce",
+            self.produced_bytes.clone(),
         );
         r.register(
             "fetched_bytes",

@@ -340,6 +340,8 @@ struct State {
     sessions: HashMap<String, Session>,
     tree: SubscriptionTree<SubOptions>,
     retained: HashMap<String, Arc<Message>>,
+    /// Of `retained`, the broker's own `$SYS` messages (not counted as retained).
+    sys_retained: usize,
     /// Per topic, the retained writes in flight, oldest first.
     inflight_retained: HashMap<String, Vec<InflightRetained>>,
     next_inflight: u64,
@@ -360,6 +362,10 @@ pub struct MqttMetrics {
     pub protocol_errors: Counter,
     pub received: Counter,
     pub sent: Counter,
+    /// Bytes of the PUBLISH packets received and sent (Mosquitto's `bytes/…` count every
+    /// packet; the PUBLISH packets are nearly all of them).
+    pub received_bytes: Counter,
+    pub sent_bytes: Counter,
     pub ingested: Counter,
     pub dropped: Counter,
     pub ingest_errors: Counter,
@@ -405,6 +411,16 @@ impl MqttMetrics {
             "sent",
             "PUBLISH packets sent to subscribers",
             self.sent.clone(),
+        );
+        r.register(
+            "received_bytes",
+            "Bytes of the PUBLISH packets received",
+            self.received_bytes.clone(),
+        );
+        r.register(
+            "sent_bytes",
+            "Bytes of the PUBLISH packets sent to subscribers",
+            self.sent_bytes.clone(),
         );
         r.register(
             "ingested",
@@ -1058,6 +1074,32 @@ impl MqttBroker {
         });
     }
 
+    /// Publishes one of the broker's own `$SYS` messages: QoS 0, retained in memory
+    /// only. It changes every interval; writing it would wear the card for nothing.
+    pub fn publish_sys(&self, topic: &str, payload: String) {
+        let message = Arc::new(Message {
+            topic: topic.to_string(),
+            payload: Bytes::from(payload),
+            qos: 0,
+            retain: true,
+            properties: MessageProperties::default(),
+            from: String::new(),
+            expires_at_ms: None,
+        });
+        let mut st = self.inner.state.lock();
+        if st
+            .retained
+            .insert(topic.to_string(), message.clone())
+            .is_none()
+        {
+            st.sys_retained += 1;
+        }
+        let mut prepared = Prepared::default();
+        self.route(&mut st, message, &mut prepared);
+        self.gauges(&st);
+        self.deliver(st, prepared.deliveries);
+    }
+
     /// Prepares, writes and delivers one message; returns once it is durable.
     pub async fn publish(&self, message: Message) -> Result<(), WriteError> {
         let mut prepared = self.prepare(message)?;
@@ -1199,7 +1241,7 @@ impl MqttBroker {
         let m = &self.inner.metrics;
         m.subscriptions.set(st.tree.len() as i64);
         m.sessions.set(st.sessions.len() as i64);
-        m.retained.set(st.retained.len() as i64);
+        m.retained.set((st.retained.len() - st.sys_retained) as i64);
     }
 
     fn session_op(&self, client_id: &str, session: &Session) -> WriteOp {

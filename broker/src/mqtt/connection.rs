@@ -753,7 +753,9 @@ impl Conn {
     }
 
     async fn publish(&mut self, mut p: Publish) -> Result<(), Violation> {
-        self.broker.metrics().received.inc();
+        let metrics = self.broker.metrics();
+        metrics.received.inc();
+        metrics.received_bytes.inc_by(p.size() as u64);
         let props = p.properties.take().unwrap_or_default();
         let topic = if p.topic.is_empty() {
             let alias = props.topic_alias.ok_or_else(|| {
@@ -817,7 +819,10 @@ impl Conn {
                 "payload is not UTF-8".into(),
             ));
         }
-        if !self.authorized(Operation::Publish, Resource::Topic(&topic)) {
+        // `$SYS/` is the broker's own, as in Mosquitto: a client's publish there is refused.
+        if topic.starts_with("$SYS/")
+            || !self.authorized(Operation::Publish, Resource::Topic(&topic))
+        {
             if p.qos != QoS::AtMostOnce {
                 // Answered in its turn: acknowledgements leave in the order publishes came.
                 self.submit_publishes().await;
@@ -1152,6 +1157,10 @@ impl Conn {
             }
             self.queue(&packet);
             self.broker.metrics().sent.inc();
+            self.broker
+                .metrics()
+                .sent_bytes
+                .inc_by(packet.size() as u64);
             if d.qos > 0 {
                 d.sent = true;
                 self.out_state.inflight.push_back((pkid, d));

@@ -12,6 +12,7 @@ pub mod broker;
 pub mod codec;
 mod connection;
 pub mod rules;
+pub mod sys;
 pub mod topics;
 
 use std::sync::Arc;
