@@ -89,7 +89,9 @@ async fn require_token(
     let Some(token) = &state.token else {
         return next.run(request).await;
     };
-    if request.uri().path() == "/health" {
+    // The page's files hold no data; the page asks for the token when `/v1/status` needs it.
+    let path = request.uri().path();
+    if path == "/health" || PAGE_FILES.iter().any(|(p, _, _)| *p == path) {
         return next.run(request).await;
     }
     let presented = request
@@ -122,8 +124,53 @@ async fn health(State(state): State<Arc<AdminState>>) -> Response {
     }
 }
 
+/// The status page (`broker/assets/status/`), shipped inside the binary: a gateway is
+/// often offline, so nothing comes from a CDN. uPlot draws the charts.
+const PAGE_FILES: [(&str, &str, &str); 5] = [
+    (
+        "/",
+        "text/html; charset=utf-8",
+        include_str!("../assets/status/index.html"),
+    ),
+    (
+        "/assets/status.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../assets/status/status.js"),
+    ),
+    (
+        "/assets/status.css",
+        "text/css; charset=utf-8",
+        include_str!("../assets/status/status.css"),
+    ),
+    (
+        "/assets/uPlot.iife.min.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../assets/status/uPlot.iife.min.js"),
+    ),
+    (
+        "/assets/uPlot.min.css",
+        "text/css; charset=utf-8",
+        include_str!("../assets/status/uPlot.min.css"),
+    ),
+];
+
 pub fn router(state: Arc<AdminState>) -> Router {
-    Router::new()
+    let mut router = Router::new();
+    for (path, content_type, body) in PAGE_FILES {
+        router = router.route(
+            path,
+            get(move || async move {
+                (
+                    [
+                        (axum::http::header::CONTENT_TYPE, content_type),
+                        (axum::http::header::CACHE_CONTROL, "no-cache"),
+                    ],
+                    body,
+                )
+            }),
+        );
+    }
+    router
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/v1/status", get(status))

@@ -1,6 +1,7 @@
 //! The operator's view against a broker with traffic: `/v1/status`, `weir status`, and
 //! the `$SYS` topics as `mosquitto_sub` receives them.
 
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use weir_tests::*;
@@ -145,4 +146,196 @@ key = "{device}"
     let sub = mosquitto_sub(port, 10, &["-t", "$SYS/broker/version", "-C", "1"]);
     let (_, line) = sub.finish(Duration::from_secs(30));
     assert!(line.contains("weir version"), "{line}");
+}
+
+/// `chromium --headless` with its own profile directory, bounded.
+fn chromium(profile: &std::path::Path, args: &[&str], url: &str) -> CliOutput {
+    run(
+        external("chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--hide-scrollbars",
+            ])
+            .arg(format!("--user-data-dir={}", profile.display()))
+            // Console messages (and uncaught errors) go to stderr as `:CONSOLE` lines.
+            .args(["--enable-logging=stderr", "--v=0"])
+            // Virtual time runs the page's first fetch and render (not its 5 s refresh,
+            // which would age the "ago" figures) before the dump.
+            .arg("--virtual-time-budget=4000")
+            .args(args)
+            .arg(url),
+        Duration::from_secs(120),
+    )
+}
+
+/// The text of the element carrying `data-name="name"` inside the table row (or list)
+/// that `row` names, from a dumped DOM.
+fn cell<'a>(dom: &'a str, row: &str, name: &str) -> &'a str {
+    let start = dom
+        .find(&format!("data-name=\"{row}\""))
+        .unwrap_or_else(|| panic!("no {row:?} in the page:\n{dom}"));
+    let rest = &dom[start..];
+    let rest = &rest[..rest.find("</tr>").unwrap_or(rest.len())];
+    let at = rest
+        .find(&format!("data-name=\"{name}\">"))
+        .unwrap_or_else(|| panic!("no {name:?} in {row:?}'s row: {rest}"));
+    let text = &rest[at + name.len() + 13..];
+    &text[..text.find('<').unwrap()]
+}
+
+#[test]
+fn the_status_page_renders_live_traffic_in_chromium() {
+    let dir = tempfile::tempdir().unwrap();
+    let centre = Broker::start(&dir.path().join("centre"), &[]);
+    let config = format!(
+        r#"
+[[mqtt.ingest]]
+filter = "sensors/{{device}}/#"
+topic = "readings"
+key = "{{device}}"
+
+[[plugins.pipeline]]
+name = "clean"
+plugin = "{plugin}"
+inputs = ["readings"]
+outputs = {{ kept = "readings-clean", alarms = "alarms" }}
+params = {{ field = "temperature", min = "0", alarm_above = "40" }}
+
+[replication]
+gateway_id = "gw1"
+
+[[replication.upstream]]
+name = "centre"
+bootstrap_servers = "{centre}"
+
+[[replication.rule]]
+name = "up"
+upstream = "centre"
+topics = ["readings"]
+target = "{{gateway}}.{{topic}}"
+linger_ms = 20
+"#,
+        plugin = plugin_wasm("json_filter").display(),
+        centre = centre.kafka,
+    );
+    let edge = Broker::start_with_config(&dir.path().join("edge"), &config);
+    // 20 devices at 2 readings/s for the whole test.
+    let sim = Background::spawn(Command::new(workspace_bin("weir-sim")).args([
+        "--broker",
+        &edge.mqtt.to_string(),
+        "--quiet",
+        "--devices",
+        "20",
+        "--rate",
+        "2",
+        "--duration",
+        "90",
+    ]));
+    let s = wait_status(&edge, "devices, pipeline output and replication", |s| {
+        s["mqtt"]["connections"] == 20
+            && s["pipelines"][0]["records_out"].as_u64().unwrap_or(0) > 0
+            && s["replication"][0]["last_success_ms"].is_number()
+            // Two samples of traffic: a line on the charts.
+            && s["history"].as_array().is_some_and(|h| {
+                h.iter()
+                    .filter(|x| x["messages_in"].as_f64().unwrap_or(0.0) > 0.0)
+                    .count()
+                    >= 2
+            })
+    });
+    assert_eq!(s["health"], "ok", "{s:#}");
+
+    let profile = tempfile::tempdir().unwrap();
+    let url = format!("http://{}/", edge.admin);
+    let page = chromium(profile.path(), &["--dump-dom"], &url);
+    assert!(page.status.success(), "chromium: {}", page.stderr);
+    let dom = &page.stdout;
+    let console: Vec<&str> = page
+        .stderr
+        .lines()
+        .filter(|l| l.contains(":CONSOLE"))
+        .collect();
+    assert!(console.is_empty(), "the page logged: {console:#?}");
+    assert!(
+        dom.contains("id=\"fetch-error\" class=\"error\" hidden"),
+        "{dom}"
+    );
+    assert!(dom.contains(">ok</span>"), "health: {dom}");
+    assert!(
+        dom.contains("data-name=\"connections\">20<"),
+        "client count: {dom}"
+    );
+    let records: u64 = cell(dom, "readings", "records").parse().unwrap();
+    assert!(records > 0, "{records}");
+    let out: u64 = cell(dom, "clean", "records_out").parse().unwrap();
+    assert!(out > 0, "{out}");
+    assert!(
+        dom.contains("class=\"state-running\">running<"),
+        "pipeline state: {dom}"
+    );
+    let lag = cell(dom, "up", "lag");
+    assert!(lag.ends_with(" records"), "{lag}");
+    assert!(dom.contains("uplot"), "no chart drawn: {dom}");
+
+    // Screenshots, kept as artefacts: a desktop, and a phone held up at the cabinet.
+    let artefacts = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+    for (file, size) in [
+        ("status-page.png", "1280,1700"),
+        ("status-page-phone.png", "375,2400"),
+    ] {
+        let path = artefacts.join(file);
+        let _ = std::fs::remove_file(&path);
+        let shot = chromium(
+            profile.path(),
+            &[
+                &format!("--window-size={size}"),
+                &format!("--screenshot={}", path.display()),
+            ],
+            &url,
+        );
+        assert!(shot.status.success(), "chromium: {}", shot.stderr);
+        let png = std::fs::read(&path).expect("screenshot written");
+        assert!(
+            png.starts_with(b"\x89PNG") && png.len() > 10_000,
+            "{}",
+            path.display()
+        );
+    }
+    // At 375 px the page fits the width (the page marks whether it is wider than the
+    // window): only the tables scroll sideways, inside their cards.
+    let narrow = chromium(
+        profile.path(),
+        &["--window-size=375,2400", "--dump-dom"],
+        &url,
+    );
+    assert!(narrow.status.success());
+    assert!(narrow.stdout.contains("data-name=\"readings\""));
+    assert!(
+        narrow.stdout.contains("data-overflow=\"false\""),
+        "{}",
+        narrow.stdout
+    );
+
+    // `weir status` against the same broker.
+    let out = edge.cli(&["status"]);
+    assert!(out.status.success(), "{}", out.stderr);
+    for expected in [
+        "health ok",
+        "20 clients connected",
+        "readings",
+        "clean",
+        "running",
+        "up",
+        "replication:",
+        "pipelines:",
+    ] {
+        assert!(
+            out.stdout.contains(expected),
+            "{expected:?} missing from:\n{}",
+            out.stdout
+        );
+    }
+    drop(sim);
 }
