@@ -239,6 +239,10 @@ impl StatusSources {
             })
             .collect();
         let mut h = self.history.lock();
+        let written_before = h.last.map_or(0, |(_, before)| before.disk_bytes_written);
+        self.storage_metrics
+            .disk_written_bytes
+            .inc_by(totals.disk_bytes_written.saturating_sub(written_before));
         if let Some((then, before)) = h.last {
             let secs = now.duration_since(then).as_secs_f64().max(1e-3);
             let rate = |a: u64, b: u64| a.saturating_sub(b) as f64 / secs;

@@ -318,6 +318,8 @@ linger_ms = 20
         narrow.stdout
     );
 
+    grafana_queries_only_exported_metrics(&edge);
+
     // `weir status` against the same broker.
     let out = edge.cli(&["status"]);
     assert!(out.status.success(), "{}", out.stderr);
@@ -338,4 +340,55 @@ linger_ms = 20
         );
     }
     drop(sim);
+}
+
+/// Every metric the Grafana dashboard queries is one the broker exports: its family has
+/// a `# TYPE` line in `/metrics` (a family whose labels have no value yet, such as lost
+/// records, still declares itself there).
+fn grafana_queries_only_exported_metrics(broker: &Broker) {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../packaging/grafana/weir-dashboard.json"
+    );
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    fn exprs(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(map) => {
+                for (k, v) in map {
+                    match (k.as_str(), v.as_str()) {
+                        ("expr", Some(e)) => out.push(e.to_string()),
+                        _ => exprs(v, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => items.iter().for_each(|v| exprs(v, out)),
+            _ => {}
+        }
+    }
+    let mut queries = Vec::new();
+    exprs(&dashboard, &mut queries);
+    assert!(queries.len() >= 20, "{queries:?}");
+    let metrics = admin_get(broker.admin, "/metrics").unwrap();
+    let mut checked = 0;
+    for query in &queries {
+        let mut rest = query.as_str();
+        while let Some(at) = rest.find("weir_") {
+            let name: String = rest[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            rest = &rest[at + name.len()..];
+            let family = ["_total", "_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| name.strip_suffix(suffix))
+                .unwrap_or(&name);
+            assert!(
+                metrics.contains(&format!("# TYPE {family} ")),
+                "the dashboard queries {name}, which /metrics does not export (in {query})"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= queries.len());
 }

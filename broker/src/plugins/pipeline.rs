@@ -542,8 +542,19 @@ impl Runner {
             s.plugin_hash = module.hash.clone();
             s.plugin_version = version;
         }
+        let labels = vec![("pipeline".to_string(), config.name.clone())];
+        // Exported at 0 from the start, so that a dashboard's `rate()` sees the first.
+        for family in [
+            &metrics.records_in,
+            &metrics.records_out,
+            &metrics.failed,
+            &metrics.dropped,
+            &metrics.traps,
+        ] {
+            let _ = family.get_or_create(&labels);
+        }
         let runner = Self {
-            labels: vec![("pipeline".to_string(), config.name.clone())],
+            labels,
             dead_letter: config.dead_letter_topic(),
             batch_size: config.batch_size.unwrap_or(defaults.batch_size).max(1),
             log,

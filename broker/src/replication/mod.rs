@@ -435,6 +435,7 @@ pub async fn start(
     let mut statuses = Vec::new();
     let mut tasks = Vec::new();
     for rule in &config.rule {
+        metrics.declare_rule(&rule.name);
         let upstream = config
             .upstream
             .iter()
@@ -546,6 +547,25 @@ fn record_success(
 /// Cursor key of `rule` in `topic`/`partition`.
 fn cursor_key(rule: &str, topic: &str, partition: u32) -> String {
     format!("{rule}/{topic}/{partition}")
+}
+
+impl ReplicationMetrics {
+    /// Creates a rule's counters at 0, so that they are exported before their first
+    /// event (a dashboard's `rate()` then sees the first error too).
+    fn declare_rule(&self, rule: &str) {
+        let labels = rule_labels(rule);
+        for counter in [
+            &self.records,
+            &self.bytes,
+            &self.upstream_errors,
+            &self.lost_records,
+            &self.failed_records,
+            &self.already_upstream,
+        ] {
+            let _ = counter.get_or_create(&labels);
+        }
+        let _ = self.connected.get_or_create(&labels);
+    }
 }
 
 fn rule_labels(rule: &str) -> Labels {
