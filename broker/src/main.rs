@@ -471,16 +471,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     format!("{} ms ago", weir::storage::now_ms() - ms)
                 });
                 println!(
-                    "rule {} ({}, {}): {} | last success {when} | upstream errors {} | lost {}",
+                    "rule {} ({}, {}): {} | last success {when} | upstream errors {} since start ({} ms ago) | lost {}",
                     r.name,
                     serde_json::to_value(r.direction)?.as_str().unwrap_or("?"),
                     r.upstream,
                     serde_json::to_value(r.state)?.as_str().unwrap_or("?"),
                     r.upstream_errors,
+                    weir::storage::now_ms() - r.errors_since_ms,
                     r.lost_records
                 );
                 if let Some(e) = &r.last_error {
-                    println!("  last error: {e}");
+                    let at = r.last_error_ms.map_or(String::new(), |ms| {
+                        format!(" {} ms ago", weir::storage::now_ms() - ms)
+                    });
+                    let over = if r.last_error_over { ", over" } else { "" };
+                    println!("  last error ({at}{over}): {e}", at = at.trim_start());
                 }
                 for p in r.partitions {
                     println!(

@@ -615,16 +615,31 @@ pub fn render_text(s: &Status, now_ms: i64) -> String {
                 .and_then(|v| v.as_str().map(str::to_string))
                 .unwrap_or_default();
             let lag: u64 = r.partitions.iter().map(|p| p.lag_records).sum();
+            let behind = r
+                .partitions
+                .iter()
+                .filter_map(|p| p.oldest_unsent_ms)
+                .min()
+                .map_or(String::new(), |ms| format!(", {} behind", ago(ms)));
             let success = r
                 .last_success_ms
                 .map_or("never".to_string(), |ms| ago(ms) + " ago");
             let _ = writeln!(
                 out,
-                "  {:<24} {state} to {} | lag {lag} records | last success {success}",
+                "  {:<24} {state} to {} | lag {lag} records{behind} | last success {success}",
                 r.name, r.upstream
             );
             if let Some(e) = &r.last_error {
-                let _ = writeln!(out, "    last error: {e}");
+                let when = r
+                    .last_error_ms
+                    .map_or("?".to_string(), |ms| ago(ms) + " ago");
+                let over = if r.last_error_over { ", over" } else { "" };
+                let _ = writeln!(
+                    out,
+                    "    {} upstream errors since {} ago; the last {when}{over}: {e}",
+                    r.upstream_errors,
+                    ago(r.errors_since_ms)
+                );
             }
         }
     }

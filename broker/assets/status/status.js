@@ -163,14 +163,20 @@ function render(s) {
   ]), "no pipelines");
   fillTable("replication", s.replication.map((r) => {
     const lag = r.partitions.reduce((sum, p) => sum + p.lag_records, 0);
-    const error = r.last_error ? r.upstream_errors + " (last: " + r.last_error + ")" : String(r.upstream_errors);
+    const oldest = r.partitions.map((p) => p.oldest_unsent_ms).filter((t) => typeof t === "number");
+    const behind = oldest.length ? ", " + duration((now - Math.min(...oldest)) / 1000) + " behind" : "";
+    const since = "since start " + ago(r.errors_since_ms, now);
+    const error = r.last_error
+      ? r.upstream_errors + " " + since + "; last " + ago(r.last_error_ms, now) +
+        (r.last_error_over ? " (over): " : ": ") + r.last_error
+      : r.upstream_errors + " " + since;
     return [
       { text: r.name, data: r.name },
       { text: words(r.state), cls: "state-" + r.state },
       { text: r.upstream },
-      { text: lag + " records", cls: "num", data: "lag" },
+      { text: lag + " records" + behind, cls: "num", data: "lag" },
       { text: ago(r.last_success_ms, now) },
-      { text: error, cls: r.last_error ? "wrap error" : "wrap" },
+      { text: error, cls: r.last_error && !r.last_error_over ? "wrap error" : "wrap" },
     ];
   }), "no replication rules");
   fillTable("groups", s.groups.map((g) => [

@@ -245,7 +245,8 @@ fn base_config(upstream: &UpstreamConfig, client_id: &str) -> ClientConfig {
     c.set("bootstrap.servers", &upstream.bootstrap_servers)
         .set("client.id", client_id)
         .set("reconnect.backoff.ms", "100")
-        .set("reconnect.backoff.max.ms", "5000")
+        // A gateway's link comes back often: be connected within a second of its return.
+        .set("reconnect.backoff.max.ms", "1000")
         .set("log.connection.close", "false");
     let optional = [
         ("security.protocol", &upstream.security_protocol),

@@ -16,8 +16,8 @@ use tracing::{info, warn};
 
 use super::client::{self, From, UpstreamRecord};
 use super::{
-    LinkState, PartitionStatus, ReplicationMetrics, RuleConfig, SharedStatus, UpstreamConfig,
-    add_upstream_errors, cursor_key, note_link_errors, record_success, set_state,
+    LinkState, PartitionStatus, ReplicationMetrics, RuleConfig, SessionBackoff, SharedStatus,
+    UpstreamConfig, add_upstream_errors, cursor_key, note_link_errors, record_success, set_state,
 };
 use crate::record_batch::build::NewRecord;
 use crate::storage::{Log, TopicConfig, WriteOp, state_op};
@@ -40,11 +40,14 @@ pub struct Downlink {
 
 impl Downlink {
     pub async fn run(mut self) {
-        let mut backoff = Duration::from_millis(500);
+        let mut backoff = SessionBackoff::new();
         loop {
+            let before = super::last_success(&self.status);
             match self.session().await {
                 Ok(()) => return,
                 Err(reason) => {
+                    let moved = super::last_success(&self.status) != before;
+                    let backoff = backoff.after(moved);
                     warn!(rule = %self.rule.name, error = %reason, backoff_ms = backoff.as_millis() as u64,
                         "replication from upstream failed; retrying");
                     add_upstream_errors(&self.status, &self.metrics, 1, reason);
@@ -53,7 +56,6 @@ impl Downlink {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = self.stop.wait_for(|s| *s) => return,
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
                 }
             }
         }

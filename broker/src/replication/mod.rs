@@ -13,6 +13,7 @@ pub mod uplink;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -324,6 +325,9 @@ pub struct PartitionStatus {
     pub high_watermark: u64,
     pub lag_records: u64,
     pub lag_bytes: u64,
+    /// Timestamp (Unix ms) of the batch holding the oldest record not yet acknowledged,
+    /// when there is one: how far behind the rule is in time.
+    pub oldest_unsent_ms: Option<i64>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -334,8 +338,16 @@ pub struct RuleStatus {
     pub state: LinkState,
     /// Unix ms of the last acknowledged record.
     pub last_success_ms: Option<i64>,
+    /// Upstream errors since `errors_since_ms` (the broker's start: the count is not
+    /// kept across restarts).
     pub upstream_errors: u64,
+    pub errors_since_ms: i64,
     pub last_error: Option<String>,
+    /// Unix ms of `last_error`.
+    pub last_error_ms: Option<i64>,
+    /// The last error is over: a record was acknowledged after it, or the rule is
+    /// caught up. Set when the status is read.
+    pub last_error_over: bool,
     pub lost_records: u64,
     pub partitions: Vec<PartitionStatus>,
 }
@@ -388,7 +400,64 @@ pub fn add_upstream_errors(
         .get_or_create(&rule_labels(&s.name))
         .inc_by(count);
     s.upstream_errors += count;
-    s.last_error = Some(last);
+    s.error(last);
+}
+
+/// The wait before a new upstream session after one failed: doubling from 0.5 s to
+/// 30 s, and from 0.5 s again after a session that moved records (the link worked).
+pub struct SessionBackoff {
+    next: Duration,
+}
+
+impl SessionBackoff {
+    const FIRST: Duration = Duration::from_millis(500);
+    const MAX: Duration = Duration::from_secs(30);
+
+    pub fn new() -> Self {
+        Self { next: Self::FIRST }
+    }
+
+    /// The wait after a failed session, which moved records or not.
+    pub fn after(&mut self, moved_records: bool) -> Duration {
+        if moved_records {
+            self.next = Self::FIRST;
+        }
+        let wait = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        wait
+    }
+}
+
+impl Default for SessionBackoff {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The rule's last acknowledged record (Unix ms), to tell whether a session moved any.
+pub fn last_success(status: &SharedStatus) -> Option<i64> {
+    status
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .last_success_ms
+}
+
+impl RuleStatus {
+    /// Records `message` as the rule's last error, now.
+    pub fn error(&mut self, message: String) {
+        self.last_error = Some(message);
+        self.last_error_ms = Some(crate::storage::now_ms());
+    }
+
+    /// Whether the last error is over (see `last_error_over`).
+    fn error_over(&self) -> bool {
+        match self.last_error_ms {
+            None => false,
+            Some(at) => {
+                self.state == LinkState::CaughtUp || self.last_success_ms.is_some_and(|ok| ok > at)
+            }
+        }
+    }
 }
 
 /// The replication of a broker: one task per rule.
@@ -406,7 +475,11 @@ impl Replication {
     pub fn status(&self) -> Vec<RuleStatus> {
         self.statuses
             .iter()
-            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).clone())
+            .map(|s| {
+                let mut s = s.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                s.last_error_over = s.error_over();
+                s
+            })
             .collect()
     }
 }
@@ -446,6 +519,7 @@ pub async fn start(
             name: rule.name.clone(),
             upstream: rule.upstream.clone(),
             direction: rule.direction,
+            errors_since_ms: crate::storage::now_ms(),
             ..Default::default()
         }));
         let client_id = upstream
@@ -517,7 +591,7 @@ fn supervise(
             tracing::error!(%rule, panic = %what, "replication rule stopped by a bug; restart the broker");
             let mut s = status.lock().unwrap_or_else(|e| e.into_inner());
             s.state = LinkState::Disconnected;
-            s.last_error = Some(format!("stopped by a bug: {what}"));
+            s.error(format!("stopped by a bug: {what}"));
         }
     })
 }
@@ -578,4 +652,37 @@ fn partition_labels(rule: &str, topic: &str, partition: u32) -> Labels {
         ("topic".to_string(), topic.to_string()),
         ("partition".to_string(), partition.to_string()),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_backoff_doubles_and_starts_again_after_a_session_that_moved_records() {
+        let mut b = SessionBackoff::new();
+        let waits: Vec<u64> = (0..8).map(|_| b.after(false).as_millis() as u64).collect();
+        assert_eq!(waits, [500, 1000, 2000, 4000, 8000, 16000, 30000, 30000]);
+        assert_eq!(b.after(true), Duration::from_millis(500));
+        assert_eq!(b.after(false), Duration::from_millis(1000));
+    }
+
+    #[test]
+    fn an_error_is_over_once_a_record_is_acknowledged_after_it() {
+        let mut s = RuleStatus::default();
+        assert!(!s.error_over());
+        s.error("Connection refused".into());
+        let at = s.last_error_ms.unwrap();
+        assert!(!s.error_over());
+        s.last_success_ms = Some(at - 1);
+        assert!(
+            !s.error_over(),
+            "a success before the error does not end it"
+        );
+        s.last_success_ms = Some(at + 1);
+        assert!(s.error_over());
+        s.last_success_ms = None;
+        s.state = LinkState::CaughtUp;
+        assert!(s.error_over());
+    }
 }

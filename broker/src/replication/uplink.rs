@@ -27,9 +27,9 @@ use super::client::{
 };
 use super::readback::{self, Floor, Found, Source};
 use super::{
-    LinkState, PRIORITY_BACKLOG, PartitionStatus, ReplicationMetrics, RuleConfig, SharedStatus,
-    UpstreamConfig, cursor_key, note_link_errors, partition_labels, record_success, rule_labels,
-    set_state,
+    LinkState, PRIORITY_BACKLOG, PartitionStatus, ReplicationMetrics, RuleConfig, SessionBackoff,
+    SharedStatus, UpstreamConfig, cursor_key, note_link_errors, partition_labels, record_success,
+    rule_labels, set_state,
 };
 use crate::storage::{Log, PartitionOffsets, ReadError, state_op};
 
@@ -206,21 +206,24 @@ impl Uplink {
                 self.status
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .last_error = Some(e);
+                    .error(e);
                 return;
             }
         };
-        let mut backoff = Duration::from_millis(500);
+        let mut backoff = SessionBackoff::new();
         loop {
+            let before = super::last_success(&self.status);
             match self.session(&mut parts, &mut floors).await {
                 Ok(()) => return,
                 Err(reason) => {
+                    let moved = super::last_success(&self.status) != before;
+                    let backoff = backoff.after(moved);
                     warn!(rule = %self.rule.name, error = %reason, backoff_ms = backoff.as_millis() as u64,
                         "upstream producer failed; sending again from the last acknowledged record");
                     self.status
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
-                        .last_error = Some(reason);
+                        .error(reason);
                     set_state(&self.status, &self.metrics, LinkState::BackingOff);
                     // The floor as it is now, so the next producer finds what this
                     // one delivered past the cursors.
@@ -232,7 +235,6 @@ impl Uplink {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = self.stop.wait_for(|s| *s) => return,
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
                 }
             }
         }
@@ -813,6 +815,12 @@ impl Uplink {
                 .set(lag_bytes as i64);
             total += lag;
             p.last_lag = lag;
+            // The first batch still to send: its first record's timestamp, at most
+            // one batch older than the oldest record to send.
+            let oldest_unsent_ms = (lag > 0)
+                .then(|| self.log.read(&p.topic, p.partition, acked, 1).ok())
+                .flatten()
+                .and_then(|r| r.batches.first().map(|b| b.header().base_timestamp()));
             statuses.push(PartitionStatus {
                 topic: p.topic.clone(),
                 partition: p.partition,
@@ -820,6 +828,7 @@ impl Uplink {
                 high_watermark: offsets.high_watermark,
                 lag_records: lag,
                 lag_bytes,
+                oldest_unsent_ms,
             });
         }
         self.gate.report(&self.rule, total);
@@ -906,7 +915,7 @@ async fn prepare_targets(
     status: SharedStatus,
 ) {
     let failed = |e: String| {
-        status.lock().unwrap_or_else(|e| e.into_inner()).last_error = Some(e);
+        status.lock().unwrap_or_else(|e| e.into_inner()).error(e);
         tokio::time::sleep(Duration::from_secs(2))
     };
     for target in targets {
