@@ -61,6 +61,24 @@ key = "{device}"
         );
     }
     broker.wait_metric("weir_mqtt_received_total", 20.0);
+    // A consumer group that read 20 records of 20: lag 0.
+    let out = run_weir(&[
+        "consume",
+        "-b",
+        &broker.bootstrap(),
+        "telemetry",
+        "-g",
+        "dash",
+        "-e",
+    ]);
+    assert!(out.status.success(), "{}", out.stderr);
+    // A frame no Kafka client sends: a warning in the broker's log.
+    {
+        use std::io::Write;
+        let mut garbage = std::net::TcpStream::connect(broker.kafka).unwrap();
+        garbage.write_all(&[0x7f, 0xff, 0xff, 0xff, 0, 0]).unwrap();
+    }
+    broker.wait_metric("weir_kafka_bad_frames_total", 1.0);
 
     // The history samples every 5 s: wait for the one that saw the publishes.
     let s = wait_status(&broker, "the publishes' rate", |s| {
@@ -92,6 +110,22 @@ key = "{device}"
     assert_eq!(mqtt_addr.as_str().unwrap(), broker.mqtt.to_string());
     assert!(s["storage"]["database_bytes"].as_u64().unwrap() > 0);
     assert!(s["storage"]["free_bytes"].as_u64().unwrap() > 0);
+    let group = &s["groups"][0];
+    assert_eq!(group["group"], "dash", "{s:#}");
+    assert_eq!(group["lag"], 0, "{group}");
+    assert_eq!(group["partitions"][0]["committed"], 20, "{group}");
+    let warning = s["recent_log"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| {
+            e["message"]
+                .as_str()
+                .unwrap()
+                .contains("frame size out of range")
+        })
+        .unwrap_or_else(|| panic!("no warning in {:#}", s["recent_log"]));
+    assert_eq!(warning["level"], "WARN");
 
     // A client's connection shows in the count while it is connected.
     let sub = mosquitto_sub(port, 60, &["-t", "$SYS/#", "-C", "70"]);
@@ -101,6 +135,8 @@ key = "{device}"
     let out = broker.cli(&["status"]);
     assert!(out.status.success(), "{}", out.stderr);
     for expected in [
+        "frame size out of range",
+        "dash",
         "health ok",
         "telemetry",
         "1 clients connected",
