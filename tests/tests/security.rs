@@ -711,4 +711,14 @@ fn the_admin_api_off_loopback_needs_a_token() {
     );
     let out = list(Some("s3cret-token"));
     assert!(out.status.success(), "{}", out.stderr);
+    // The status page's files hold no data and load without the token; the page then
+    // asks for it, as its data (`/v1/status`) needs it.
+    let get = |path: &str| weir_tests::admin_get(broker.admin, path).unwrap();
+    assert!(get("/").starts_with("HTTP/1.1 200"), "{}", get("/"));
+    assert!(get("/assets/status.js").starts_with("HTTP/1.1 200"));
+    assert!(
+        get("/v1/status").starts_with("HTTP/1.1 401"),
+        "{}",
+        get("/v1/status")
+    );
 }
