@@ -12,8 +12,14 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::auth::Principal;
-use crate::mqtt::topics;
+use weir_wire::topics;
+
+/// Who a connection is, once admitted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Principal {
+    User(String),
+    Anonymous,
+}
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

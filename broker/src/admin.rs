@@ -411,7 +411,9 @@ impl From<ManagerError> for ApiFailure {
             ManagerError::Invalid(_) => StatusCode::BAD_REQUEST,
             ManagerError::NotFound(_) => StatusCode::NOT_FOUND,
             ManagerError::Conflict(_) => StatusCode::CONFLICT,
-            ManagerError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ManagerError::Topic(e) => return ApiFailure::from(e.clone()),
+            _ if e.is_disk_full() => StatusCode::INSUFFICIENT_STORAGE,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiFailure(status, e.to_string())
     }

@@ -17,15 +17,17 @@ use std::time::{Duration, Instant};
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use hmac::digest::KeyInit;
-use hmac::digest::core_api::BlockSizeUser;
-use hmac::{Hmac, Mac, SimpleHmac};
+use hmac::{Hmac, Mac};
 use parking_lot::{Mutex, RwLock};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256, Sha512};
+use sha2::Sha256;
 
+use weir_wire::sasl::{ScramCredential, ScramMechanism};
+
+pub use crate::acl::Principal;
 use crate::acl::{Acl, AclRule, Operation, Resource, Subject};
 use crate::storage::{Log, StorageError, WriteError, now_ms};
 
@@ -66,79 +68,6 @@ pub struct AuthConfig {
     pub acl: Vec<AclRule>,
 }
 
-/// SCRAM's stored form of a password for one hash function.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ScramCredential {
-    pub salt: Vec<u8>,
-    pub iterations: u32,
-    pub stored_key: Vec<u8>,
-    pub server_key: Vec<u8>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ScramMechanism {
-    Sha256,
-    Sha512,
-}
-
-impl ScramMechanism {
-    pub fn name(self) -> &'static str {
-        match self {
-            ScramMechanism::Sha256 => "SCRAM-SHA-256",
-            ScramMechanism::Sha512 => "SCRAM-SHA-512",
-        }
-    }
-
-    /// The credential of `password` with `salt` and `iterations`.
-    pub fn credential(self, password: &[u8], salt: &[u8], iterations: u32) -> ScramCredential {
-        let salted = match self {
-            ScramMechanism::Sha256 => salt_password::<Sha256>(password, salt, iterations),
-            ScramMechanism::Sha512 => salt_password::<Sha512>(password, salt, iterations),
-        };
-        let client_key = self.hmac(&salted, b"Client Key");
-        ScramCredential {
-            salt: salt.to_vec(),
-            iterations,
-            stored_key: self.hash(&client_key),
-            server_key: self.hmac(&salted, b"Server Key"),
-        }
-    }
-
-    /// HMAC(key, data) with this mechanism's hash function.
-    pub fn hmac(self, key: &[u8], data: &[u8]) -> Vec<u8> {
-        fn mac<D: Digest + BlockSizeUser>(key: &[u8], data: &[u8]) -> Vec<u8> {
-            let mut mac = <SimpleHmac<D> as KeyInit>::new_from_slice(key)
-                .expect("HMAC takes keys of any length");
-            mac.update(data);
-            mac.finalize().into_bytes().to_vec()
-        }
-        match self {
-            ScramMechanism::Sha256 => mac::<Sha256>(key, data),
-            ScramMechanism::Sha512 => mac::<Sha512>(key, data),
-        }
-    }
-
-    /// H(data) with this mechanism's hash function.
-    pub fn hash(self, data: &[u8]) -> Vec<u8> {
-        match self {
-            ScramMechanism::Sha256 => Sha256::digest(data).to_vec(),
-            ScramMechanism::Sha512 => Sha512::digest(data).to_vec(),
-        }
-    }
-}
-
-/// SaltedPassword := Hi(password, salt, i), PBKDF2 with HMAC-H.
-fn salt_password<D: Digest + BlockSizeUser + Clone + Sync>(
-    password: &[u8],
-    salt: &[u8],
-    iterations: u32,
-) -> Vec<u8> {
-    let mut salted = vec![0u8; <D as Digest>::output_size()];
-    pbkdf2::pbkdf2::<SimpleHmac<D>>(password, salt, iterations, &mut salted)
-        .expect("HMAC takes keys of any length");
-    salted
-}
-
 /// What is stored for a user.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserRecord {
@@ -168,13 +97,6 @@ pub enum UserError {
     NotFound(String),
     #[error(transparent)]
     Storage(#[from] WriteError),
-}
-
-/// Who a connection is, once admitted.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Principal {
-    User(String),
-    Anonymous,
 }
 
 /// Why a connection was refused; the protocol maps it to its own code.

@@ -12,8 +12,8 @@ use bytes::Bytes;
 use hdrhistogram::Histogram;
 use kafka_protocol::records::Compression;
 
-use crate::record_batch::build::{NewRecord, batch};
 use crate::storage::{Log, LogOptions, TopicConfig};
+use weir_wire::record_batch::build::{NewRecord, batch};
 
 #[derive(Clone, Debug)]
 pub struct LogBench {

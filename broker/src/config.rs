@@ -9,9 +9,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::auth::AuthConfig;
-use crate::mqtt::rules::{
-    BridgeConfig, CompiledIngest, DownlinkRule, IngestRule, check_bridge, compile_downlink,
-};
+pub use crate::mqtt::MqttConfig;
+use crate::mqtt::rules::{CompiledIngest, check_bridge, compile_downlink};
 use crate::plugins::PipelineConfig;
 use crate::replication::ReplicationConfig;
 use crate::storage::{InvalidTopicConfig, LogOptions, TopicConfig};
@@ -49,38 +48,6 @@ pub struct KafkaConfig {
     /// Create a topic, with `[topic_defaults]`, when a client asks for one that is
     /// missing (Kafka's auto.create.topics.enable).
     pub auto_create_topics: bool,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct MqttConfig {
-    pub listen: SocketAddr,
-    /// MQTT over TLS, with `[tls]`'s certificate (conventionally port 8883).
-    pub tls_listen: Option<SocketAddr>,
-    /// Largest packet accepted, in bytes (told to MQTT 5 clients in CONNACK).
-    pub max_packet_size: u32,
-    /// QoS 1/2 publishes a client may have unacknowledged (MQTT 5 receive maximum);
-    /// a 3.1.1 client is not read further until acknowledgements catch up.
-    pub receive_maximum: u16,
-    /// QoS 1/2 messages in flight to one client (an MQTT 5 client may ask for fewer).
-    pub max_inflight: u16,
-    /// Messages waiting per session (offline, or beyond the in-flight window); more
-    /// are dropped and counted in `weir_mqtt_dropped`.
-    pub max_queued_messages: usize,
-    /// Longest keep-alive granted to MQTT 5 clients: one asking for more, or for
-    /// none, is told this one (server keep alive). 0: no limit.
-    pub max_keep_alive_secs: u16,
-    /// Topic aliases an MQTT 5 client may set.
-    pub topic_alias_maximum: u16,
-    /// A connection that sends no CONNECT within this is closed.
-    pub connect_timeout_ms: u64,
-    /// MQTT topic filter → Weir topic and key; matching messages are appended
-    /// before they are acknowledged.
-    pub ingest: Vec<IngestRule>,
-    /// Weir topic → MQTT topic: records produced there go out to subscribers.
-    pub downlink: Vec<DownlinkRule>,
-    /// Remote MQTT brokers to subscribe to; what arrives goes through `ingest`.
-    pub bridge: Vec<BridgeConfig>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -197,25 +164,6 @@ impl Default for KafkaConfig {
             advertised: None,
             tls_listen: None,
             auto_create_topics: true,
-        }
-    }
-}
-
-impl Default for MqttConfig {
-    fn default() -> Self {
-        Self {
-            listen: ([0, 0, 0, 0], 1883).into(),
-            tls_listen: None,
-            max_packet_size: 1024 * 1024,
-            receive_maximum: 1024,
-            max_inflight: 256,
-            max_queued_messages: 10_000,
-            max_keep_alive_secs: 0,
-            topic_alias_maximum: 64,
-            connect_timeout_ms: 10_000,
-            ingest: Vec::new(),
-            downlink: Vec::new(),
-            bridge: Vec::new(),
         }
     }
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
 use crate::admin::{self, AdminState};
@@ -30,6 +31,34 @@ use crate::tls::{AdminListener, Listener, Tls, TlsMetrics};
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     config.validate()?;
     let storage_metrics = StorageMetrics::default();
+    let options = config.log_options();
+    let data_dir = config.data_dir.clone();
+    let log = {
+        let metrics = storage_metrics.clone();
+        tokio::task::spawn_blocking(move || Log::open_with_metrics(options, metrics)).await??
+    };
+    info!(data_dir = %data_dir.display(), topics = log.topics().len(), fsync = config.storage.fsync, "log opened");
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let served = serve_on(&config, &log, storage_metrics, &stop_tx, stop_rx).await;
+    // Every way out closes the log: a failure to start (tasks already started are told
+    // to stop first), a task that panicked, or the end of a clean shutdown.
+    let _ = stop_tx.send(true);
+    let closed = log.close().await;
+    served?;
+    closed?;
+    info!("stopped");
+    Ok(())
+}
+
+/// Everything after the log is open: start, serve until a signal, stop.
+async fn serve_on(
+    config: &Config,
+    log: &Log,
+    storage_metrics: StorageMetrics,
+    stop_tx: &watch::Sender<bool>,
+    stop_rx: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
     let kafka_metrics = KafkaMetrics::default();
     let mqtt_metrics = MqttMetrics::default();
     let pipeline_metrics = PipelineMetrics::new();
@@ -38,13 +67,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let tls_metrics = TlsMetrics::default();
     let tls = Tls::load(&config.tls, tls_metrics.clone())?;
     let admin_token = config.admin_token()?;
-    let options = config.log_options();
     let data_dir = config.data_dir.clone();
-    let log = {
-        let metrics = storage_metrics.clone();
-        tokio::task::spawn_blocking(move || Log::open_with_metrics(options, metrics)).await??
-    };
-    info!(data_dir = %data_dir.display(), topics = log.topics().len(), fsync = config.storage.fsync, "log opened");
 
     let users = Arc::new(Users::load(log.clone(), auth_metrics.clone())?);
     let gate = Arc::new(Gate::new(
@@ -55,13 +78,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     ));
     info!(users = users.list().len(), anonymous = ?config.auth.anonymous, acl_rules = config.auth.acl.len(), "authentication");
 
-    let (stop_tx, stop_rx) = watch::channel(false);
     let host = PluginHost::new(config.data_dir.join("plugin-cache"))?;
-    let pipelines = start_pipelines(&config, &log, &host, &pipeline_metrics, &stop_rx).await?;
+    let pipelines = start_pipelines(config, log, &host, &pipeline_metrics, &stop_rx).await?;
     let replication = Arc::new(
         replication::start(
             &config.replication,
-            &log,
+            log,
             &config.topic_config()?,
             config.topic_defaults.partitions,
             &replication_metrics,
@@ -172,7 +194,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             name: "kafka".into(),
             address: listener.local_addr()?.to_string(),
             tls: listener.tls.is_some(),
-            auth: client_auth(&config),
+            auth: client_auth(config),
         });
     }
     let kafka_broker = KafkaBroker::new(log.clone(), settings, kafka_metrics, gate.clone())?;
@@ -183,8 +205,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         addrs: mqtt_addrs,
         broker: mqtt_broker,
     } = start_mqtt(
-        &config,
-        &log,
+        config,
+        log,
         &host,
         &mqtt_metrics,
         gate.clone(),
@@ -192,7 +214,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         &stop_rx,
     )
     .await?;
-    mqtt.push(tokio::spawn(mqtt::sys::run_sys(
+    mqtt.push(tokio::spawn(status::sys::run_sys(
         mqtt_broker,
         status.clone(),
         stop_rx.clone(),
@@ -202,7 +224,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             name: "mqtt".into(),
             address: addr.to_string(),
             tls,
-            auth: client_auth(&config),
+            auth: client_auth(config),
         });
     }
     let _ = status.listeners.set(listener_views);
@@ -231,25 +253,38 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     let _ = stop_tx.send(true);
     watchdog.abort();
-    if let Err(e) = admin.await? {
+    reloads.abort();
+    // Every task is waited for, even after one of them panicked.
+    let mut failed = 0;
+    if let Some(Err(e)) = joined("admin", admin, &mut failed).await {
         error!(error = %e, "admin listener failed");
     }
-    retention.await?;
-    sampler.await?;
-    reloads.abort();
-    if let Err(e) = kafka.await? {
+    joined("retention", retention, &mut failed).await;
+    joined("status sampler", sampler, &mut failed).await;
+    if let Some(Err(e)) = joined("kafka", kafka, &mut failed).await {
         error!(error = %e, "kafka listener failed");
     }
     for task in mqtt {
-        task.await?;
+        joined("mqtt", task, &mut failed).await;
     }
     pipelines.join().await;
     for task in replication.take_tasks() {
-        task.await?;
+        joined("replication", task, &mut failed).await;
     }
-    log.close().await?;
-    info!("stopped");
+    anyhow::ensure!(failed == 0, "{failed} task(s) panicked; see the log above");
     Ok(())
+}
+
+/// A task's result at shutdown; one that panicked is logged and counted in `failed`.
+async fn joined<T>(what: &str, task: JoinHandle<T>, failed: &mut usize) -> Option<T> {
+    match task.await {
+        Ok(value) => Some(value),
+        Err(e) => {
+            error!(task = what, error = %e, "a task failed while the broker ran");
+            *failed += 1;
+            None
+        }
+    }
 }
 
 /// Who may connect to the Kafka and MQTT listeners, for the status page.
@@ -284,10 +319,11 @@ async fn start_mqtt(
     let partitions = config.topic_defaults.partitions;
     let mut rules = Vec::new();
     for rule in &m.ingest {
-        mqtt::ensure_topic(log, &rule.topic, partitions, &defaults).await?;
+        log.ensure_topic(&rule.topic, partitions, &defaults).await?;
         let mut compiled = CompiledIngest::compile(rule)?;
         if let Some(path) = &rule.plugin {
-            mqtt::ensure_topic(log, &format!("{}-dlq", rule.topic), partitions, &defaults).await?;
+            log.ensure_topic(&format!("{}-dlq", rule.topic), partitions, &defaults)
+                .await?;
             let wasm = std::fs::read(path)
                 .map_err(|e| anyhow::anyhow!("[[mqtt.ingest]] plugin {}: {e}", path.display()))?;
             let params = rule
@@ -328,7 +364,7 @@ async fn start_mqtt(
         downlinks = m.downlink.len(), bridges = m.bridge.len(), "MQTT listening");
     let mut tasks = Vec::new();
     for rule in &m.downlink {
-        mqtt::ensure_topic(log, &rule.topic, partitions, &defaults).await?;
+        log.ensure_topic(&rule.topic, partitions, &defaults).await?;
         let template = compile_downlink(rule)?;
         let topic_partitions = log.topic(&rule.topic).map_or(0, |t| t.partitions);
         for partition in 0..topic_partitions {

@@ -3,9 +3,9 @@
 use bytes::{Bytes, BytesMut};
 use kafka_protocol::records::Compression;
 use proptest::prelude::*;
-use weir::record_batch::build::{NewRecord, batch};
-use weir::record_batch::{BatchError, RecordBatch};
 use weir::storage::*;
+use weir_wire::record_batch::build::{NewRecord, batch};
+use weir_wire::record_batch::{BatchError, RecordBatch};
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()

@@ -19,9 +19,9 @@ use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
 use redb::StorageBackend;
-use weir::record_batch::RecordBatch;
-use weir::record_batch::build::{NewRecord, batch};
 use weir::storage::*;
+use weir_wire::record_batch::RecordBatch;
+use weir_wire::record_batch::build::{NewRecord, batch};
 
 /// Writes reach the medium, or not, in pieces of this size (a flash page).
 const PIECE: usize = 4096;

@@ -6,5 +6,5 @@ use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = weir::kafka::codec::decode_request(Bytes::copy_from_slice(data));
+    let _ = weir_wire::kafka_codec::decode_request(Bytes::copy_from_slice(data));
 });

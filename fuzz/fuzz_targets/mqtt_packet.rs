@@ -7,8 +7,8 @@
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
 use rumqttc::v5::mqttbytes::v5::Packet;
-use weir::mqtt::codec::{self, Version};
-use weir::mqtt::topics;
+use weir_wire::mqtt_codec::{self as codec, Version};
+use weir_wire::topics;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&first, rest)) = data.split_first() else {

@@ -12,14 +12,14 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let mut input = BytesMut::from(data);
-    if data.first().is_some_and(|b| b & 1 == 1) && input.len() >= weir::record_batch::HEADER_LEN {
+    if data.first().is_some_and(|b| b & 1 == 1) && input.len() >= weir_wire::record_batch::HEADER_LEN {
         let len = (input.len() - 12) as i32;
         input[8..12].copy_from_slice(&len.to_be_bytes());
         input[16] = 2;
         let crc = crc32c::crc32c(&input[21..]);
         input[17..21].copy_from_slice(&crc.to_be_bytes());
     }
-    if let Ok(batches) = weir::record_batch::RecordBatch::parse_all(Bytes::from(input)) {
+    if let Ok(batches) = weir_wire::record_batch::RecordBatch::parse_all(Bytes::from(input)) {
         for b in batches {
             if b.header().attributes() & 0x7 == 0 {
                 let mut bytes = b.into_bytes();

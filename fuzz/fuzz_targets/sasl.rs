@@ -3,8 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use weir::auth::ScramMechanism;
-use weir::kafka::sasl::{ClientFirst, Scram, parse_plain};
+use weir_wire::sasl::{ClientFirst, Scram, ScramMechanism, parse_plain};
 
 fuzz_target!(|data: &[u8]| {
     let _ = parse_plain(data);

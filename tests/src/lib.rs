@@ -5,6 +5,7 @@ use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,11 +23,40 @@ pub fn weir_bin() -> PathBuf {
     bin
 }
 
-/// A loopback address with a port that was free a moment ago.
+/// A loopback address with a port that was free a moment ago, for a broker to listen on.
+///
+/// Not from the kernel's ephemeral range, which `bind(:0)` and every outgoing connection
+/// draw from: a port taken there could be given to a client's connection before the
+/// broker binds it. Below the range, nothing else on the machine takes ports unasked;
+/// and this process never hands out the same one twice.
 pub fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let (low, _) = ephemeral_range();
+    // Ports 10000..low, from a point that differs between test processes.
+    let span = low.saturating_sub(10_000).max(1);
+    let start = std::process::id().wrapping_mul(7919) % span;
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = 10_000 + (start + n) % span;
+        let Ok(port) = u16::try_from(port) else {
+            continue;
+        };
+        if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)) {
+            return listener.local_addr().expect("bound address");
+        }
+    }
+    panic!("no free port below the ephemeral range");
+}
+
+/// The kernel's ephemeral port range (Linux's default when it cannot be read).
+fn ephemeral_range() -> (u32, u32) {
+    let text =
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+    let mut parts = text.split_whitespace().filter_map(|p| p.parse().ok());
+    match (parts.next(), parts.next()) {
+        (Some(low), Some(high)) if low > 10_001 => (low, high),
+        _ => (32_768, 60_999),
+    }
 }
 
 /// A running `weir serve`, killed on drop.
@@ -37,6 +67,8 @@ pub struct Broker {
     pub kafka: SocketAddr,
     pub mqtt: SocketAddr,
     stderr: Arc<Mutex<Vec<String>>>,
+    /// The thread that collects `stderr`; joined when the broker exits before it is up.
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Broker {
@@ -121,27 +153,38 @@ impl Broker {
         let stderr = Arc::new(Mutex::new(Vec::new()));
         let pipe = child.stderr.take().expect("stderr");
         let lines = stderr.clone();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in BufReader::new(pipe).lines().map_while(Result::ok) {
                 lines.lock().unwrap().push(line);
             }
         });
-        let broker = Broker {
+        let mut broker = Broker {
             child,
             data_dir: data_dir.to_owned(),
             admin,
             kafka,
             mqtt,
             stderr,
+            reader: Some(reader),
         };
         broker.wait_ready(Duration::from_secs(30));
         broker
     }
 
-    /// Waits until every listener is up: `/health` says "ok" only then.
-    fn wait_ready(&self, limit: Duration) {
+    /// Waits until every listener is up: `/health` says "ok" only then. Fails at once,
+    /// with the broker's log, if it exited instead.
+    fn wait_ready(&mut self, limit: Duration) {
         let deadline = Instant::now() + limit;
         while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                if let Some(reader) = self.reader.take() {
+                    let _ = reader.join();
+                }
+                panic!(
+                    "weir exited with {status} before it was ready; its log:\n{}",
+                    self.log().join("\n")
+                );
+            }
             let health = admin_get(self.admin, "/health").unwrap_or_default();
             if health.starts_with("HTTP/1.1 200") && health.contains("\"status\":\"ok\"") {
                 return;

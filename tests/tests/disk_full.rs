@@ -8,8 +8,8 @@ use std::process::Command;
 
 use bytes::Bytes;
 use kafka_protocol::records::Compression;
-use weir::record_batch::build::{NewRecord, batch};
 use weir::storage::{Log, LogOptions, StorageError, TopicConfig, WriteError};
+use weir_wire::record_batch::build::{NewRecord, batch};
 
 /// A tmpfs of `size`, unmounted on drop.
 struct Tmpfs {
@@ -135,7 +135,7 @@ fn full_disk_fails_appends_and_recovers() {
         let stored = read_all(&log);
         assert_eq!(stored.len(), acked.len() + 1);
         for ((base, tag), bytes) in acked.iter().zip(&stored) {
-            let expected = weir::record_batch::RecordBatch::parse(batch_of(*tag))
+            let expected = weir_wire::record_batch::RecordBatch::parse(batch_of(*tag))
                 .unwrap()
                 .with_base_offset(*base as i64, 0)
                 .into_bytes();

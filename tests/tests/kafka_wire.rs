@@ -8,8 +8,8 @@ use bytes::Bytes;
 use kafka_protocol::messages::*;
 use kafka_protocol::protocol::StrBytes;
 use kafka_protocol::records::Compression;
-use weir::record_batch::build::{NewRecord, batch};
 use weir_tests::{Broker, KafkaWire};
+use weir_wire::record_batch::build::{NewRecord, batch};
 
 fn s(v: &str) -> StrBytes {
     StrBytes::from_string(v.to_string())
@@ -89,7 +89,7 @@ fn fetch(
 
 fn record_count(records: &Option<Bytes>) -> usize {
     let Some(bytes) = records else { return 0 };
-    weir::record_batch::RecordBatch::parse_all(bytes.clone())
+    weir_wire::record_batch::RecordBatch::parse_all(bytes.clone())
         .unwrap()
         .iter()
         .map(|b| b.record_count() as usize)

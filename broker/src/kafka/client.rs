@@ -9,7 +9,7 @@ use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::codec::MAX_FRAME_BYTES;
+use weir_wire::kafka_codec::MAX_FRAME_BYTES;
 
 pub struct KafkaClient {
     stream: TcpStream,

@@ -26,15 +26,15 @@ use kafka_protocol::protocol::StrBytes;
 
 use super::Client;
 use super::KafkaBroker;
-use super::codec::Request;
 use super::errors;
 use super::groups::{GroupState, JoinRequest};
 use super::producers::{SequenceState, Verdict};
 use crate::acl::{Operation, Resource, Subject};
-use crate::record_batch::RecordBatch;
 use crate::storage::{
-    CommittedOffset, PartitionOffsets, ReadError, TopicError, WriteOp, WriteOutcome, now_ms,
+    CommittedOffset, Log, PartitionOffsets, ReadError, TopicError, WriteOp, WriteOutcome, now_ms,
 };
+use weir_wire::kafka_codec::Request;
+use weir_wire::record_batch::RecordBatch;
 
 const NONE: i16 = 0;
 
@@ -114,7 +114,7 @@ impl KafkaBroker {
             }
             RequestKind::Fetch(r) => ResponseKind::Fetch(self.fetch(r, who).await),
             RequestKind::ListOffsets(r) => {
-                ResponseKind::ListOffsets(self.list_offsets(r, version, who))
+                ResponseKind::ListOffsets(self.list_offsets(r, version, who).await)
             }
             RequestKind::InitProducerId(r) => {
                 ResponseKind::InitProducerId(self.init_producer_id(r).await)
@@ -144,10 +144,12 @@ impl KafkaBroker {
             RequestKind::OffsetCommit(r) => {
                 ResponseKind::OffsetCommit(self.offset_commit(r, who).await)
             }
-            RequestKind::OffsetFetch(r) => ResponseKind::OffsetFetch(self.offset_fetch(r, who)),
-            RequestKind::ListGroups(_) => ResponseKind::ListGroups(self.list_groups(who)),
+            RequestKind::OffsetFetch(r) => {
+                ResponseKind::OffsetFetch(self.offset_fetch(r, who).await)
+            }
+            RequestKind::ListGroups(_) => ResponseKind::ListGroups(self.list_groups(who).await),
             RequestKind::DescribeGroups(r) => {
-                ResponseKind::DescribeGroups(self.describe_groups(r, who))
+                ResponseKind::DescribeGroups(self.describe_groups(r, who).await)
             }
             // The connection answers these itself (`gatekeep`); here only out of place.
             RequestKind::SaslHandshake(_) => {
@@ -758,8 +760,7 @@ impl KafkaBroker {
                     partition,
                     batches: vec![batch],
                 },
-                slot.write_op(&next)
-                    .map_err(|e| fail(errors::storage(&e), e.to_string()))?,
+                slot.write_op(&next),
             ];
             let outcome = self
                 .log
@@ -848,8 +849,13 @@ impl KafkaBroker {
                 }
             }
         }
+        let pass = Arc::new(FetchPass {
+            request: r,
+            max_bytes,
+            denied,
+        });
         loop {
-            let (response, bytes, errors) = self.fetch_once(&r, max_bytes, &denied);
+            let (response, bytes, errors) = self.fetch_pass(&pass).await;
             // min_bytes 0 means "answer now", as in Kafka.
             if (bytes >= min_bytes && (bytes > 0 || min_bytes == 0))
                 || errors
@@ -865,91 +871,19 @@ impl KafkaBroker {
                 .await
                 .is_err()
             {
-                let (response, bytes, _) = self.fetch_once(&r, max_bytes, &denied);
+                let (response, bytes, _) = self.fetch_pass(&pass).await;
                 self.metrics.fetched_bytes.inc_by(bytes as u64);
                 return response;
             }
         }
     }
 
-    /// One pass over the requested partitions: (response, record bytes, any error).
-    fn fetch_once(
-        &self,
-        r: &FetchRequest,
-        max_bytes: usize,
-        denied: &HashSet<String>,
-    ) -> (FetchResponse, usize, bool) {
-        let mut out = FetchResponse::default();
-        let mut total = 0usize;
-        let mut any_error = false;
-        for t in &r.topics {
-            let name = t.topic.0.to_string();
-            let mut topic = FetchableTopicResponse::default();
-            topic.topic = t.topic.clone();
-            for p in &t.partitions {
-                let mut part = PartitionData::default();
-                part.partition_index = p.partition;
-                part.high_watermark = -1;
-                part.last_stable_offset = -1;
-                part.log_start_offset = -1;
-                part.preferred_read_replica = BrokerId(-1);
-                let room = max_bytes.saturating_sub(total);
-                let result = if denied.contains(&name) {
-                    Err(ResponseError::TopicAuthorizationFailed)
-                } else if p.partition < 0 || p.fetch_offset < 0 {
-                    Err(if p.partition < 0 {
-                        ResponseError::UnknownTopicOrPartition
-                    } else {
-                        ResponseError::OffsetOutOfRange
-                    })
-                } else if room == 0 && total > 0 {
-                    // The response is full: report offsets only.
-                    self.log
-                        .offsets(&name, p.partition as u32)
-                        .map(|o| (Vec::new(), o))
-                        .map_err(|e| errors::read(&e))
-                } else {
-                    let limit = (p.partition_max_bytes.max(0) as usize).min(room.max(1));
-                    tokio::task::block_in_place(|| {
-                        self.log
-                            .read(&name, p.partition as u32, p.fetch_offset as u64, limit)
-                    })
-                    .map(|read| (read.batches, read.offsets))
-                    .map_err(|e| match e {
-                        ReadError::OffsetOutOfRange { offsets, .. } => {
-                            part.high_watermark = offsets.high_watermark as i64;
-                            part.log_start_offset = offsets.log_start as i64;
-                            ResponseError::OffsetOutOfRange
-                        }
-                        other => errors::read(&other),
-                    })
-                };
-                match result {
-                    Ok((batches, offsets)) => {
-                        set_offsets(&mut part, offsets);
-                        if !batches.is_empty() {
-                            let size = batches.iter().map(RecordBatch::len).sum();
-                            let mut buf = BytesMut::with_capacity(size);
-                            for b in &batches {
-                                buf.extend_from_slice(b.as_bytes());
-                            }
-                            total += size;
-                            part.records = Some(buf.freeze());
-                        }
-                    }
-                    Err(e) => {
-                        any_error = true;
-                        part.error_code = code(e);
-                    }
-                }
-                topic.partitions.push(part);
-            }
-            out.responses.push(topic);
-        }
-        (out, total, any_error)
+    async fn fetch_pass(&self, pass: &Arc<FetchPass>) -> (FetchResponse, usize, bool) {
+        let pass = pass.clone();
+        self.log.blocking(move |log| pass.run(log)).await
     }
 
-    fn list_offsets(
+    async fn list_offsets(
         &self,
         r: ListOffsetsRequest,
         version: i16,
@@ -983,9 +917,13 @@ impl KafkaBroker {
                             -1,
                         ))
                     }),
-                    ts if ts >= 0 => tokio::task::block_in_place(|| {
-                        self.log.offset_for_timestamp(&name, partition, ts)
-                    }),
+                    ts if ts >= 0 => {
+                        let name = name.clone();
+                        let found = self
+                            .log
+                            .blocking(move |log| log.offset_for_timestamp(&name, partition, ts));
+                        found.await
+                    }
                     _ => Ok(None),
                 };
                 match result {
@@ -1249,10 +1187,14 @@ impl KafkaBroker {
         out
     }
 
-    fn offset_fetch(&self, r: OffsetFetchRequest, who: Subject<'_>) -> OffsetFetchResponse {
+    async fn offset_fetch(&self, r: OffsetFetchRequest, who: Subject<'_>) -> OffsetFetchResponse {
         let group = r.group_id.0.to_string();
         let mut out = OffsetFetchResponse::default();
-        let committed = match self.log.committed_offsets(&group) {
+        let read = {
+            let group = group.clone();
+            self.log.blocking(move |log| log.committed_offsets(&group))
+        };
+        let committed = match read.await {
             Ok(c) => c,
             Err(e) => {
                 out.error_code = code(errors::storage(&e));
@@ -1313,10 +1255,11 @@ impl KafkaBroker {
         out
     }
 
-    fn list_groups(&self, who: Subject<'_>) -> ListGroupsResponse {
+    async fn list_groups(&self, who: Subject<'_>) -> ListGroupsResponse {
         let mut out = ListGroupsResponse::default();
         let mut seen: BTreeMap<String, (String, &'static str)> = BTreeMap::new();
-        if let Ok(groups) = self.log.groups_with_offsets() {
+        let stored = self.log.blocking(|log| log.groups_with_offsets());
+        if let Ok(groups) = stored.await {
             for g in groups {
                 seen.insert(g, ("consumer".into(), GroupState::Empty.name()));
             }
@@ -1342,7 +1285,7 @@ impl KafkaBroker {
         out
     }
 
-    fn describe_groups(
+    async fn describe_groups(
         &self,
         r: DescribeGroupsRequest,
         who: Subject<'_>,
@@ -1380,10 +1323,9 @@ impl KafkaBroker {
                     .collect();
             });
             if described.is_none() {
-                let has_offsets = self
-                    .log
-                    .committed_offsets(id.0.as_str())
-                    .is_ok_and(|c| !c.is_empty());
+                let group = id.0.to_string();
+                let stored = self.log.blocking(move |log| log.committed_offsets(&group));
+                let has_offsets = stored.await.is_ok_and(|c| !c.is_empty());
                 d.group_state = s(if has_offsets { "Empty" } else { "Dead" });
                 d.protocol_type = s(if has_offsets { "consumer" } else { "" });
             }
@@ -1398,4 +1340,85 @@ fn set_offsets(part: &mut PartitionData, offsets: PartitionOffsets) {
     part.high_watermark = offsets.high_watermark as i64;
     part.last_stable_offset = offsets.high_watermark as i64;
     part.log_start_offset = offsets.log_start as i64;
+}
+
+/// One pass of a Fetch over its partitions, on the blocking pool (it reads the log);
+/// a Fetch waiting for `min_bytes` makes one per append it is woken by.
+struct FetchPass {
+    request: FetchRequest,
+    max_bytes: usize,
+    /// Topics the client may not read: answered TOPIC_AUTHORIZATION_FAILED.
+    denied: HashSet<String>,
+}
+
+impl FetchPass {
+    /// One pass over the requested partitions: (response, record bytes, any error).
+    /// Blocking: it reads the log.
+    fn run(&self, log: &Log) -> (FetchResponse, usize, bool) {
+        let (r, max_bytes, denied) = (&self.request, self.max_bytes, &self.denied);
+        let mut out = FetchResponse::default();
+        let mut total = 0usize;
+        let mut any_error = false;
+        for t in &r.topics {
+            let name = t.topic.0.to_string();
+            let mut topic = FetchableTopicResponse::default();
+            topic.topic = t.topic.clone();
+            for p in &t.partitions {
+                let mut part = PartitionData::default();
+                part.partition_index = p.partition;
+                part.high_watermark = -1;
+                part.last_stable_offset = -1;
+                part.log_start_offset = -1;
+                part.preferred_read_replica = BrokerId(-1);
+                let room = max_bytes.saturating_sub(total);
+                let result = if denied.contains(&name) {
+                    Err(ResponseError::TopicAuthorizationFailed)
+                } else if p.partition < 0 || p.fetch_offset < 0 {
+                    Err(if p.partition < 0 {
+                        ResponseError::UnknownTopicOrPartition
+                    } else {
+                        ResponseError::OffsetOutOfRange
+                    })
+                } else if room == 0 && total > 0 {
+                    // The response is full: report offsets only.
+                    log.offsets(&name, p.partition as u32)
+                        .map(|o| (Vec::new(), o))
+                        .map_err(|e| errors::read(&e))
+                } else {
+                    let limit = (p.partition_max_bytes.max(0) as usize).min(room.max(1));
+                    log.read(&name, p.partition as u32, p.fetch_offset as u64, limit)
+                        .map(|read| (read.batches, read.offsets))
+                        .map_err(|e| match e {
+                            ReadError::OffsetOutOfRange { offsets, .. } => {
+                                part.high_watermark = offsets.high_watermark as i64;
+                                part.log_start_offset = offsets.log_start as i64;
+                                ResponseError::OffsetOutOfRange
+                            }
+                            other => errors::read(&other),
+                        })
+                };
+                match result {
+                    Ok((batches, offsets)) => {
+                        set_offsets(&mut part, offsets);
+                        if !batches.is_empty() {
+                            let size = batches.iter().map(RecordBatch::len).sum();
+                            let mut buf = BytesMut::with_capacity(size);
+                            for b in &batches {
+                                buf.extend_from_slice(b.as_bytes());
+                            }
+                            total += size;
+                            part.records = Some(buf.freeze());
+                        }
+                    }
+                    Err(e) => {
+                        any_error = true;
+                        part.error_code = code(e);
+                    }
+                }
+                topic.partitions.push(part);
+            }
+            out.responses.push(topic);
+        }
+        (out, total, any_error)
+    }
 }

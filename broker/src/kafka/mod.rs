@@ -7,12 +7,10 @@
 //! owns the sockets, and decides per connection what may be asked before a login.
 
 pub mod client;
-pub mod codec;
 mod errors;
 mod groups;
 mod handlers;
 mod producers;
-pub mod sasl;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -31,8 +29,8 @@ use crate::acl::Subject;
 use crate::auth::{Gate, Principal};
 use crate::storage::{Log, TopicConfig};
 use crate::tls::{Listener, Stream, accept_any};
-use codec::DecodeError;
-use sasl::Mechanism;
+use weir_wire::kafka_codec::{self as codec, DecodeError};
+use weir_wire::sasl::{self, Mechanism};
 
 /// Requests read ahead of their answers, per connection, and the bytes they may hold.
 /// A client that pipelines (librdkafka sends a request per ready batch, up to a

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use crate::record_batch::RecordBatch;
-use crate::storage::{Log, StorageError, WriteOp, state_op};
+use crate::storage::{Log, StorageError, WriteOp, put_state_op};
+use weir_wire::record_batch::RecordBatch;
 
 const NAMESPACE: &str = "kafka.producer";
 const ID_KEY: &str = "next_producer_id";
@@ -146,12 +146,8 @@ impl Slot {
     }
 
     /// The op that stores `state` with the batch; call `set` after it committed.
-    pub(super) fn write_op(&self, state: &SequenceState) -> Result<WriteOp, StorageError> {
-        let value = postcard::to_stdvec(state).map_err(|e| StorageError::Corrupt {
-            table: "state",
-            detail: e.to_string(),
-        })?;
-        Ok(state_op(NAMESPACE, &self.key, Some(value)))
+    pub(super) fn write_op(&self, state: &SequenceState) -> WriteOp {
+        put_state_op(NAMESPACE, &self.key, state)
     }
 
     pub(super) fn set(&mut self, state: SequenceState) {
@@ -179,7 +175,11 @@ impl Producers {
         let cell = self.states.lock().entry(key.clone()).or_default().clone();
         let mut guard = cell.lock_owned().await;
         if guard.is_none() {
-            *guard = self.log.get_state::<SequenceState>(NAMESPACE, &key)?;
+            let stored = key.clone();
+            *guard = self
+                .log
+                .blocking(move |log| log.get_state::<SequenceState>(NAMESPACE, &stored))
+                .await?;
         }
         Ok(Slot { key, guard })
     }
@@ -187,7 +187,8 @@ impl Producers {
     /// A new producer id, durable before it is handed out.
     pub(super) async fn new_id(&self) -> Result<i64, StorageError> {
         let _one_at_a_time = self.ids.lock().await;
-        let next: i64 = self.log.get_state(NAMESPACE, ID_KEY)?.unwrap_or(1000);
+        let stored = self.log.blocking(|log| log.get_state(NAMESPACE, ID_KEY));
+        let next: i64 = stored.await?.unwrap_or(1000);
         self.log
             .put_state(NAMESPACE, ID_KEY, &(next + 1))
             .await
@@ -210,14 +211,14 @@ mod tests {
 
     fn batch(epoch: i16, first: i32, count: usize) -> RecordBatch {
         let records: Vec<_> = (0..count)
-            .map(|_| crate::record_batch::build::NewRecord {
+            .map(|_| weir_wire::record_batch::build::NewRecord {
                 key: None,
                 value: Some(Bytes::from_static(b"v")),
                 timestamp_ms: 0,
                 ..Default::default()
             })
             .collect();
-        let bytes = crate::record_batch::build::batch(&records, Compression::None).unwrap();
+        let bytes = weir_wire::record_batch::build::batch(&records, Compression::None).unwrap();
         // Stamp producer id, epoch and base sequence; they are covered by the CRC.
         let mut b = BytesMut::from(&bytes[..]);
         b[43..51].copy_from_slice(&7i64.to_be_bytes());

@@ -7,10 +7,10 @@ use kafka_protocol::messages::*;
 use kafka_protocol::protocol::StrBytes;
 use kafka_protocol::records::Compression;
 
-use super::codec::{Request, SUPPORTED_APIS, encode_response};
 use super::{KafkaBroker, KafkaMetrics, KafkaSettings};
-use crate::record_batch::build::{NewRecord, batch};
 use crate::storage::{Log, LogOptions, TopicConfig};
+use weir_wire::kafka_codec::{Request, SUPPORTED_APIS, encode_response};
+use weir_wire::record_batch::build::{NewRecord, batch};
 
 fn s(v: &str) -> StrBytes {
     StrBytes::from_string(v.to_string())

@@ -26,17 +26,17 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info};
 
+use super::MqttConfig;
 use super::broker::{
     Delivery, Inbox, Message, MessageProperties, MqttBroker, NEVER_EXPIRES, Prepared, SubOptions,
     SubscribeRefusal, ToConnection, Will,
 };
-use super::codec::{self, CodecError, PublishOutcome, Version};
-use super::topics;
 use crate::acl::{Operation, Resource, Subject};
 use crate::auth::{Gate, Principal, Refusal};
-use crate::config::MqttConfig;
 use crate::storage::{WriteError, now_ms};
 use crate::tls::Stream;
+use weir_wire::mqtt_codec::{self as codec, CodecError, PublishOutcome, Version};
+use weir_wire::topics;
 
 /// Why a connection ended.
 #[derive(Debug)]
@@ -866,7 +866,7 @@ impl Conn {
             acks.push((qos, pkid));
         }
         self.inbound_pending += acks.len();
-        let mut prepared = match self.broker.prepare_many(messages) {
+        let mut prepared = match self.broker.prepare_many(messages).await {
             Ok(prepared) => prepared,
             Err(e) => {
                 let inbound = Inbound {

@@ -1,19 +1,18 @@
 //! The MQTT 3.1.1 and 5.0 broker: listener, sessions, ingest into the log, downlink
 //! out of it, and bridges from remote brokers.
 //!
-//! `codec.rs` frames packets with `rumqttc`'s codecs (3.1.1 converted to 5.0 shapes);
-//! `topics.rs` matches filters; `broker.rs` holds sessions, subscriptions and retained
-//! messages and turns a publish into log writes and deliveries; `connection.rs` is one
-//! client's loop; `rules.rs` the config's ingest/downlink/bridge rules; `bridge.rs`
-//! the client side for bridges.
+//! `weir_wire::mqtt_codec` frames packets with `rumqttc`'s codecs (3.1.1 converted to
+//! 5.0 shapes) and `weir_wire::topics` matches filters; `broker/` holds sessions,
+//! subscriptions and retained messages and turns a publish into log writes and
+//! deliveries; `connection.rs` is one client's loop; `config.rs` the `[mqtt]` section;
+//! `rules.rs` the config's ingest/downlink/bridge rules; `bridge.rs` the client side
+//! for bridges.
 
 pub mod bridge;
 pub mod broker;
-pub mod codec;
+mod config;
 mod connection;
 pub mod rules;
-pub mod sys;
-pub mod topics;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,14 +21,15 @@ use bytes::Bytes;
 use kafka_protocol::records::RecordBatchDecoder;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
+use weir_wire::topics;
 
 pub use broker::{Message, MessageProperties, MqttBroker, MqttMetrics};
+pub use config::MqttConfig;
 use rules::{DownlinkRule, Template};
 
 use crate::auth::Gate;
-use crate::config::MqttConfig;
-use crate::storage::{Log, ReadError, TopicConfig, TopicError, now_ms, state_op};
+use crate::storage::{ReadError, now_ms, put_state_op};
 use crate::tls::{Listener, accept_any};
 
 /// Accepts connections until `stop`; then every connection says goodbye and ends.
@@ -107,25 +107,6 @@ pub async fn serve(
     Ok(())
 }
 
-/// Creates a rule's topic with the defaults if it does not exist yet.
-pub async fn ensure_topic(
-    log: &Log,
-    name: &str,
-    partitions: u32,
-    config: &TopicConfig,
-) -> Result<(), TopicError> {
-    if log.topic(name).is_some() {
-        return Ok(());
-    }
-    match log.create_topic(name, partitions, config.clone()).await {
-        Ok(_) | Err(TopicError::AlreadyExists(_)) => {
-            info!(topic = name, partitions, "created topic for an MQTT rule");
-            Ok(())
-        }
-        Err(e) => Err(e),
-    }
-}
-
 const NS_DOWNLINK: &str = "mqtt.downlink";
 
 /// Copies the records of one partition of a downlink rule's topic to MQTT, from a
@@ -147,12 +128,19 @@ pub async fn run_downlink(
             return;
         }
     };
-    let mut next = match log.get_state::<u64>(NS_DOWNLINK, &cursor_key) {
+    let stored = {
+        let key = cursor_key.clone();
+        log.blocking(move |log| log.get_state::<u64>(NS_DOWNLINK, &key))
+            .await
+    };
+    let mut next = match stored {
         Ok(Some(offset)) => offset,
         _ => changes.borrow().high_watermark,
     };
     loop {
-        let read = match log.read(&rule.topic, partition, next, 256 * 1024) {
+        let topic = rule.topic.clone();
+        let read = log.blocking(move |log| log.read(&topic, partition, next, 256 * 1024));
+        let read = match read.await {
             Ok(r) => r,
             Err(ReadError::OffsetOutOfRange { offsets, .. }) => {
                 warn!(topic = %rule.topic, partition, lost_from = next, lost_to = offsets.log_start,
@@ -219,7 +207,7 @@ pub async fn run_downlink(
                     from: String::new(),
                     expires_at_ms: expiry_secs.map(|s| now_ms() + i64::from(s) * 1000),
                 };
-                match broker.prepare(message) {
+                match broker.prepare(message).await {
                     Ok(mut p) => {
                         ops.extend(p.take_ops());
                         prepared.push(p);
@@ -228,11 +216,7 @@ pub async fn run_downlink(
                 }
             }
         }
-        ops.push(state_op(
-            NS_DOWNLINK,
-            &cursor_key,
-            Some(postcard::to_stdvec(&last).unwrap_or_default()),
-        ));
+        ops.push(put_state_op(NS_DOWNLINK, &cursor_key, &last));
         if let Err(e) = log.write(ops).await {
             for p in prepared {
                 broker.abandon(p);

@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 use tracing::{debug, error, info, trace, warn};
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
-use wasmtime::{Config, Engine, Store, StoreLimits, StoreLimitsBuilder};
+use wasmtime::{Config, Engine, ResourceLimiter, Store, StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use weir_wire::packed;
 
 mod bindings {
     wasmtime::component::bindgen!({
@@ -35,11 +36,6 @@ mod packed_bindings {
         },
     });
 }
-
-/// The packed layout, the same file the Rust SDK compiles.
-#[allow(unreachable_pub, dead_code)]
-#[path = "../../../wasm-sdk/rust/src/packed.rs"]
-mod packed;
 
 pub use bindings::weir::plugin::types::{
     BatchResult, Failure, Header, InputRecord, Level, OutputRecord, Source,
@@ -106,8 +102,51 @@ impl Drop for Ticker {
 pub struct State {
     wasi: WasiCtx,
     table: ResourceTable,
-    limits: StoreLimits,
+    limits: Limiter,
     pipeline: String,
+}
+
+/// wasmtime's `StoreLimits`, noting when it refused to grow a memory: a call that
+/// then fails ran out of memory, whatever wasmtime's message says.
+struct Limiter {
+    limits: StoreLimits,
+    refused_memory: bool,
+}
+
+impl ResourceLimiter for Limiter {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let allowed = self.limits.memory_growing(current, desired, maximum);
+        if !matches!(allowed, Ok(true)) {
+            self.refused_memory = true;
+        }
+        allowed
+    }
+
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        self.limits.table_growing(current, desired, maximum)
+    }
+
+    fn instances(&self) -> usize {
+        self.limits.instances()
+    }
+
+    fn tables(&self) -> usize {
+        self.limits.tables()
+    }
+
+    fn memories(&self) -> usize {
+        self.limits.memories()
+    }
 }
 
 impl WasiView for State {
@@ -289,13 +328,16 @@ impl PluginHost {
         let state = State {
             wasi: WasiCtxBuilder::new().build(),
             table: ResourceTable::new(),
-            limits: StoreLimitsBuilder::new()
-                .memory_size(limits.memory_bytes)
-                .instances(64)
-                .tables(64)
-                .memories(16)
-                .trap_on_grow_failure(true)
-                .build(),
+            limits: Limiter {
+                limits: StoreLimitsBuilder::new()
+                    .memory_size(limits.memory_bytes)
+                    .instances(64)
+                    .tables(64)
+                    .memories(16)
+                    .trap_on_grow_failure(true)
+                    .build(),
+                refused_memory: false,
+            },
             pipeline: pipeline.to_string(),
         };
         let mut store = Store::new(&self.engine, state);
@@ -315,7 +357,7 @@ impl PluginHost {
         match init {
             Ok(Ok(())) => {}
             Ok(Err(message)) => return Err(PluginError::Init(message)),
-            Err(trap) => return Err(PluginError::Trap(describe(&trap, limits))),
+            Err(trap) => return Err(trapped(&trap, limits, &store)),
         }
         let _ = &self.ticker;
         Ok(Instance {
@@ -356,12 +398,10 @@ impl Instance {
         records: &[InputRecord],
     ) -> Result<BatchResult, PluginError> {
         self.store.set_epoch_deadline(self.ticks);
-        let trap = |trap: wasmtime::Error| PluginError::Trap(describe(&trap, self.limits));
         let plugin = match &self.plugin {
             Exports::Typed(plugin) => {
-                return plugin
-                    .call_process(&mut self.store, source, records)
-                    .map_err(trap);
+                let result = plugin.call_process(&mut self.store, source, records);
+                return result.map_err(|trap| trapped(&trap, self.limits, &self.store));
             }
             Exports::Packed(plugin) => plugin,
         };
@@ -381,7 +421,7 @@ impl Instance {
         let batch = batch.finish();
         let result = plugin.call_process_packed(&mut self.store, source, &batch);
         self.packed = batch;
-        let result = result.map_err(trap)?;
+        let result = result.map_err(|trap| trapped(&trap, self.limits, &self.store))?;
         let outputs = unpack_outputs(&result.outputs)
             .map_err(|e| PluginError::Trap(format!("the plugin returned a {e}")))?;
         Ok(BatchResult {
@@ -426,25 +466,21 @@ fn unpack_outputs(buf: &[u8]) -> Result<Vec<OutputRecord>, packed::Malformed> {
 
 /// The reason a call failed, in the words a plugin author needs: the trap itself,
 /// not wasmtime's backtrace of unnamed functions.
-fn describe(error: &wasmtime::Error, limits: Limits) -> String {
-    match error.downcast_ref::<wasmtime::Trap>() {
+fn trapped(error: &wasmtime::Error, limits: Limits, store: &Store<State>) -> PluginError {
+    let reason = match error.downcast_ref::<wasmtime::Trap>() {
         Some(wasmtime::Trap::Interrupt) => format!(
             "the call ran longer than its limit of {} ms",
             limits.call_timeout.as_millis()
         ),
         Some(trap) => format!("trap: {trap}"),
-        None => {
-            let root = error.root_cause().to_string();
-            if root.contains("growing memory") {
-                format!(
-                    "memory limit of {} MiB reached ({root})",
-                    limits.memory_bytes >> 20
-                )
-            } else {
-                root
-            }
-        }
-    }
+        None if store.data().limits.refused_memory => format!(
+            "memory limit of {} MiB reached ({})",
+            limits.memory_bytes >> 20,
+            error.root_cause()
+        ),
+        None => error.root_cause().to_string(),
+    };
+    PluginError::Trap(reason)
 }
 
 fn ticks(timeout: Duration) -> u64 {

@@ -3,6 +3,8 @@
 //! One instance per rule, behind a lock; a call that traps is retried record by
 //! record on fresh instances, and the record that breaks it is reported failed.
 
+use std::sync::Arc;
+
 use parking_lot::Mutex;
 
 use super::host::{Header, InputRecord, Instance, Limits, Module, PluginError, PluginHost, Source};
@@ -49,7 +51,25 @@ impl IngestPlugin {
         })
     }
 
-    /// Runs the plugin on `inputs`; one result per input, in order.
+    /// [`IngestPlugin::run`] on tokio's blocking pool: a call may take up to the
+    /// plugin's time limit, and the workers serve every connection meanwhile.
+    pub async fn run_blocking(
+        self: &Arc<Self>,
+        source: Source,
+        inputs: Vec<InputRecord>,
+    ) -> Vec<IngestResult> {
+        let plugin = self.clone();
+        let count = inputs.len();
+        match tokio::task::spawn_blocking(move || plugin.run(&source, &inputs)).await {
+            Ok(results) => results,
+            Err(e) => {
+                let reason = format!("the plugin call did not finish: {e}");
+                vec![Err(reason); count]
+            }
+        }
+    }
+
+    /// Runs the plugin on `inputs`; one result per input, in order. Blocking.
     pub fn run(&self, source: &Source, inputs: &[InputRecord]) -> Vec<IngestResult> {
         let mut slot = self.instance.lock();
         match self.call(&mut slot, source, inputs) {

@@ -18,11 +18,14 @@ use tracing::{info, warn};
 
 use super::host::Module;
 use super::pipeline::{
-    self, Control, PipelineConfig, PipelineContext, PluginRef, RunState, SharedStatus, Status,
-    forget_cursors, initial_cursors,
+    self, Control, CursorError, PipelineConfig, PipelineContext, PluginRef, RunState, SharedStatus,
+    Status, forget_cursors, initial_cursors,
 };
 use super::registry::{DeployedPlugin, RegistryError};
-use crate::storage::{Log, TopicConfig, TopicError, now_ms, state_op};
+use crate::storage::{
+    Log, ReadError, StorageError, TopicConfig, TopicError, WriteError, encode_stored, now_ms,
+    state_op,
+};
 
 const NS_DEFINED: &str = "pipeline.def";
 
@@ -75,8 +78,36 @@ pub enum ManagerError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    /// Creating or checking a pipeline's topics failed.
+    #[error(transparent)]
+    Topic(#[from] TopicError),
+    /// The log failed to read or commit definitions or cursors.
+    #[error("pipeline state: {0}")]
+    Storage(#[from] StorageError),
+    #[error("pipeline state: {0}")]
+    Write(#[from] WriteError),
+    #[error("pipeline state: {0}")]
+    Read(#[from] ReadError),
+    /// The plugin store failed.
+    #[error(transparent)]
+    Registry(RegistryError),
+    /// A pipeline's thread could not start, or blocking work did not finish.
     #[error("{0}")]
-    Storage(String),
+    Thread(String),
+}
+
+impl ManagerError {
+    /// True when the disk (or its quota) is full: the admin API answers 507.
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            ManagerError::Storage(e)
+            | ManagerError::Write(WriteError::Storage(e))
+            | ManagerError::Read(ReadError::Storage(e))
+            | ManagerError::Topic(TopicError::Storage(e)) => e.is_disk_full(),
+            ManagerError::Registry(e) => e.is_disk_full(),
+            _ => false,
+        }
+    }
 }
 
 impl From<RegistryError> for ManagerError {
@@ -87,14 +118,18 @@ impl From<RegistryError> for ManagerError {
             }
             RegistryError::NotFound(_) => Self::NotFound(e.to_string()),
             RegistryError::InUse { .. } => Self::Conflict(e.to_string()),
-            RegistryError::Storage(_) => Self::Storage(e.to_string()),
+            _ => Self::Registry(e),
         }
     }
 }
 
-impl From<TopicError> for ManagerError {
-    fn from(e: TopicError) -> Self {
-        Self::Storage(e.to_string())
+impl From<CursorError> for ManagerError {
+    fn from(e: CursorError) -> Self {
+        match e {
+            CursorError::Invalid(reason) => Self::Invalid(reason),
+            CursorError::Read(e) => Self::Read(e),
+            CursorError::Storage(e) => Self::Storage(e),
+        }
     }
 }
 
@@ -156,7 +191,8 @@ impl Pipelines {
 
     async fn ensure_topics(&self, config: &PipelineConfig) -> Result<(), TopicError> {
         for topic in config.topics() {
-            crate::mqtt::ensure_topic(self.log(), &topic, self.partitions, &self.topic_defaults)
+            self.log()
+                .ensure_topic(&topic, self.partitions, &self.topic_defaults)
                 .await?;
         }
         Ok(())
@@ -253,29 +289,22 @@ impl Pipelines {
         self.try_instance(&config, module).await?;
         self.ensure_topics(&config).await?;
         // The name may have been used before: start from `start`, not old cursors.
-        let stale = forget_cursors(self.log(), &config.name).map_err(ManagerError::Storage)?;
+        let stale = forget_cursors(self.log(), &config.name)?;
         if !stale.is_empty() {
-            self.log()
-                .write(stale)
-                .await
-                .map_err(|e| ManagerError::Storage(e.to_string()))?;
+            self.log().write(stale).await?;
         }
         let defined = Defined {
             config: config.clone(),
             paused: false,
             created_ms: now_ms(),
         };
-        let value =
-            postcard::to_stdvec(&defined).map_err(|e| ManagerError::Storage(e.to_string()))?;
-        let mut ops = initial_cursors(self.log(), &config).map_err(ManagerError::Storage)?;
+        let value = encode_stored(&defined);
+        let mut ops = initial_cursors(self.log(), &config)?;
         ops.push(state_op(NS_DEFINED, &config.name, Some(value)));
-        self.log()
-            .write(ops)
-            .await
-            .map_err(|e| ManagerError::Storage(e.to_string()))?;
+        self.log().write(ops).await?;
         info!(pipeline = %config.name, plugin = %config.plugin, start = %config.start, "pipeline created");
         self.spawn(config.clone(), Origin::Api, false)
-            .map_err(|e| ManagerError::Storage(e.to_string()))?;
+            .map_err(thread_failed)?;
         self.describe(&config.name)
     }
 
@@ -328,22 +357,18 @@ impl Pipelines {
         if origin == Origin::Api {
             let mut defined: Defined = self
                 .log()
-                .get_state(NS_DEFINED, name)
-                .map_err(|e| ManagerError::Storage(e.to_string()))?
+                .get_state(NS_DEFINED, name)?
                 .ok_or_else(|| not_found(name))?;
             defined.paused = paused;
-            let value =
-                postcard::to_stdvec(&defined).map_err(|e| ManagerError::Storage(e.to_string()))?;
+            let value = encode_stored(&defined);
             self.log()
                 .write(vec![state_op(NS_DEFINED, name, Some(value))])
-                .await
-                .map_err(|e| ManagerError::Storage(e.to_string()))?;
+                .await?;
         }
         if failed {
             let config = self.take(name).await?.config;
             info!(pipeline = name, "restarting a stopped pipeline");
-            self.spawn(config, origin, paused)
-                .map_err(|e| ManagerError::Storage(e.to_string()))?;
+            self.spawn(config, origin, paused).map_err(thread_failed)?;
         } else if let Some(entry) = self.entries().get(name) {
             entry.control.send_replace(control);
         }
@@ -375,12 +400,9 @@ impl Pipelines {
             Some(_) => {}
         }
         self.take(name).await?;
-        let mut ops = forget_cursors(self.log(), name).map_err(ManagerError::Storage)?;
+        let mut ops = forget_cursors(self.log(), name)?;
         ops.push(state_op(NS_DEFINED, name, None));
-        self.log()
-            .write(ops)
-            .await
-            .map_err(|e| ManagerError::Storage(e.to_string()))?;
+        self.log().write(ops).await?;
         info!(pipeline = name, "pipeline deleted");
         Ok(())
     }
@@ -390,7 +412,7 @@ impl Pipelines {
     /// params). Those pipelines then switch to it between two batches.
     pub async fn deploy(&self, name: &str, wasm: Vec<u8>) -> Result<PluginView, ManagerError> {
         let _changing = self.changing.lock().await;
-        if !super::registry::valid_name(name) {
+        if !crate::names::valid_name(name) {
             return Err(RegistryError::InvalidName(name.to_string()).into());
         }
         let (module, wasm) = {
@@ -474,5 +496,9 @@ async fn blocking<T: Send + 'static>(
 ) -> Result<T, ManagerError> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| ManagerError::Storage(e.to_string()))
+        .map_err(|e| ManagerError::Thread(format!("blocking work did not finish: {e}")))
+}
+
+fn thread_failed(e: std::io::Error) -> ManagerError {
+    ManagerError::Thread(format!("cannot start the pipeline's thread: {e}"))
 }

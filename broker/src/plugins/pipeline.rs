@@ -34,9 +34,9 @@ use tracing::{error, info, warn};
 
 use super::host::{Header, InputRecord, Instance, Limits, Module, PluginError, PluginHost, Source};
 use super::registry::PluginRegistry;
-use crate::record_batch::build::NewRecord;
-use crate::shell::partition_for_key;
-use crate::storage::{Log, ReadError, WriteOp, now_ms, state_op};
+use crate::storage::{Log, ReadError, StorageError, WriteOp, now_ms, put_state_op, state_op};
+use weir_wire::partition::partition_for_key;
+use weir_wire::record_batch::build::NewRecord;
 
 const NS_CURSOR: &str = "pipeline.cursor";
 /// Bytes of output one call may return per input byte, beyond a floor: more is
@@ -163,7 +163,7 @@ impl PipelineConfig {
     }
 
     pub fn validate(&self) -> Result<(), String> {
-        if !super::registry::valid_name(&self.name) {
+        if !crate::names::valid_name(&self.name) {
             return Err(format!(
                 "invalid pipeline name {:?}: use 1 to 100 of a-z A-Z 0-9 . _ -",
                 self.name
@@ -174,7 +174,7 @@ impl PipelineConfig {
         }
         self.start_at()?;
         if let PluginRef::Deployed(name) = self.plugin_ref()
-            && !super::registry::valid_name(&name)
+            && !crate::names::valid_name(&name)
         {
             return Err(format!(
                 "pipeline {}: plugin {name:?} is neither a .wasm file nor a valid plugin name",
@@ -367,36 +367,39 @@ pub fn run(
     }
 }
 
+/// Why a pipeline's cursors could not be placed or forgotten.
+#[derive(Debug, thiserror::Error)]
+pub enum CursorError {
+    /// `start` does not parse, or an input topic does not exist.
+    #[error("{0}")]
+    Invalid(String),
+    #[error("pipeline cursors: {0}")]
+    Read(#[from] ReadError),
+    #[error("pipeline cursors: {0}")]
+    Storage(#[from] StorageError),
+}
+
 /// The cursor writes for the source partitions of `config` that have none yet,
 /// placed where `config.start` says. Committed once, so a restart before the first
 /// batch does not move a `latest` start forward.
-pub fn initial_cursors(log: &Log, config: &PipelineConfig) -> Result<Vec<WriteOp>, String> {
-    let start = config.start_at()?;
+pub fn initial_cursors(log: &Log, config: &PipelineConfig) -> Result<Vec<WriteOp>, CursorError> {
+    let start = config.start_at().map_err(CursorError::Invalid)?;
     let mut ops = Vec::new();
-    for (topic, partition) in source_partitions(log, config)? {
+    for (topic, partition) in source_partitions(log, config).map_err(CursorError::Invalid)? {
         let key = cursor_key(&config.name, &topic, partition);
-        if log
-            .get_state::<u64>(NS_CURSOR, &key)
-            .map_err(|e| e.to_string())?
-            .is_some()
-        {
+        if log.get_state::<u64>(NS_CURSOR, &key)?.is_some() {
             continue;
         }
-        let offsets = *log
-            .watch(&topic, partition)
-            .map_err(|e| e.to_string())?
-            .borrow();
+        let offsets = *log.watch(&topic, partition)?.borrow();
         let next = match start {
             StartAt::Latest => offsets.high_watermark,
             StartAt::Earliest => offsets.log_start,
             StartAt::Offset(n) => n.clamp(offsets.log_start, offsets.high_watermark),
             StartAt::Timestamp(ms) => log
-                .offset_for_timestamp(&topic, partition, ms)
-                .map_err(|e| e.to_string())?
+                .offset_for_timestamp(&topic, partition, ms)?
                 .map_or(offsets.high_watermark, |(offset, _)| offset),
         };
-        let value = postcard::to_stdvec(&next).map_err(|e| e.to_string())?;
-        ops.push(state_op(NS_CURSOR, &key, Some(value)));
+        ops.push(put_state_op(NS_CURSOR, &key, &next));
     }
     Ok(ops)
 }
@@ -414,11 +417,10 @@ fn source_partitions(log: &Log, config: &PipelineConfig) -> Result<Vec<(String, 
 }
 
 /// The writes that forget every cursor of pipeline `name`.
-pub fn forget_cursors(log: &Log, name: &str) -> Result<Vec<WriteOp>, String> {
+pub fn forget_cursors(log: &Log, name: &str) -> Result<Vec<WriteOp>, CursorError> {
     let prefix = format!("{name}/");
     Ok(log
-        .list_state::<u64>(NS_CURSOR)
-        .map_err(|e| e.to_string())?
+        .list_state::<u64>(NS_CURSOR)?
         .into_iter()
         .filter(|(key, _)| key.starts_with(&prefix))
         .map(|(key, _)| state_op(NS_CURSOR, &key, None))
@@ -514,7 +516,7 @@ impl Runner {
         let instance = host
             .instantiate(&module, limits, &config.name, &params)
             .map_err(|e| e.to_string())?;
-        let cursors = initial_cursors(&log, &config)?;
+        let cursors = initial_cursors(&log, &config).map_err(|e| e.to_string())?;
         if !cursors.is_empty() {
             runtime
                 .block_on(log.write(cursors))
@@ -1008,11 +1010,7 @@ impl Runner {
             });
         }
         let key = cursor_key(&self.config.name, topic, partition);
-        ops.push(state_op(
-            NS_CURSOR,
-            &key,
-            Some(postcard::to_stdvec(&end).map_err(|e| e.to_string())?),
-        ));
+        ops.push(put_state_op(NS_CURSOR, &key, &end));
         Ok((ops, tally))
     }
 }

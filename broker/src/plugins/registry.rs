@@ -13,8 +13,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use super::host::{Module, PluginHost};
-use crate::storage::{Log, now_ms, state_op};
+use super::host::{Module, PluginError, PluginHost};
+use crate::storage::{Log, StorageError, WriteError, now_ms, put_state_op, state_op};
 
 const NS_DEPLOYED: &str = "plugin.deployed";
 /// The largest component a deploy accepts (a JavaScript component is about 12 MB).
@@ -43,7 +43,28 @@ pub enum RegistryError {
     #[error("{0}")]
     Rejected(String),
     #[error("plugin store: {0}")]
-    Storage(String),
+    Storage(#[from] StorageError),
+    #[error("plugin store: {0}")]
+    Write(#[from] WriteError),
+    #[error("plugin file {}: {source}", path.display())]
+    File {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot load plugin {name}: {source}")]
+    Load { name: String, source: PluginError },
+}
+
+impl RegistryError {
+    /// True when the disk (or its quota) is full.
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            RegistryError::Storage(e) => e.is_disk_full(),
+            RegistryError::Write(e) => e.is_disk_full(),
+            RegistryError::File { source, .. } => source.kind() == std::io::ErrorKind::StorageFull,
+            _ => false,
+        }
+    }
 }
 
 /// Deployed plugins and where their bytes are. Cheap to clone.
@@ -54,15 +75,6 @@ pub struct PluginRegistry {
     host: PluginHost,
     /// Bumped after every deploy; pipelines watch it.
     changes: watch::Sender<u64>,
-}
-
-pub fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 100
-        && !name.ends_with(".wasm")
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
 impl PluginRegistry {
@@ -85,16 +97,13 @@ impl PluginRegistry {
     }
 
     pub fn get(&self, name: &str) -> Result<Option<DeployedPlugin>, RegistryError> {
-        self.log
-            .get_state(NS_DEPLOYED, name)
-            .map_err(|e| RegistryError::Storage(e.to_string()))
+        Ok(self.log.get_state(NS_DEPLOYED, name)?)
     }
 
     pub fn list(&self) -> Result<Vec<DeployedPlugin>, RegistryError> {
         Ok(self
             .log
-            .list_state(NS_DEPLOYED)
-            .map_err(|e| RegistryError::Storage(e.to_string()))?
+            .list_state(NS_DEPLOYED)?
             .into_iter()
             .map(|(_, p)| p)
             .collect())
@@ -106,12 +115,17 @@ impl PluginRegistry {
             .get(name)?
             .ok_or_else(|| RegistryError::NotFound(name.to_string()))?;
         let path = self.path(&deployed.hash);
-        let wasm = std::fs::read(&path)
-            .map_err(|e| RegistryError::Storage(format!("cannot read {}: {e}", path.display())))?;
+        let wasm = std::fs::read(&path).map_err(|source| RegistryError::File {
+            path: path.clone(),
+            source,
+        })?;
         let module = self
             .host
             .load(&wasm)
-            .map_err(|e| RegistryError::Storage(e.to_string()))?;
+            .map_err(|source| RegistryError::Load {
+                name: name.to_string(),
+                source,
+            })?;
         Ok((deployed, module))
     }
 
@@ -136,7 +150,7 @@ impl PluginRegistry {
         wasm: Vec<u8>,
         module: &Module,
     ) -> Result<DeployedPlugin, RegistryError> {
-        if !valid_name(name) {
+        if !crate::names::valid_name(name) {
             return Err(RegistryError::InvalidName(name.to_string()));
         }
         let previous = self.get(name)?;
@@ -148,10 +162,12 @@ impl PluginRegistry {
         let path = self.path(&module.hash);
         let size = wasm.len() as u64;
         let dir = self.dir.clone();
-        tokio::task::spawn_blocking(move || write_synced(&dir, &path, &wasm))
+        let file = path.clone();
+        tokio::task::spawn_blocking(move || write_synced(&dir, &file, &wasm))
             .await
-            .map_err(|e| RegistryError::Storage(e.to_string()))?
-            .map_err(|e| RegistryError::Storage(e.to_string()))?;
+            .map_err(std::io::Error::other)
+            .and_then(|written| written)
+            .map_err(|source| RegistryError::File { path, source })?;
         let deployed = DeployedPlugin {
             name: name.to_string(),
             version: previous.as_ref().map_or(1, |p| p.version + 1),
@@ -159,12 +175,9 @@ impl PluginRegistry {
             size,
             deployed_ms: now_ms(),
         };
-        let value =
-            postcard::to_stdvec(&deployed).map_err(|e| RegistryError::Storage(e.to_string()))?;
         self.log
-            .write(vec![state_op(NS_DEPLOYED, name, Some(value))])
-            .await
-            .map_err(|e| RegistryError::Storage(e.to_string()))?;
+            .write(vec![put_state_op(NS_DEPLOYED, name, &deployed)])
+            .await?;
         info!(
             plugin = name,
             version = deployed.version,
@@ -184,8 +197,7 @@ impl PluginRegistry {
         }
         self.log
             .write(vec![state_op(NS_DEPLOYED, name, None)])
-            .await
-            .map_err(|e| RegistryError::Storage(e.to_string()))?;
+            .await?;
         info!(plugin = name, "plugin removed");
         self.collect_garbage();
         Ok(())

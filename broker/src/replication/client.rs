@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::ClientContext;
+use rdkafka::client::{Client, ClientContext};
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, warn};
 
 use super::UpstreamConfig;
+use super::error::ReplicationError;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -96,7 +97,7 @@ pub trait UpstreamProducer: Send + Sync {
         &'a self,
         topic: &'a str,
         partitions: u32,
-    ) -> BoxFuture<'a, Result<(), String>>;
+    ) -> BoxFuture<'a, Result<(), ReplicationError>>;
     /// Connection errors, as they happen.
     fn link(&self) -> watch::Receiver<LinkErrors>;
 }
@@ -124,10 +125,10 @@ pub enum From {
 /// keeps the positions (no group offsets upstream).
 pub trait UpstreamConsumer: Send + Sync {
     /// The number of partitions of an upstream topic.
-    fn partitions(&self, topic: &str) -> BoxFuture<'_, Result<u32, String>>;
-    fn assign(&self, positions: &[(String, u32, From)]) -> Result<(), String>;
+    fn partitions(&self, topic: &str) -> BoxFuture<'_, Result<u32, ReplicationError>>;
+    fn assign(&self, positions: &[(String, u32, From)]) -> Result<(), ReplicationError>;
     /// The next record of the assigned partitions.
-    fn recv(&self) -> BoxFuture<'_, Result<UpstreamRecord, String>>;
+    fn recv(&self) -> BoxFuture<'_, Result<UpstreamRecord, ReplicationError>>;
     /// Connection errors, as they happen (the consumer retries by itself meanwhile).
     fn link(&self) -> watch::Receiver<LinkErrors>;
 }
@@ -140,7 +141,10 @@ pub trait UpstreamReader: Send + Sync {
     /// Low and high watermark of each partition of `topic`, by partition, as the
     /// centre's ListOffsets gives them (Tansu's high watermark can be short: a
     /// scan's ends are the ones to trust).
-    fn ends<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<Vec<(u64, u64)>, String>>;
+    fn ends<'a>(
+        &'a self,
+        topic: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<(u64, u64)>, ReplicationError>>;
     /// Reads each `(partition, from)` of `topic` from `from` to the partition's end
     /// (where a fetch reports it reached the high watermark), calling `visit` with
     /// every record's position and headers; returns the end of each partition.
@@ -150,7 +154,7 @@ pub trait UpstreamReader: Send + Sync {
         topic: &'a str,
         from: &'a [(u32, u64)],
         visit: &'a mut Visit<'_>,
-    ) -> BoxFuture<'a, Result<BTreeMap<u32, u64>, String>>;
+    ) -> BoxFuture<'a, Result<BTreeMap<u32, u64>, ReplicationError>>;
 }
 
 /// How long a read-back may wait for the next record before it gives up (and is
@@ -285,7 +289,7 @@ pub fn producer(
     upstream: &UpstreamConfig,
     client_id: &str,
     settings: &ProducerSettings,
-) -> Result<(Arc<dyn UpstreamProducer>, Deliveries), String> {
+) -> Result<(Arc<dyn UpstreamProducer>, Deliveries), ReplicationError> {
     let context = LinkContext::new(&upstream.name);
     let errors = context.errors.subscribe();
     let (deliveries, received) = mpsc::unbounded_channel();
@@ -312,10 +316,16 @@ pub fn producer(
             link: context.clone(),
             deliveries,
         })
-        .map_err(|e| format!("cannot create the producer: {e}"))?;
+        .map_err(|source| ReplicationError::Client {
+            what: "producer",
+            source,
+        })?;
     let admin: AdminClient<LinkContext> = base_config(upstream, client_id)
         .create_with_context(context)
-        .map_err(|e| format!("cannot create the admin client: {e}"))?;
+        .map_err(|source| ReplicationError::Client {
+            what: "admin client",
+            source,
+        })?;
     let producer: Arc<dyn UpstreamProducer> = Arc::new(RdProducer {
         producer,
         admin,
@@ -369,7 +379,7 @@ impl UpstreamProducer for RdProducer {
         &'a self,
         topic: &'a str,
         partitions: u32,
-    ) -> BoxFuture<'a, Result<(), String>> {
+    ) -> BoxFuture<'a, Result<(), ReplicationError>> {
         Box::pin(async move {
             let new = NewTopic::new(topic, partitions as i32, TopicReplication::Fixed(-1));
             let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(5)));
@@ -377,9 +387,12 @@ impl UpstreamProducer for RdProducer {
                 Ok(results) => match results.into_iter().next() {
                     Some(Ok(_)) | None => Ok(()),
                     Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) => Ok(()),
-                    Some(Err((_, code))) => Err(format!("cannot create {topic} upstream: {code}")),
+                    Some(Err((_, code))) => Err(ReplicationError::CreateTopic {
+                        topic: topic.to_string(),
+                        code,
+                    }),
                 },
-                Err(e) => Err(format!("cannot create {topic} upstream: {e}")),
+                Err(e) => Err(ReplicationError::upstream(format!("cannot create {topic}"))(e)),
             }
         })
     }
@@ -398,7 +411,8 @@ impl Drop for RdProducer {
 }
 
 struct RdConsumer {
-    consumer: StreamConsumer<LinkContext>,
+    /// Shared with the blocking pool for librdkafka's blocking calls.
+    consumer: Arc<StreamConsumer<LinkContext>>,
 }
 
 /// A librdkafka consumer of `upstream`; `group` only names it (positions are kept
@@ -407,7 +421,7 @@ pub fn consumer(
     upstream: &UpstreamConfig,
     client_id: &str,
     group: &str,
-) -> Result<Arc<dyn UpstreamConsumer>, String> {
+) -> Result<Arc<dyn UpstreamConsumer>, ReplicationError> {
     let context = LinkContext::new(&upstream.name);
     let consumer: StreamConsumer<LinkContext> = base_config(upstream, client_id)
         .set("group.id", group)
@@ -416,29 +430,25 @@ pub fn consumer(
         .set("auto.offset.reset", "earliest")
         .set("queued.max.messages.kbytes", "16384")
         .create_with_context(context)
-        .map_err(|e| format!("cannot create the consumer: {e}"))?;
-    Ok(Arc::new(RdConsumer { consumer }))
+        .map_err(|source| ReplicationError::Client {
+            what: "consumer",
+            source,
+        })?;
+    Ok(Arc::new(RdConsumer {
+        consumer: Arc::new(consumer),
+    }))
 }
 
 impl UpstreamConsumer for RdConsumer {
-    fn partitions(&self, topic: &str) -> BoxFuture<'_, Result<u32, String>> {
+    fn partitions(&self, topic: &str) -> BoxFuture<'_, Result<u32, ReplicationError>> {
         let topic = topic.to_string();
         Box::pin(async move {
-            let client = self.consumer.client();
-            let metadata = tokio::task::block_in_place(|| {
-                client.fetch_metadata(Some(&topic), Duration::from_secs(5))
-            })
-            .map_err(|e| format!("metadata of {topic}: {e}"))?;
-            match metadata.topics().iter().find(|t| t.name() == topic) {
-                Some(t) if t.error().is_none() && !t.partitions().is_empty() => {
-                    Ok(t.partitions().len() as u32)
-                }
-                _ => Err(format!("topic {topic} does not exist upstream")),
-            }
+            let consumer = self.consumer.clone();
+            blocking(move || partition_count(consumer.client(), &topic).map(|n| n as u32)).await
         })
     }
 
-    fn assign(&self, positions: &[(String, u32, From)]) -> Result<(), String> {
+    fn assign(&self, positions: &[(String, u32, From)]) -> Result<(), ReplicationError> {
         let mut list = TopicPartitionList::new();
         for (topic, partition, from) in positions {
             let offset = match from {
@@ -447,14 +457,20 @@ impl UpstreamConsumer for RdConsumer {
                 From::Latest => Offset::End,
             };
             list.add_partition_offset(topic, *partition as i32, offset)
-                .map_err(|e| e.to_string())?;
+                .map_err(ReplicationError::upstream(format!("position in {topic}")))?;
         }
-        self.consumer.assign(&list).map_err(|e| e.to_string())
+        self.consumer
+            .assign(&list)
+            .map_err(ReplicationError::upstream("assigning partitions"))
     }
 
-    fn recv(&self) -> BoxFuture<'_, Result<UpstreamRecord, String>> {
+    fn recv(&self) -> BoxFuture<'_, Result<UpstreamRecord, ReplicationError>> {
         Box::pin(async move {
-            let m = self.consumer.recv().await.map_err(|e| e.to_string())?;
+            let m = self
+                .consumer
+                .recv()
+                .await
+                .map_err(ReplicationError::upstream("receiving"))?;
             let headers = m
                 .headers()
                 .map(|h| {
@@ -486,14 +502,40 @@ impl UpstreamConsumer for RdConsumer {
 }
 
 struct RdReader {
-    consumer: StreamConsumer<LinkContext>,
+    /// Shared with the blocking pool for librdkafka's blocking calls.
+    consumer: Arc<StreamConsumer<LinkContext>>,
+}
+
+/// A blocking librdkafka call, on tokio's blocking pool (ARCHITECTURE.md, "Where
+/// blocking work runs").
+async fn blocking<T: Send + 'static>(
+    call: impl FnOnce() -> Result<T, ReplicationError> + Send + 'static,
+) -> Result<T, ReplicationError> {
+    tokio::task::spawn_blocking(call)
+        .await
+        .map_err(|e| ReplicationError::Thread(e.to_string()))?
+}
+
+/// How many partitions `topic` has upstream (its metadata, asked with a 5 s bound).
+/// Blocking.
+fn partition_count<C: ClientContext>(
+    client: &Client<C>,
+    topic: &str,
+) -> Result<usize, ReplicationError> {
+    let metadata = client
+        .fetch_metadata(Some(topic), Duration::from_secs(5))
+        .map_err(ReplicationError::upstream(format!("metadata of {topic}")))?;
+    match metadata.topics().iter().find(|t| t.name() == topic) {
+        Some(t) if t.error().is_none() && !t.partitions().is_empty() => Ok(t.partitions().len()),
+        _ => Err(ReplicationError::NoUpstreamTopic(topic.to_string())),
+    }
 }
 
 /// A librdkafka consumer of `upstream` that reads partitions to their end once.
 pub fn reader(
     upstream: &UpstreamConfig,
     client_id: &str,
-) -> Result<Arc<dyn UpstreamReader>, String> {
+) -> Result<Arc<dyn UpstreamReader>, ReplicationError> {
     let consumer: StreamConsumer<LinkContext> = base_config(upstream, client_id)
         .set("group.id", format!("{client_id}-read-back"))
         .set("enable.auto.commit", "false")
@@ -503,34 +545,36 @@ pub fn reader(
         .set("fetch.wait.max.ms", "10")
         .set("queued.max.messages.kbytes", "16384")
         .create_with_context(LinkContext::new(&upstream.name))
-        .map_err(|e| format!("cannot create the read-back consumer: {e}"))?;
-    Ok(Arc::new(RdReader { consumer }))
+        .map_err(|source| ReplicationError::Client {
+            what: "read-back consumer",
+            source,
+        })?;
+    Ok(Arc::new(RdReader {
+        consumer: Arc::new(consumer),
+    }))
 }
 
 impl UpstreamReader for RdReader {
-    fn ends<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<Vec<(u64, u64)>, String>> {
+    fn ends<'a>(
+        &'a self,
+        topic: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<(u64, u64)>, ReplicationError>> {
         Box::pin(async move {
-            let client = self.consumer.client();
-            tokio::task::block_in_place(|| {
-                let metadata = client
-                    .fetch_metadata(Some(topic), Duration::from_secs(5))
-                    .map_err(|e| format!("metadata of {topic}: {e}"))?;
-                let partitions = match metadata.topics().iter().find(|t| t.name() == topic) {
-                    Some(t) if t.error().is_none() && !t.partitions().is_empty() => {
-                        t.partitions().len()
-                    }
-                    _ => return Err(format!("topic {topic} does not exist upstream")),
-                };
+            let (consumer, topic) = (self.consumer.clone(), topic.to_string());
+            blocking(move || {
+                let partitions = partition_count(consumer.client(), &topic)?;
                 (0..partitions as i32)
                     .map(|p| {
-                        let (low, high) = self
-                            .consumer
-                            .fetch_watermarks(topic, p, Duration::from_secs(5))
-                            .map_err(|e| format!("watermarks of {topic}/{p}: {e}"))?;
+                        let (low, high) = consumer
+                            .fetch_watermarks(&topic, p, Duration::from_secs(5))
+                            .map_err(ReplicationError::upstream(format!(
+                                "watermarks of {topic}/{p}"
+                            )))?;
                         Ok((low.max(0) as u64, high.max(0) as u64))
                     })
                     .collect()
             })
+            .await
         })
     }
 
@@ -539,20 +583,27 @@ impl UpstreamReader for RdReader {
         topic: &'a str,
         from: &'a [(u32, u64)],
         visit: &'a mut Visit<'_>,
-    ) -> BoxFuture<'a, Result<BTreeMap<u32, u64>, String>> {
+    ) -> BoxFuture<'a, Result<BTreeMap<u32, u64>, ReplicationError>> {
         Box::pin(async move {
             let mut list = TopicPartitionList::new();
             for (p, offset) in from {
                 list.add_partition_offset(topic, *p as i32, Offset::Offset(*offset as i64))
-                    .map_err(|e| e.to_string())?;
+                    .map_err(ReplicationError::upstream(format!("position in {topic}")))?;
             }
-            self.consumer.assign(&list).map_err(|e| e.to_string())?;
+            self.consumer
+                .assign(&list)
+                .map_err(ReplicationError::upstream("assigning partitions"))?;
             // Partition → the offset after the last record read (or the start).
             let mut open: BTreeMap<u32, u64> = from.iter().copied().collect();
             let mut ends = BTreeMap::new();
             while !open.is_empty() {
                 let m = match tokio::time::timeout(STALL, self.consumer.recv()).await {
-                    Err(_) => return Err(format!("reading {topic} back: nothing for {STALL:?}")),
+                    Err(_) => {
+                        return Err(ReplicationError::ReadBackStalled {
+                            topic: topic.to_string(),
+                            stall: STALL,
+                        });
+                    }
                     Ok(Err(KafkaError::PartitionEOF(p))) => {
                         if let Some(next) = open.remove(&(p as u32)) {
                             let position = self

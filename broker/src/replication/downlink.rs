@@ -15,12 +15,13 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::client::{self, From, UpstreamRecord};
+use super::error::ReplicationError;
 use super::{
     LinkState, PartitionStatus, ReplicationMetrics, RuleConfig, SessionBackoff, SharedStatus,
     UpstreamConfig, add_upstream_errors, cursor_key, note_link_errors, record_success, set_state,
 };
-use crate::record_batch::build::NewRecord;
-use crate::storage::{Log, TopicConfig, WriteOp, state_op};
+use crate::storage::{Log, TopicConfig, TopicError, WriteOp, encode_stored, state_op};
+use weir_wire::record_batch::build::NewRecord;
 
 const NS_POSITION: &str = "replication.down";
 /// Records appended per write, at most.
@@ -61,7 +62,7 @@ impl Downlink {
         }
     }
 
-    async fn session(&mut self) -> Result<(), String> {
+    async fn session(&mut self) -> Result<(), ReplicationError> {
         set_state(&self.status, &self.metrics, LinkState::Connecting);
         let group = format!("weir-{}-{}", self.gateway, self.rule.name);
         let consumer = client::consumer(&self.upstream, &self.client_id, &group)?;
@@ -74,15 +75,21 @@ impl Downlink {
                 _ = self.stop.wait_for(|s| *s) => return Ok(()),
             };
             let local = self.rule.target_topic(&self.gateway, topic);
-            crate::mqtt::ensure_topic(&self.log, &local, partitions, &self.topic_defaults)
+            self.log
+                .ensure_topic(&local, partitions, &self.topic_defaults)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| match e {
+                    TopicError::Storage(e) => ReplicationError::Storage(e),
+                    other => ReplicationError::LocalTopic(other),
+                })?;
             for partition in 0..partitions {
                 let key = cursor_key(&self.rule.name, topic, partition);
-                let stored = self
-                    .log
-                    .get_state::<u64>(NS_POSITION, &key)
-                    .map_err(|e| e.to_string())?;
+                let read = {
+                    let key = key.clone();
+                    self.log
+                        .blocking(move |log| log.get_state::<u64>(NS_POSITION, &key))
+                };
+                let stored = read.await?;
                 let from = match stored {
                     Some(n) => From::Offset(n),
                     None if self.rule.start == "latest" => From::Latest,
@@ -135,7 +142,7 @@ impl Downlink {
         &self,
         received: Vec<UpstreamRecord>,
         positions: &mut BTreeMap<(String, u32), (String, u64)>,
-    ) -> Result<(), String> {
+    ) -> Result<(), ReplicationError> {
         let count = received.len() as u64;
         let bytes: usize = received
             .iter()
@@ -169,14 +176,14 @@ impl Downlink {
             });
         }
         for ((topic, partition), (_, next)) in &moved {
-            let value = postcard::to_stdvec(next).map_err(|e| e.to_string())?;
+            let value = encode_stored(next);
             ops.push(state_op(
                 NS_POSITION,
                 &cursor_key(&self.rule.name, topic, *partition),
                 Some(value),
             ));
         }
-        self.log.write(ops).await.map_err(|e| e.to_string())?;
+        self.log.write(ops).await?;
         positions.extend(moved);
         record_success(
             &self.metrics,

@@ -1,6 +1,6 @@
 //! Replication with a central Kafka-compatible cluster (issue #6).
 //!
-//! Up: chosen local topics flow to the centre (`uplink.rs`): the local log is the
+//! Up: chosen local topics flow to the centre (`uplink/`): the local log is the
 //! buffer, the cursor is committed only after the centre acknowledged, records carry
 //! their provenance. Down: upstream topics flow into local topics (`downlink.rs`),
 //! for commands that the MQTT downlink then delivers to devices. The Kafka client is
@@ -8,6 +8,7 @@
 
 pub mod client;
 pub mod downlink;
+pub mod error;
 pub mod readback;
 pub mod uplink;
 
@@ -198,7 +199,7 @@ impl ReplicationConfig {
         }
         let mut rules = std::collections::HashSet::new();
         for r in &self.rule {
-            if !crate::plugins::registry::valid_name(&r.name) {
+            if !crate::names::valid_name(&r.name) {
                 return Err(format!(
                     "replication rule name {:?}: use a-z A-Z 0-9 . _ -",
                     r.name
@@ -392,7 +393,7 @@ pub fn add_upstream_errors(
     status: &SharedStatus,
     metrics: &ReplicationMetrics,
     count: u64,
-    last: String,
+    last: impl std::fmt::Display,
 ) {
     let mut s = status.lock().unwrap_or_else(|e| e.into_inner());
     metrics
@@ -443,9 +444,9 @@ pub fn last_success(status: &SharedStatus) -> Option<i64> {
 }
 
 impl RuleStatus {
-    /// Records `message` as the rule's last error, now.
-    pub fn error(&mut self, message: String) {
-        self.last_error = Some(message);
+    /// Records `error` as the rule's last error, now.
+    pub fn error(&mut self, error: impl std::fmt::Display) {
+        self.last_error = Some(error.to_string());
         self.last_error_ms = Some(crate::storage::now_ms());
     }
 
@@ -529,7 +530,7 @@ pub async fn start(
         let task = match rule.direction {
             Direction::Up => {
                 for topic in &rule.topics {
-                    crate::mqtt::ensure_topic(log, topic, partitions, topic_defaults).await?;
+                    log.ensure_topic(topic, partitions, topic_defaults).await?;
                 }
                 let runner = uplink::Uplink {
                     rule: rule.clone(),
@@ -671,7 +672,7 @@ mod tests {
     fn an_error_is_over_once_a_record_is_acknowledged_after_it() {
         let mut s = RuleStatus::default();
         assert!(!s.error_over());
-        s.error("Connection refused".into());
+        s.error("Connection refused");
         let at = s.last_error_ms.unwrap();
         assert!(!s.error_over());
         s.last_success_ms = Some(at - 1);

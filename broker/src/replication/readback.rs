@@ -19,6 +19,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use super::client::{Position, UpstreamReader};
+use super::error::ReplicationError;
 
 /// Records read back from each partition when the floor is not known (the cursors
 /// were written by a Weir that kept no floor).
@@ -69,7 +70,7 @@ pub async fn read_back(
     gateway: &str,
     floor: &Floor,
     sources: &[Source<'_>],
-) -> Result<Found, String> {
+) -> Result<Found, ReplicationError> {
     let ends = reader.ends(target).await?;
     let mut found = Found {
         ends: (0u32..)

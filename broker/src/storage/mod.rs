@@ -23,9 +23,6 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::metrics::StorageMetrics;
-use crate::record_batch::BatchHeader;
-use crate::record_batch::build::{NewRecord, size_bound};
-use crate::record_batch::{BatchError, RecordBatch};
 use tables::{
     BATCHES, GROUP_OFFSETS, PARTITIONS, PartitionRow, STATE, TIME_INDEX, TopicId, split_stored,
 };
@@ -33,6 +30,9 @@ pub use topic::{
     CleanupPolicy, CompressionType, InvalidTopicConfig, InvalidTopicName, MAX_PARTITIONS,
     TopicConfig, TopicName,
 };
+use weir_wire::record_batch::BatchHeader;
+use weir_wire::record_batch::build::{NewRecord, size_bound};
+use weir_wire::record_batch::{BatchError, RecordBatch};
 use writer::{Caller, Command, DbSlot};
 
 /// The database file inside the data directory.
@@ -284,7 +284,8 @@ impl StorageError {
         match self {
             StorageError::Database(e) => match e.as_ref() {
                 redb::Error::Io(io) => io.kind() == std::io::ErrorKind::StorageFull,
-                redb::Error::Backend(b) => b.to_string().contains("No space left"),
+                redb::Error::Backend(b) => io_error_in(b.as_ref())
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::StorageFull),
                 _ => false,
             },
             StorageError::DiskFull { .. } => true,
@@ -299,6 +300,18 @@ impl StorageError {
             || matches!(self, StorageError::Database(e)
             if matches!(e.as_ref(), redb::Error::Io(_) | redb::Error::PreviousIo | redb::Error::Backend(_)))
     }
+}
+
+/// The I/O error `error` is or was caused by, if any.
+fn io_error_in<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a std::io::Error> {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return Some(io);
+        }
+        next = e.source();
+    }
+    None
 }
 
 impl<E: Into<redb::Error>> From<E> for StorageError {
@@ -323,6 +336,13 @@ pub enum WriteError {
     MessageTooLarge { size: usize, max: u32 },
     #[error(transparent)]
     Storage(#[from] StorageError),
+}
+
+impl WriteError {
+    /// True when the write failed because the disk (or its quota) is full.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, WriteError::Storage(e) if e.is_disk_full())
+    }
 }
 
 #[derive(Clone, Debug, thiserror::Error)]
@@ -521,6 +541,27 @@ impl Log {
         .await?
     }
 
+    /// Creates the topic that a rule, a pipeline or a replica writes to, unless it
+    /// exists already (whatever its partitions and config then).
+    pub async fn ensure_topic(
+        &self,
+        name: &str,
+        partitions: u32,
+        config: &TopicConfig,
+    ) -> Result<(), TopicError> {
+        if self.topic(name).is_some() {
+            return Ok(());
+        }
+        match self.create_topic(name, partitions, config.clone()).await {
+            Ok(_) => {
+                tracing::info!(topic = name, partitions, "created a topic a rule writes to");
+                Ok(())
+            }
+            Err(TopicError::AlreadyExists(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Replaces a topic's config; retention applies it at its next run.
     pub async fn set_topic_config(
         &self,
@@ -624,10 +665,28 @@ impl Log {
         Ok(self.handle(topic, partition)?.offsets[partition as usize].subscribe())
     }
 
+    /// Runs `f` with this log on tokio's blocking pool and waits for it: how async code
+    /// reads the log (ARCHITECTURE.md, "Where blocking work runs"). A panic in `f`
+    /// goes on in the caller, as if `f` had been called there.
+    pub async fn blocking<T, F>(&self, f: F) -> T
+    where
+        F: FnOnce(&Log) -> T + Send + 'static,
+        T: Send + 'static,
+    {
+        let log = self.clone();
+        match tokio::task::spawn_blocking(move || f(&log)).await {
+            Ok(value) => value,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // Only when the runtime shuts down, which drops the caller too.
+            Err(e) => panic!("the blocking pool dropped a read of the log: {e}"),
+        }
+    }
+
     /// Kafka fetch semantics: whole batches from the one holding `offset`, while their
     /// total stays within `max_bytes`, but always at least one batch so that a consumer
     /// makes progress past a batch larger than its limit.
-    /// Blocking, but short: one read transaction over cached pages.
+    /// Blocking (redb's pages may come from the disk): async code calls it through
+    /// [`Log::blocking`].
     pub fn read(
         &self,
         topic: &str,
@@ -809,11 +868,7 @@ impl Log {
         key: &str,
         value: &T,
     ) -> Result<(), WriteError> {
-        let value = postcard::to_stdvec(value).map_err(|e| StorageError::Corrupt {
-            table: "state",
-            detail: format!("cannot encode {namespace}/{key}: {e}"),
-        })?;
-        self.write(vec![state_op(namespace, key, Some(value))])
+        self.write(vec![put_state_op(namespace, key, value)])
             .await
             .map(drop)
     }
@@ -859,6 +914,21 @@ impl Log {
 
 /// Builds the op that `put_state`/`delete_state` send, for callers that combine it
 /// with appends in one atomic write (pipeline and replication cursors).
+/// How Weir encodes what it stores in its own tables (state values, topic records,
+/// committed offsets): postcard. They are Weir's own plain structs and enums, which
+/// postcard always encodes into a `Vec`; a type it could not encode would be a bug
+/// that the first test storing it finds, so this panics instead of handing every
+/// caller an error it could not act on. (Decoding is another matter: what is read
+/// back may be damaged, and `get_state` returns an error for it.)
+pub fn encode_stored<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
+    postcard::to_stdvec(value).expect("postcard encodes Weir's stored types into a Vec")
+}
+
+/// The write that stores `value` under `namespace`/`key` in the state table.
+pub fn put_state_op<T: Serialize + ?Sized>(namespace: &str, key: &str, value: &T) -> WriteOp {
+    state_op(namespace, key, Some(encode_stored(value)))
+}
+
 pub fn state_op(namespace: &str, key: &str, value: Option<Vec<u8>>) -> WriteOp {
     WriteOp::PutState {
         namespace: namespace.to_string(),

@@ -145,7 +145,7 @@ impl PartitionRow {
 
 /// A `BATCHES` value, split into its parts. `None` if it is too short to be one.
 pub(crate) fn split_stored(value: &[u8]) -> Option<(i64, &[u8])> {
-    if value.len() < STORED_PREFIX + crate::record_batch::HEADER_LEN {
+    if value.len() < STORED_PREFIX + weir_wire::record_batch::HEADER_LEN {
         return None;
     }
     let (time, batch) = value.split_at(STORED_PREFIX);

@@ -29,10 +29,10 @@ use super::tables::*;
 use super::{
     AppendOutcome, Catalog, LogOptions, PartitionOffsets, RetentionDeletion, Shared, StorageError,
     TopicConfig, TopicError, TopicHandle, TopicInfo, TopicName, WriteError, WriteOp, WriteOutcome,
-    now_ms,
+    encode_stored, now_ms,
 };
-use crate::record_batch::build::{BATCH_OVERHEAD, NewRecord, batch, size_bound};
-use crate::record_batch::{BatchError, RecordBatch};
+use weir_wire::record_batch::build::{BATCH_OVERHEAD, NewRecord, batch, size_bound};
+use weir_wire::record_batch::{BatchError, RecordBatch};
 
 /// Most commands one group commit takes, whatever their size.
 const MAX_GROUP_COMMANDS: usize = 4096;
@@ -220,17 +220,10 @@ fn migrate_topic_rows(
         rows.push((name.value().to_string(), TopicRecord::from(old)));
     }
     for (name, record) in &rows {
-        topics.insert(name.as_str(), encode_topic(record)?.as_slice())?;
+        topics.insert(name.as_str(), encode_stored(record).as_slice())?;
     }
     info!(path = %path.display(), topics = rows.len(), "database format {from} migrated to {FORMAT_VERSION}");
     Ok(())
-}
-
-fn encode_topic(record: &TopicRecord) -> Result<Vec<u8>, StorageError> {
-    postcard::to_stdvec(record).map_err(|e| StorageError::Corrupt {
-        table: "topics",
-        detail: e.to_string(),
-    })
 }
 
 /// A table only the first layout of format 1 has.
@@ -1222,10 +1215,7 @@ impl Writer {
                     partition,
                     offset,
                 } => {
-                    let value = postcard::to_stdvec(offset).map_err(|e| StorageError::Corrupt {
-                        table: "group_offsets",
-                        detail: e.to_string(),
-                    })?;
+                    let value = encode_stored(offset);
                     tables.group_offsets.insert(
                         (group.as_str(), topic.as_str(), *partition),
                         value.as_slice(),
@@ -1469,7 +1459,7 @@ impl Writer {
             config: config.clone(),
             created_ms: now,
         };
-        let encoded = encode_topic(&record)?;
+        let encoded = encode_stored(&record);
         tables
             .meta
             .insert("next_topic_id", u64::from(self.state.next_topic_id))?;
@@ -1502,7 +1492,7 @@ impl Writer {
             return Ok(Err(TopicError::NotFound(name.to_string())));
         };
         topic.record.config = config.clone();
-        let encoded = encode_topic(&topic.record)?;
+        let encoded = encode_stored(&topic.record);
         tables.topics.insert(name, encoded.as_slice())?;
         changes.reconfigured.push(name.to_string());
         Ok(Ok(self.state.info(name)))

@@ -12,9 +12,9 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use kafka_protocol::records::Compression;
 use rand::Rng;
-use weir::record_batch::RecordBatch;
-use weir::record_batch::build::{NewRecord, batch};
 use weir::storage::{Log, LogOptions, TopicConfig, TopicError};
+use weir_wire::record_batch::RecordBatch;
+use weir_wire::record_batch::build::{NewRecord, batch};
 
 pub const PARTITIONS: u32 = 4;
 

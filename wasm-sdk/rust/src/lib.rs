@@ -41,7 +41,7 @@ pub mod bindings {
     });
 }
 
-pub mod packed;
+pub use weir_wire::packed;
 
 pub use bindings::weir::plugin::types::{Failure, Level, PackedResult, Source};
 use packed::{Body, RawHeaders, Reader, Writer};

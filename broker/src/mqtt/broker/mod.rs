@@ -17,194 +17,32 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use parking_lot::Mutex;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
 
 use super::rules::CompiledIngest;
-use super::topics::{SubscriptionFilter, SubscriptionTree};
 use crate::plugins::IngestPlugin;
 use crate::plugins::host::{Header, InputRecord, Source};
-use crate::record_batch::build::NewRecord;
-use crate::shell::partition_for_key;
-use crate::storage::{Log, StorageError, WriteError, WriteOp, now_ms, state_op};
+use crate::storage::{Log, StorageError, WriteError, WriteOp, encode_stored, now_ms, state_op};
+use weir_wire::partition::partition_for_key;
+use weir_wire::record_batch::build::NewRecord;
+use weir_wire::topics::{self, SubscriptionFilter, SubscriptionTree};
+
+mod mailbox;
+mod message;
+mod metrics;
+
+pub use mailbox::Inbox;
+use mailbox::{Outbox, mailbox};
+pub use message::{
+    Delivery, Message, MessageProperties, NEVER_EXPIRES, SubOptions, ToConnection, Will,
+};
+pub use metrics::MqttMetrics;
 
 const NS_SESSION: &str = "mqtt.session";
 const NS_MSG: &str = "mqtt.msg";
 const NS_RETAINED: &str = "mqtt.retained";
 const KEY_SEP: char = '\x1f';
-
-/// Session expiry meaning "never" (MQTT 5's 0xFFFFFFFF; a 3.1.1 clean_session=0 session).
-pub const NEVER_EXPIRES: u32 = u32::MAX;
-
-/// MQTT 5 properties a message carries from publisher to subscriber.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MessageProperties {
-    pub payload_format: Option<u8>,
-    pub content_type: Option<String>,
-    pub response_topic: Option<String>,
-    pub correlation_data: Option<Bytes>,
-    pub user_properties: Vec<(String, String)>,
-}
-
-/// Kafka headers that carry MQTT 5 properties on a record: ingest rules write them,
-/// downlinks read them back. Every other header is a user property.
-const HEADER_CONTENT_TYPE: &str = "mqtt.content_type";
-const HEADER_PAYLOAD_FORMAT: &str = "mqtt.payload_format";
-const HEADER_MESSAGE_EXPIRY: &str = "mqtt.message_expiry";
-const HEADER_RESPONSE_TOPIC: &str = "mqtt.response_topic";
-const HEADER_CORRELATION_DATA: &str = "mqtt.correlation_data";
-/// Headers of Weir's own (`mqtt.topic`, `mqtt.client_id`, `mqtt.qos`: where an ingested
-/// record came from) that are not properties.
-const HEADER_PREFIX: &str = "mqtt.";
-
-impl MessageProperties {
-    /// Appends the headers that carry these properties, and the message expiry interval
-    /// left (seconds), to a record's.
-    pub fn to_headers(&self, expiry_secs: Option<u32>, headers: &mut Vec<(String, Bytes)>) {
-        let mut add = |name: &str, value: Bytes| headers.push((name.to_string(), value));
-        if let Some(ct) = &self.content_type {
-            add(HEADER_CONTENT_TYPE, Bytes::from(ct.clone()));
-        }
-        if let Some(pf) = self.payload_format {
-            add(HEADER_PAYLOAD_FORMAT, Bytes::from(pf.to_string()));
-        }
-        if let Some(secs) = expiry_secs {
-            add(HEADER_MESSAGE_EXPIRY, Bytes::from(secs.to_string()));
-        }
-        if let Some(topic) = &self.response_topic {
-            add(HEADER_RESPONSE_TOPIC, Bytes::from(topic.clone()));
-        }
-        if let Some(data) = &self.correlation_data {
-            add(HEADER_CORRELATION_DATA, data.clone());
-        }
-        for (k, v) in &self.user_properties {
-            add(k, Bytes::from(v.clone()));
-        }
-    }
-
-    /// The properties, and the message expiry interval (seconds), a record's headers
-    /// give a message. A header that cannot be the property it names (a payload format
-    /// other than 0 or 1, an expiry that is not a number, text that is not UTF-8) is
-    /// left out, as is a user property that is not UTF-8.
-    pub fn from_headers<'a>(
-        headers: impl IntoIterator<Item = (&'a str, &'a [u8])>,
-    ) -> (Self, Option<u32>) {
-        let mut props = MessageProperties::default();
-        let mut expiry = None;
-        let text = |v: &[u8]| std::str::from_utf8(v).ok().map(str::to_string);
-        for (name, value) in headers {
-            match name {
-                HEADER_CONTENT_TYPE => props.content_type = text(value),
-                HEADER_PAYLOAD_FORMAT => {
-                    props.payload_format =
-                        text(value).and_then(|v| v.parse().ok()).filter(|f| *f <= 1);
-                }
-                HEADER_MESSAGE_EXPIRY => expiry = text(value).and_then(|v| v.parse().ok()),
-                HEADER_RESPONSE_TOPIC => props.response_topic = text(value),
-                HEADER_CORRELATION_DATA => {
-                    props.correlation_data = Some(Bytes::copy_from_slice(value));
-                }
-                _ if name.starts_with(HEADER_PREFIX) => {}
-                _ => {
-                    if let Some(v) = text(value) {
-                        props.user_properties.push((name.to_string(), v));
-                    }
-                }
-            }
-        }
-        (props, expiry)
-    }
-}
-
-/// An application message, as received from a publisher.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Message {
-    pub topic: String,
-    pub payload: Bytes,
-    pub qos: u8,
-    pub retain: bool,
-    pub properties: MessageProperties,
-    /// Client id of the publisher (for no-local), empty for the broker's own.
-    pub from: String,
-    /// Wall-clock ms after which the message is not delivered (MQTT 5 expiry).
-    pub expires_at_ms: Option<i64>,
-}
-
-impl Message {
-    /// The message an MQTT 5 PUBLISH carries, from a client or from a bridged broker.
-    pub fn from_v5(
-        topic: String,
-        p: &rumqttc::v5::mqttbytes::v5::Publish,
-        props: rumqttc::v5::mqttbytes::v5::PublishProperties,
-        from: String,
-    ) -> Message {
-        Message {
-            topic,
-            payload: p.payload.clone(),
-            qos: p.qos as u8,
-            retain: p.retain,
-            properties: MessageProperties {
-                payload_format: props.payload_format_indicator,
-                content_type: props.content_type,
-                response_topic: props.response_topic,
-                correlation_data: props.correlation_data,
-                user_properties: props.user_properties,
-            },
-            from,
-            expires_at_ms: props
-                .message_expiry_interval
-                .map(|s| now_ms() + i64::from(s) * 1000),
-        }
-    }
-
-    pub fn expired(&self, now: i64) -> bool {
-        self.expires_at_ms.is_some_and(|at| at <= now)
-    }
-}
-
-/// One subscription's options.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SubOptions {
-    pub qos: u8,
-    pub no_local: bool,
-    pub retain_as_published: bool,
-    /// 0: send retained messages at subscribe, 1: only if the subscription is new, 2: never.
-    pub retain_handling: u8,
-    pub id: Option<u32>,
-}
-
-/// A message on its way to one session.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Delivery {
-    pub message: Arc<Message>,
-    pub qos: u8,
-    pub retain: bool,
-    pub subscription_ids: Vec<u32>,
-    /// The `mqtt.msg` key holding it, for a persistent session at QoS ≥ 1.
-    pub store_key: Option<String>,
-    /// Sent before (resend with DUP).
-    pub sent: bool,
-    /// QoS 2: PUBREC received, PUBREL sent; only PUBCOMP is owed.
-    pub released: bool,
-}
-
-/// What the broker tells a connection.
-#[derive(Debug)]
-pub enum ToConnection {
-    Deliver(Delivery),
-    /// Another connection took this client id over.
-    TakenOver,
-}
-
-/// A will, held by a connection and published if it ends without a clean DISCONNECT.
-#[derive(Clone, Debug)]
-pub struct Will {
-    pub message: Message,
-    pub delay_secs: u32,
-}
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct SessionRecord {
@@ -215,69 +53,6 @@ struct SessionRecord {
 struct Link {
     id: u64,
     tx: Outbox,
-}
-
-/// The broker's side of a connection's mailbox. A mailbox costs a few words until a
-/// message waits in it, where an unbounded channel allocates 32 slots up front: at
-/// 10,000 idle devices that was 24 MB.
-struct Outbox(Arc<Mailbox>);
-
-/// The connection's side: what the broker sent, in order; `None` once the broker dropped
-/// its side (the session moved on) and everything sent before was taken.
-pub struct Inbox(Arc<Mailbox>);
-
-#[derive(Default)]
-struct Mailbox {
-    queue: Mutex<VecDeque<ToConnection>>,
-    ready: tokio::sync::Notify,
-    closed: std::sync::atomic::AtomicBool,
-}
-
-fn mailbox() -> (Outbox, Inbox) {
-    let shared = Arc::new(Mailbox::default());
-    (Outbox(shared.clone()), Inbox(shared))
-}
-
-impl Outbox {
-    fn send(&self, message: ToConnection) {
-        self.0.queue.lock().push_back(message);
-        self.0.ready.notify_one();
-    }
-
-    /// Deliveries sent that the connection never took (it had ended).
-    fn take_stranded(&self) -> Vec<Delivery> {
-        let mut queue = self.0.queue.lock();
-        queue
-            .drain(..)
-            .filter_map(|m| match m {
-                ToConnection::Deliver(d) => Some(d),
-                ToConnection::TakenOver => None,
-            })
-            .collect()
-    }
-}
-
-impl Drop for Outbox {
-    fn drop(&mut self) {
-        self.0.closed.store(true, Ordering::Release);
-        self.0.ready.notify_one();
-    }
-}
-
-impl Inbox {
-    /// Cancel-safe: a message is only taken when this returns it.
-    pub async fn recv(&mut self) -> Option<ToConnection> {
-        loop {
-            if let Some(message) = self.0.queue.lock().pop_front() {
-                return Some(message);
-            }
-            if self.0.closed.load(Ordering::Acquire) {
-                return None;
-            }
-            // A send or close since the checks left a permit: this returns at once.
-            self.0.ready.notified().await;
-        }
-    }
 }
 
 struct Session {
@@ -348,101 +123,6 @@ struct State {
     share_turn: HashMap<String, usize>,
     wills: Vec<DelayedWill>,
     next_link: u64,
-}
-
-/// The MQTT metrics (`weir_mqtt_*`).
-#[derive(Clone, Debug, Default)]
-pub struct MqttMetrics {
-    pub connections: Gauge,
-    pub subscriptions: Gauge,
-    pub sessions: Gauge,
-    pub retained: Gauge,
-    pub connects: Counter,
-    pub refused_connects: Counter,
-    pub protocol_errors: Counter,
-    pub received: Counter,
-    pub sent: Counter,
-    /// Bytes of the PUBLISH packets received and sent (Mosquitto's `bytes/…` count every
-    /// packet; the PUBLISH packets are nearly all of them).
-    pub received_bytes: Counter,
-    pub sent_bytes: Counter,
-    pub ingested: Counter,
-    pub dropped: Counter,
-    pub ingest_errors: Counter,
-    pub ingest_plugin_failures: Counter,
-}
-
-impl MqttMetrics {
-    pub fn register(&self, registry: &mut Registry) {
-        let r = registry.sub_registry_with_prefix("mqtt");
-        r.register(
-            "connections",
-            "Open MQTT connections",
-            self.connections.clone(),
-        );
-        r.register(
-            "subscriptions",
-            "Subscriptions held by sessions",
-            self.subscriptions.clone(),
-        );
-        r.register(
-            "sessions",
-            "Sessions, connected or kept for offline clients",
-            self.sessions.clone(),
-        );
-        r.register("retained", "Retained messages", self.retained.clone());
-        r.register("connects", "CONNECTs accepted", self.connects.clone());
-        r.register(
-            "refused_connects",
-            "CONNECTs refused with a CONNACK error",
-            self.refused_connects.clone(),
-        );
-        r.register(
-            "protocol_errors",
-            "Connections closed for a malformed, oversized or out-of-order packet",
-            self.protocol_errors.clone(),
-        );
-        r.register(
-            "received",
-            "PUBLISH packets received",
-            self.received.clone(),
-        );
-        r.register(
-            "sent",
-            "PUBLISH packets sent to subscribers",
-            self.sent.clone(),
-        );
-        r.register(
-            "received_bytes",
-            "Bytes of the PUBLISH packets received",
-            self.received_bytes.clone(),
-        );
-        r.register(
-            "sent_bytes",
-            "Bytes of the PUBLISH packets sent to subscribers",
-            self.sent_bytes.clone(),
-        );
-        r.register(
-            "ingested",
-            "Records appended to the log by ingest rules",
-            self.ingested.clone(),
-        );
-        r.register(
-            "dropped",
-            "Messages not delivered: queue full, expired, or larger than the client takes",
-            self.dropped.clone(),
-        );
-        r.register(
-            "ingest_errors",
-            "Publishes whose log write failed",
-            self.ingest_errors.clone(),
-        );
-        r.register(
-            "ingest_plugin_failures",
-            "Messages an ingest plugin failed, stored in the rule's {topic}-dlq",
-            self.ingest_plugin_failures.clone(),
-        );
-    }
 }
 
 /// A publish, prepared: the writes that must commit before it is acknowledged, and
@@ -779,7 +459,7 @@ impl MqttBroker {
             if send_retained {
                 for (topic, msg) in &st.retained {
                     // A retained write in flight supersedes the committed message.
-                    if super::topics::matches(&filter.filter, topic)
+                    if topics::matches(&filter.filter, topic)
                         && !msg.expired(now)
                         && !st.inflight_retained.contains_key(topic)
                     {
@@ -787,7 +467,7 @@ impl MqttBroker {
                     }
                 }
                 for (topic, inflight) in &mut st.inflight_retained {
-                    if super::topics::matches(&filter.filter, topic)
+                    if topics::matches(&filter.filter, topic)
                         && let Some(latest) = inflight.last_mut()
                     {
                         latest.late.push((client_id.to_string(), opts.clone()));
@@ -829,13 +509,13 @@ impl MqttBroker {
 
     /// Works out what a publish writes and whom it reaches. Nothing is delivered
     /// until [`MqttBroker::complete`] is called after the writes committed.
-    pub fn prepare(&self, message: Message) -> Result<Prepared, WriteError> {
-        self.prepare_many(vec![message])
+    pub async fn prepare(&self, message: Message) -> Result<Prepared, WriteError> {
+        self.prepare_many(vec![message]).await
     }
 
     /// [`MqttBroker::prepare`] for several messages at once (a device pipelining its
     /// publishes): their ingest records share one batch per partition, in order.
-    pub fn prepare_many(&self, messages: Vec<Message>) -> Result<Prepared, WriteError> {
+    pub async fn prepare_many(&self, messages: Vec<Message>) -> Result<Prepared, WriteError> {
         let mut prepared = Prepared::default();
         let mut batches: Vec<(String, u32, Vec<NewRecord>)> = Vec::new();
         let mut add = |topic: &str, partition: u32, record: NewRecord| match batches
@@ -868,7 +548,7 @@ impl MqttBroker {
             if let Some(plugin) = &rule.plugin
                 && !records.is_empty()
             {
-                prepared.appends += self.through_plugin(rule, plugin, records, &mut add);
+                prepared.appends += self.through_plugin(rule, plugin, records, &mut add).await;
             }
         }
         for (topic, partition, records) in batches {
@@ -882,7 +562,7 @@ impl MqttBroker {
         for (i, message) in messages.into_iter().enumerate() {
             if message.retain {
                 let stored = (!message.payload.is_empty()).then(|| Arc::new(message.clone()));
-                let value = stored.as_deref().map(encode);
+                let value = stored.as_deref().map(encode_stored);
                 prepared
                     .ops
                     .push(state_op(NS_RETAINED, &message.topic, value));
@@ -978,7 +658,7 @@ impl MqttBroker {
                 delivery.store_key = Some(key.clone());
                 prepared
                     .ops
-                    .push(state_op(NS_MSG, &key, Some(encode(&delivery))));
+                    .push(state_op(NS_MSG, &key, Some(encode_stored(&delivery))));
             }
             prepared.deliveries.push((client, delivery));
         }
@@ -1102,7 +782,7 @@ impl MqttBroker {
 
     /// Prepares, writes and delivers one message; returns once it is durable.
     pub async fn publish(&self, message: Message) -> Result<(), WriteError> {
-        let mut prepared = self.prepare(message)?;
+        let mut prepared = self.prepare(message).await?;
         if prepared.needs_write()
             && let Err(e) = self.inner.log.write(prepared.take_ops()).await
         {
@@ -1122,10 +802,10 @@ impl MqttBroker {
     /// Runs records of an ingest rule through its plugin: outputs go to the rule's
     /// topic (partitioned by their key, else where the input was), failures to
     /// `{topic}-dlq` with `weir.error`. Returns the number of records appended.
-    fn through_plugin(
+    async fn through_plugin(
         &self,
         rule: &CompiledIngest,
-        plugin: &IngestPlugin,
+        plugin: &Arc<IngestPlugin>,
         records: Vec<(u32, NewRecord)>,
         add: &mut impl FnMut(&str, u32, NewRecord),
     ) -> u64 {
@@ -1151,7 +831,7 @@ impl MqttBroker {
             topic: rule.topic.clone(),
             partition: 0,
         };
-        let results = plugin.run(&source, &inputs);
+        let results = plugin.run_blocking(source, inputs).await;
         let partitions = self
             .inner
             .log
@@ -1245,7 +925,11 @@ impl MqttBroker {
     }
 
     fn session_op(&self, client_id: &str, session: &Session) -> WriteOp {
-        state_op(NS_SESSION, client_id, Some(encode(&session.record())))
+        state_op(
+            NS_SESSION,
+            client_id,
+            Some(encode_stored(&session.record())),
+        )
     }
 
     /// Forgets a session: its subscriptions, its record and its queued messages.
@@ -1311,8 +995,4 @@ pub enum SubscribeRefusal {
 
 fn expiry_instant(now: Instant, expiry_secs: u32) -> Option<Instant> {
     (expiry_secs != NEVER_EXPIRES).then(|| now + Duration::from_secs(u64::from(expiry_secs)))
-}
-
-fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    postcard::to_stdvec(value).expect("postcard encodes plain structs into a Vec")
 }

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::MqttBroker;
-use crate::status::{SAMPLE_INTERVAL, Sample, StatusSources, every};
+use super::{SAMPLE_INTERVAL, Sample, StatusSources, every};
+use crate::mqtt::MqttBroker;
 
 /// How a `load/…` figure reads its rate from a sample.
 type Rate = fn(&Sample) -> f64;

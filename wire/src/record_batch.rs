@@ -127,7 +127,7 @@ impl RecordBatch {
     }
 
     /// Wraps bytes that were validated when they were stored (read path).
-    pub(crate) fn from_stored(bytes: Bytes) -> Self {
+    pub fn from_stored(bytes: Bytes) -> Self {
         Self { bytes }
     }
 

@@ -25,13 +25,18 @@ use tracing::{error, info, warn};
 use super::client::{
     self, Delivered, DeliveryError, LinkErrors, OutRecord, Position, ProducerSettings, SendError,
 };
+use super::error::ReplicationError;
 use super::readback::{self, Floor, Found, Source};
 use super::{
     LinkState, PRIORITY_BACKLOG, PartitionStatus, ReplicationMetrics, RuleConfig, SessionBackoff,
     SharedStatus, UpstreamConfig, cursor_key, note_link_errors, partition_labels, record_success,
     rule_labels, set_state,
 };
-use crate::storage::{Log, PartitionOffsets, ReadError, state_op};
+use crate::storage::{Log, PartitionOffsets, ReadError, encode_stored, put_state_op, state_op};
+pub use limits::PriorityGate;
+use limits::TokenBucket;
+
+mod limits;
 
 const NS_CURSOR: &str = "replication.cursor";
 /// `{rule}/{target}` → the target's floor (`readback`).
@@ -41,68 +46,6 @@ const NS_FLOOR: &str = "replication.floor";
 const MAX_PENDING: usize = 100_000;
 /// Bytes read from the log at a time, per partition.
 const READ_BYTES: usize = 512 * 1024;
-
-/// A rule as the gate sees it: upstream, priority, backlog in records.
-type Standing = (String, i32, u64);
-
-/// Lets rules of a higher priority go first while they have a large backlog.
-#[derive(Clone, Default)]
-pub struct PriorityGate(Arc<Mutex<HashMap<String, Standing>>>);
-
-impl PriorityGate {
-    fn report(&self, rule: &RuleConfig, lag: u64) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(
-            rule.name.clone(),
-            (rule.upstream.clone(), rule.priority, lag),
-        );
-    }
-
-    /// False while a rule of a higher priority on the same upstream has a backlog.
-    fn open(&self, rule: &RuleConfig) -> bool {
-        !self
-            .0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .any(|(upstream, priority, lag)| {
-                *upstream == rule.upstream && *priority > rule.priority && *lag > PRIORITY_BACKLOG
-            })
-    }
-}
-
-/// Bytes per second, with a one-second burst; unlimited at 0.
-struct TokenBucket {
-    rate: f64,
-    tokens: f64,
-    last: Instant,
-}
-
-impl TokenBucket {
-    fn new(rate: u64) -> Self {
-        Self {
-            rate: rate as f64,
-            tokens: rate as f64,
-            last: Instant::now(),
-        }
-    }
-
-    fn take(&mut self, bytes: usize) -> bool {
-        if self.rate == 0.0 {
-            return true;
-        }
-        let now = Instant::now();
-        self.tokens =
-            (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.rate);
-        self.last = now;
-        // A record larger than a second's worth still goes, once the bucket is full.
-        if self.tokens >= (bytes as f64).min(self.rate) {
-            self.tokens -= bytes as f64;
-            true
-        } else {
-            false
-        }
-    }
-}
 
 struct Part {
     topic: String,
@@ -242,24 +185,23 @@ impl Uplink {
 
     /// The source partitions, from their cursors (placed at `start` the first time),
     /// and each target's floor.
-    async fn parts(&self) -> Result<(Vec<Part>, HashMap<String, Floor>), String> {
+    async fn parts(&self) -> Result<(Vec<Part>, HashMap<String, Floor>), ReplicationError> {
         let mut parts = Vec::new();
         let mut first = Vec::new();
         for topic in &self.rule.topics {
             let info = self
                 .log
                 .topic(topic)
-                .ok_or_else(|| format!("topic {topic} does not exist"))?;
+                .ok_or_else(|| ReplicationError::NoLocalTopic(topic.clone()))?;
             for partition in 0..info.partitions {
-                let changes = self
-                    .log
-                    .watch(topic, partition)
-                    .map_err(|e| e.to_string())?;
+                let changes = self.log.watch(topic, partition)?;
                 let key = cursor_key(&self.rule.name, topic, partition);
-                let stored = self
-                    .log
-                    .get_state::<u64>(NS_CURSOR, &key)
-                    .map_err(|e| e.to_string())?;
+                let read = {
+                    let key = key.clone();
+                    self.log
+                        .blocking(move |log| log.get_state::<u64>(NS_CURSOR, &key))
+                };
+                let stored = read.await?;
                 let next = match stored {
                     Some(n) => n,
                     None => {
@@ -269,7 +211,7 @@ impl Uplink {
                         } else {
                             offsets.log_start
                         };
-                        first.push(state_op(NS_CURSOR, &key, Some(encode(n)?)));
+                        first.push(put_state_op(NS_CURSOR, &key, &n));
                         n
                     }
                 };
@@ -292,17 +234,18 @@ impl Uplink {
             }
         }
         if !first.is_empty() {
-            self.log.write(first).await.map_err(|e| e.to_string())?;
+            self.log.write(first).await?;
         }
         let mut floors = HashMap::new();
         for part in &parts {
             if floors.contains_key(&part.target) {
                 continue;
             }
-            let stored = self
+            let key = self.floor_key(&part.target);
+            let read = self
                 .log
-                .get_state::<BTreeMap<u32, u64>>(NS_FLOOR, &self.floor_key(&part.target))
-                .map_err(|e| e.to_string())?;
+                .blocking(move |log| log.get_state::<BTreeMap<u32, u64>>(NS_FLOOR, &key));
+            let stored = read.await?;
             let floor = match stored {
                 Some(at) => Floor::At(at),
                 None if parts.iter().all(|p| p.target != part.target || p.fresh) => Floor::Fresh,
@@ -323,7 +266,7 @@ impl Uplink {
         &mut self,
         parts: &mut [Part],
         floors: &mut HashMap<String, Floor>,
-    ) -> Result<(), String> {
+    ) -> Result<(), ReplicationError> {
         let settings = ProducerSettings {
             compression: self.rule.compression.clone(),
             batch_bytes: self.rule.batch_bytes,
@@ -372,13 +315,15 @@ impl Uplink {
                     if blocked || !parts[i].armed {
                         continue;
                     }
-                    blocked = self.fill(
-                        i,
-                        &mut parts[i],
-                        producer.as_ref(),
-                        &mut bucket,
-                        &mut in_flight,
-                    )?;
+                    blocked = self
+                        .fill(
+                            i,
+                            &mut parts[i],
+                            producer.as_ref(),
+                            &mut bucket,
+                            &mut in_flight,
+                        )
+                        .await?;
                 }
             }
             // Wait for a delivery, new records, a link event, the stop, or a moment.
@@ -428,7 +373,7 @@ impl Uplink {
             }
             if last_report.elapsed() >= Duration::from_secs(1) {
                 last_report = Instant::now();
-                self.report(parts);
+                self.report(parts).await;
             }
         }
     }
@@ -459,7 +404,7 @@ impl Uplink {
         parts: &mut [Part],
         floors: &mut HashMap<String, Floor>,
         prepared: &Prepared,
-    ) -> Result<(), String> {
+    ) -> Result<(), ReplicationError> {
         let ready: Vec<(String, Found)> = prepared
             .ready
             .lock()
@@ -486,10 +431,9 @@ impl Uplink {
                 .write(vec![state_op(
                     NS_FLOOR,
                     &self.floor_key(&target),
-                    Some(postcard::to_stdvec(&floor).map_err(|e| e.to_string())?),
+                    Some(encode_stored(&floor)),
                 )])
-                .await
-                .map_err(|e| format!("cannot write the floor of {target}: {e}"))?;
+                .await?;
             floors.insert(target, Floor::At(floor));
             // The centre answered the read-back: the link is up.
             if matches!(
@@ -508,22 +452,23 @@ impl Uplink {
 
     /// Sends records of `part` from `next_read` until the bounds; true when blocked
     /// (queue full, too much pending, bandwidth cap).
-    fn fill(
+    async fn fill(
         &self,
         index: usize,
         part: &mut Part,
         producer: &dyn client::UpstreamProducer,
         bucket: &mut TokenBucket,
         in_flight: &mut usize,
-    ) -> Result<bool, String> {
+    ) -> Result<bool, ReplicationError> {
         loop {
             if *in_flight >= MAX_PENDING || part.pending.len() >= MAX_PENDING {
                 return Ok(true);
             }
-            let read = match self
+            let (topic, partition, from) = (part.topic.clone(), part.partition, part.next_read);
+            let read = self
                 .log
-                .read(&part.topic, part.partition, part.next_read, READ_BYTES)
-            {
+                .blocking(move |log| log.read(&topic, partition, from, READ_BYTES));
+            let read = match read.await {
                 Ok(r) => r,
                 Err(ReadError::OffsetOutOfRange { offsets, .. })
                     if part.next_read < offsets.log_start =>
@@ -532,15 +477,20 @@ impl Uplink {
                     continue;
                 }
                 Err(ReadError::OffsetOutOfRange { .. }) => return Ok(false),
-                Err(e) => return Err(e.to_string()),
+                Err(e) => return Err(e.into()),
             };
             if read.batches.is_empty() {
                 return Ok(false);
             }
             for stored in read.batches {
                 let mut bytes = stored.into_bytes();
-                let set = RecordBatchDecoder::decode(&mut bytes)
-                    .map_err(|e| format!("cannot decode {}/{}: {e}", part.topic, part.partition))?;
+                let set = RecordBatchDecoder::decode(&mut bytes).map_err(|e| {
+                    ReplicationError::Corrupt {
+                        topic: part.topic.clone(),
+                        partition: part.partition,
+                        reason: e.to_string(),
+                    }
+                })?;
                 for r in set.records {
                     let offset = r.offset as u64;
                     if offset < part.next_read {
@@ -604,7 +554,9 @@ impl Uplink {
                             self.failed(part, offset, &reason);
                             part.next_read = offset + 1;
                         }
-                        Err(SendError::Fatal(reason)) => return Err(reason),
+                        Err(SendError::Fatal(reason)) => {
+                            return Err(ReplicationError::Producer(reason));
+                        }
                     }
                 }
             }
@@ -638,7 +590,7 @@ impl Uplink {
     }
 
     /// Takes delivery results: marks the records acknowledged, counts them once.
-    fn delivered(&self, parts: &mut [Part], done: Vec<Delivered>) -> Result<(), String> {
+    fn delivered(&self, parts: &mut [Part], done: Vec<Delivered>) -> Result<(), ReplicationError> {
         let (mut records, mut bytes) = (0u64, 0u64);
         let mut fatal = None;
         for Delivered { token, result } in done {
@@ -685,7 +637,7 @@ impl Uplink {
                 set_state(&self.status, &self.metrics, LinkState::Connected);
             }
         }
-        fatal.map_or(Ok(()), Err)
+        fatal.map_or(Ok(()), |reason| Err(ReplicationError::Producer(reason)))
     }
 
     /// Queues the write of every partition's acknowledged position, with the floor
@@ -707,22 +659,18 @@ impl Uplink {
                 continue;
             }
             let floor = target_floor(parts, target);
-            if *known != Floor::At(floor.clone())
-                && let Ok(v) = postcard::to_stdvec(&floor)
-            {
-                ops.push(state_op(NS_FLOOR, &self.floor_key(target), Some(v)));
+            if *known != Floor::At(floor.clone()) {
+                ops.push(put_state_op(NS_FLOOR, &self.floor_key(target), &floor));
                 new_floors.push((target.clone(), floor));
             }
         }
         for (i, p) in parts.iter().enumerate() {
             let acked = p.acked();
-            if acked != p.committed
-                && let Ok(v) = encode(acked)
-            {
+            if acked != p.committed {
                 ops.push(state_op(
                     NS_CURSOR,
                     &cursor_key(&self.rule.name, &p.topic, p.partition),
-                    Some(v),
+                    Some(encode_stored(&acked)),
                 ));
                 moved.push((i, acked));
             }
@@ -777,7 +725,7 @@ impl Uplink {
 
     /// Lag per partition into the metrics, the status and the priority gate; loss
     /// to retention noticed even while nothing can be sent.
-    fn report(&self, parts: &mut [Part]) {
+    async fn report(&self, parts: &mut [Part]) {
         for p in parts.iter_mut() {
             let log_start = p.changes.borrow().log_start;
             if p.next_read < log_start {
@@ -791,12 +739,13 @@ impl Uplink {
             let offsets = *p.changes.borrow();
             let acked = p.acked();
             let lag = offsets.high_watermark.saturating_sub(acked);
-            let infos = sizes.entry(p.topic.clone()).or_insert_with(|| {
-                self.log
-                    .describe(&p.topic)
-                    .map(|(_, d)| d)
-                    .unwrap_or_default()
-            });
+            if !sizes.contains_key(&p.topic) {
+                let topic = p.topic.clone();
+                let described = self.log.blocking(move |log| log.describe(&topic)).await;
+                let infos = described.map(|(_, d)| d).unwrap_or_default();
+                sizes.insert(p.topic.clone(), infos);
+            }
+            let infos = &sizes[&p.topic];
             let lag_bytes = infos
                 .iter()
                 .find(|i| i.partition == p.partition)
@@ -817,10 +766,18 @@ impl Uplink {
             p.last_lag = lag;
             // The first batch still to send: its first record's timestamp, at most
             // one batch older than the oldest record to send.
-            let oldest_unsent_ms = (lag > 0)
-                .then(|| self.log.read(&p.topic, p.partition, acked, 1).ok())
-                .flatten()
-                .and_then(|r| r.batches.first().map(|b| b.header().base_timestamp()));
+            let oldest_unsent_ms = if lag > 0 {
+                let (topic, partition) = (p.topic.clone(), p.partition);
+                let first = self
+                    .log
+                    .blocking(move |log| log.read(&topic, partition, acked, 1));
+                first
+                    .await
+                    .ok()
+                    .and_then(|r| r.batches.first().map(|b| b.header().base_timestamp()))
+            } else {
+                None
+            };
             statuses.push(PartitionStatus {
                 topic: p.topic.clone(),
                 partition: p.partition,
@@ -854,7 +811,7 @@ impl Uplink {
         floors: &mut HashMap<String, Floor>,
         mut deliveries: client::Deliveries,
         mut in_flight: usize,
-    ) -> Result<(), String> {
+    ) -> Result<(), ReplicationError> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         while in_flight > 0 {
             match tokio::time::timeout_at(deadline, deliveries.recv()).await {
@@ -914,7 +871,7 @@ async fn prepare_targets(
     prepared: Arc<Prepared>,
     status: SharedStatus,
 ) {
-    let failed = |e: String| {
+    let failed = |e: ReplicationError| {
         status.lock().unwrap_or_else(|e| e.into_inner()).error(e);
         tokio::time::sleep(Duration::from_secs(2))
     };
@@ -985,8 +942,4 @@ fn token(index: usize, offset: u64) -> usize {
 
 fn untoken(token: usize) -> (usize, u64) {
     (token >> 48, (token & ((1 << 48) - 1)) as u64)
-}
-
-fn encode(offset: u64) -> Result<Vec<u8>, String> {
-    postcard::to_stdvec(&offset).map_err(|e| e.to_string())
 }

@@ -6,10 +6,88 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use rand::RngCore;
 
-use crate::auth::{ScramCredential, ScramMechanism};
+use hmac::Mac;
+use hmac::SimpleHmac;
+use hmac::digest::KeyInit;
+use hmac::digest::core_api::BlockSizeUser;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256, Sha512};
 
 /// The mechanisms SaslHandshake offers, in Kafka's names.
 pub const MECHANISMS: [&str; 3] = ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"];
+
+/// SCRAM's stored form of a password for one hash function.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScramCredential {
+    pub salt: Vec<u8>,
+    pub iterations: u32,
+    pub stored_key: Vec<u8>,
+    pub server_key: Vec<u8>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScramMechanism {
+    Sha256,
+    Sha512,
+}
+
+impl ScramMechanism {
+    pub fn name(self) -> &'static str {
+        match self {
+            ScramMechanism::Sha256 => "SCRAM-SHA-256",
+            ScramMechanism::Sha512 => "SCRAM-SHA-512",
+        }
+    }
+
+    /// The credential of `password` with `salt` and `iterations`.
+    pub fn credential(self, password: &[u8], salt: &[u8], iterations: u32) -> ScramCredential {
+        let salted = match self {
+            ScramMechanism::Sha256 => salt_password::<Sha256>(password, salt, iterations),
+            ScramMechanism::Sha512 => salt_password::<Sha512>(password, salt, iterations),
+        };
+        let client_key = self.hmac(&salted, b"Client Key");
+        ScramCredential {
+            salt: salt.to_vec(),
+            iterations,
+            stored_key: self.hash(&client_key),
+            server_key: self.hmac(&salted, b"Server Key"),
+        }
+    }
+
+    /// HMAC(key, data) with this mechanism's hash function.
+    pub fn hmac(self, key: &[u8], data: &[u8]) -> Vec<u8> {
+        fn mac<D: Digest + BlockSizeUser>(key: &[u8], data: &[u8]) -> Vec<u8> {
+            let mut mac = <SimpleHmac<D> as KeyInit>::new_from_slice(key)
+                .expect("HMAC takes keys of any length");
+            mac.update(data);
+            mac.finalize().into_bytes().to_vec()
+        }
+        match self {
+            ScramMechanism::Sha256 => mac::<Sha256>(key, data),
+            ScramMechanism::Sha512 => mac::<Sha512>(key, data),
+        }
+    }
+
+    /// H(data) with this mechanism's hash function.
+    pub fn hash(self, data: &[u8]) -> Vec<u8> {
+        match self {
+            ScramMechanism::Sha256 => Sha256::digest(data).to_vec(),
+            ScramMechanism::Sha512 => Sha512::digest(data).to_vec(),
+        }
+    }
+}
+
+/// SaltedPassword := Hi(password, salt, i), PBKDF2 with HMAC-H.
+fn salt_password<D: Digest + BlockSizeUser + Clone + Sync>(
+    password: &[u8],
+    salt: &[u8],
+    iterations: u32,
+) -> Vec<u8> {
+    let mut salted = vec![0u8; <D as Digest>::output_size()];
+    pbkdf2::pbkdf2::<SimpleHmac<D>>(password, salt, iterations, &mut salted)
+        .expect("HMAC takes keys of any length");
+    salted
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mechanism {

@@ -1,6 +1,6 @@
 //! The packed layout of world `packed-plugin`: a batch of records, or of outputs, in
-//! one buffer. The SDK reads inputs and writes outputs with it; the broker compiles
-//! this same file to write inputs and read outputs, so both sides agree by
+//! one buffer. The Rust SDK reads inputs and writes outputs with it; the broker writes
+//! inputs and reads outputs with the same module, so both sides agree by
 //! construction. Integers are little-endian; a length of `NONE` is an absent key or
 //! value.
 //!

@@ -5,6 +5,8 @@
 //! Rates are kept in memory only: a sample every [`SAMPLE_INTERVAL`], the last 15
 //! minutes of them, so that looking at the gateway never writes to its card.
 
+pub mod sys;
+
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
