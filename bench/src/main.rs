@@ -7,7 +7,9 @@
 //!   kafka-bench catchup --weir target/release/weir --tansu PATH [--records N]
 //!   kafka-bench wear --weir target/release/weir [--devices N --seconds S --intervals 0,50
 //!     --checkpoints 0,30000]
+//!   kafka-bench spinner --weir target/release/weir --plugin hostile.wasm [--spinners 4]
 
+mod spinner;
 mod wear;
 
 use std::path::{Path, PathBuf};
@@ -101,6 +103,28 @@ enum Cmd {
         #[arg(long, value_delimiter = ',', default_value = "30000")]
         checkpoints: Vec<u64>,
         #[arg(long, default_value = "weir-wear-bench")]
+        dir: PathBuf,
+    },
+    /// An MQTT ingest plugin spinning to its time limit: PUBACK latency of other
+    /// devices and Kafka produce-to-fetch latency, without and with spinners.
+    Spinner {
+        #[arg(long, default_value = "target/release/weir")]
+        weir: PathBuf,
+        /// weir-sim; default: beside `--weir`.
+        #[arg(long)]
+        sim: Option<PathBuf>,
+        /// The hostile example plugin (plugins/hostile).
+        #[arg(
+            long,
+            default_value = "plugins/target/wasm32-wasip2/release/hostile.wasm"
+        )]
+        plugin: PathBuf,
+        /// Clients each keeping one spinning message in flight.
+        #[arg(long, default_value_t = 4)]
+        spinners: usize,
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        #[arg(long, default_value = "weir-spinner-bench")]
         dir: PathBuf,
     },
 }
@@ -224,6 +248,53 @@ fn start_weir_with(
     Ok((server, kafka.to_string(), admin.to_string()))
 }
 
+/// A Weir started on `dir` with a config file: free loopback listeners, then `extra`
+/// (TOML) appended. The listeners are up when it returns.
+struct ConfiguredWeir {
+    server: Server,
+    kafka: std::net::SocketAddr,
+    admin: std::net::SocketAddr,
+    mqtt: std::net::SocketAddr,
+}
+
+fn start_weir_config(bin: &Path, dir: &Path, extra: &str) -> anyhow::Result<ConfiguredWeir> {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir)?;
+    let (kafka, admin, mqtt) = (
+        weir_tests::free_addr(),
+        weir_tests::free_addr(),
+        weir_tests::free_addr(),
+    );
+    let config = dir.join("weir.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {data:?}\n\
+             [kafka]\nlisten = \"{kafka}\"\n\
+             [admin]\nlisten = \"{admin}\"\n\
+             [mqtt]\nlisten = \"{mqtt}\"\n{extra}",
+            data = dir.join("data"),
+        ),
+    )?;
+    let child = Command::new(bin)
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let server = Server(child);
+    wait_port(&kafka.to_string())?;
+    wait_port(&mqtt.to_string())?;
+    wait_port(&admin.to_string())?;
+    Ok(ConfiguredWeir {
+        server,
+        kafka,
+        admin,
+        mqtt,
+    })
+}
+
 fn start_tansu(bin: &Path) -> anyhow::Result<(Server, String)> {
     let addr = weir_tests::free_addr().to_string();
     let url = format!("tcp://{addr}");
@@ -251,36 +322,27 @@ fn create_topic_tansu(
     topic: &str,
     partitions: i32,
 ) -> anyhow::Result<()> {
-    let status = Command::new(bin)
-        .args([
-            "topic",
-            "create",
-            "--broker",
-            &format!("tcp://{bootstrap}"),
-            topic,
-            "--partitions",
-            &partitions.to_string(),
-        ])
-        .stdout(Stdio::null())
-        .status()?;
-    anyhow::ensure!(status.success(), "tansu topic create {topic} failed");
-    Ok(())
+    let broker = format!("tcp://{bootstrap}");
+    let args = ["topic", "create", "--broker", &broker, topic];
+    create_topic(bin, &args, partitions)
 }
 
 fn create_topic_weir(bin: &Path, admin: &str, topic: &str, partitions: i32) -> anyhow::Result<()> {
+    create_topic(
+        bin,
+        &["topic", "--admin", admin, "create", topic],
+        partitions,
+    )
+}
+
+/// Runs a broker's own topic-creation command with `--partitions`.
+fn create_topic(bin: &Path, args: &[&str], partitions: i32) -> anyhow::Result<()> {
     let status = Command::new(bin)
-        .args([
-            "topic",
-            "--admin",
-            admin,
-            "create",
-            topic,
-            "--partitions",
-            &partitions.to_string(),
-        ])
+        .args(args)
+        .args(["--partitions", &partitions.to_string()])
         .stdout(Stdio::null())
         .status()?;
-    anyhow::ensure!(status.success(), "weir topic create {topic} failed");
+    anyhow::ensure!(status.success(), "{} {args:?} failed", bin.display());
     Ok(())
 }
 
@@ -539,6 +601,21 @@ fn main() -> anyhow::Result<()> {
             size,
             intervals: &intervals,
             checkpoints: &checkpoints,
+            dir: &dir,
+        })?,
+        Cmd::Spinner {
+            weir,
+            sim,
+            plugin,
+            spinners,
+            seconds,
+            dir,
+        } => spinner::spinner(&spinner::SpinnerRun {
+            sim: &sim.unwrap_or_else(|| wear::sim_beside(&weir)),
+            weir: &weir,
+            plugin: &plugin,
+            spinners,
+            seconds,
             dir: &dir,
         })?,
     }

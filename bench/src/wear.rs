@@ -12,8 +12,6 @@ use rdkafka::ClientConfig;
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{ClientContext, Message};
 
-use crate::{Server, wait_port};
-
 /// Endurance assumed for the card life estimate: a 32 GB consumer SD card rated
 /// for about 1,000 program/erase cycles of its capacity, i.e. 32 TB written.
 const SD_CARD_ENDURANCE_BYTES: f64 = 32e12;
@@ -45,10 +43,10 @@ struct Figures {
 }
 
 #[derive(Clone, Copy, Default)]
-struct Latency {
-    acked: u64,
-    p50_ms: f64,
-    p99_ms: f64,
+pub(crate) struct Latency {
+    pub(crate) acked: u64,
+    pub(crate) p50_ms: f64,
+    pub(crate) p99_ms: f64,
 }
 
 pub(crate) fn wear(run: &WearRun<'_>) -> anyhow::Result<()> {
@@ -92,38 +90,17 @@ pub(crate) fn wear(run: &WearRun<'_>) -> anyhow::Result<()> {
 }
 
 fn one_run(run: &WearRun<'_>, interval_ms: u64, checkpoint_ms: u64) -> anyhow::Result<Figures> {
-    let _ = std::fs::remove_dir_all(run.dir);
-    std::fs::create_dir_all(run.dir)?;
-    let (kafka, admin, mqtt) = (
-        weir_tests::free_addr(),
-        weir_tests::free_addr(),
-        weir_tests::free_addr(),
-    );
     // The ingest topic takes the defaults (one partition), as a new user's would.
-    let config = run.dir.join("weir.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "data_dir = {data:?}\n\
-             [kafka]\nlisten = \"{kafka}\"\n\
-             [admin]\nlisten = \"{admin}\"\n\
-             [mqtt]\nlisten = \"{mqtt}\"\n\
-             [storage]\ncommit_interval_ms = {interval_ms}\ncheckpoint_interval_ms = {checkpoint_ms}\n\
-             [[mqtt.ingest]]\nfilter = \"sensors/{{device}}/#\"\ntopic = \"telemetry\"\nkey = \"{{device}}\"\n",
-            data = run.dir.join("data"),
+    let weir = crate::start_weir_config(
+        run.weir,
+        run.dir,
+        &format!(
+            "[storage]\ncommit_interval_ms = {interval_ms}\ncheckpoint_interval_ms = {checkpoint_ms}\n\
+             [[mqtt.ingest]]\nfilter = \"sensors/{{device}}/#\"\ntopic = \"telemetry\"\nkey = \"{{device}}\"\n"
         ),
     )?;
-    let child = Command::new(run.weir)
-        .arg("serve")
-        .arg("--config")
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let server = Server(child);
-    let pid = server.0.id();
-    wait_port(&kafka.to_string())?;
-    wait_port(&mqtt.to_string())?;
+    let (kafka, admin, mqtt) = (weir.kafka, weir.admin, weir.mqtt);
+    let pid = weir.server.0.id();
     crate::create_topic_weir(run.weir, &admin.to_string(), "apps", 4)?;
 
     let disk_before = write_bytes(pid)?;
@@ -162,7 +139,7 @@ fn one_run(run: &WearRun<'_>, interval_ms: u64, checkpoint_ms: u64) -> anyhow::R
     let seconds = started.elapsed().as_secs_f64();
     let disk_bytes = (write_bytes(pid)? - disk_before) as f64;
     let commits = weir_tests::metric_at(admin, "weir_storage_commits_total") - commits_before;
-    drop(server);
+    drop(weir);
 
     let sim: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     let field = |name: &str| sim[name].as_f64().unwrap_or(0.0);
@@ -314,7 +291,7 @@ fn probe_latency(mqtt: std::net::SocketAddr, duration: Duration) -> anyhow::Resu
     Ok(percentiles(&mut latencies))
 }
 
-fn percentiles(latencies_us: &mut [u64]) -> Latency {
+pub(crate) fn percentiles(latencies_us: &mut [u64]) -> Latency {
     latencies_us.sort_unstable();
     let at = |q: f64| {
         latencies_us

@@ -433,9 +433,7 @@ impl From<UserError> for ApiFailure {
 impl From<ReadError> for ApiFailure {
     fn from(e: ReadError) -> Self {
         let status = match &e {
-            ReadError::UnknownTopic(_) | ReadError::UnknownPartition { .. } => {
-                StatusCode::NOT_FOUND
-            }
+            ReadError::NotFound(_) => StatusCode::NOT_FOUND,
             ReadError::OffsetOutOfRange { .. } => StatusCode::BAD_REQUEST,
             ReadError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };

@@ -319,7 +319,9 @@ impl Config {
         }
         let mut names = std::collections::HashSet::new();
         for pipeline in &self.plugins.pipeline {
-            pipeline.validate().map_err(ConfigError::Invalid)?;
+            pipeline
+                .validate()
+                .map_err(|e| ConfigError::Invalid(e.to_string()))?;
             if !names.insert(&pipeline.name) {
                 return Err(ConfigError::Invalid(format!(
                     "two pipelines are named {}",

@@ -251,10 +251,13 @@ fn refuses_bad_batches_and_stores_nothing() {
         assert!(log.append("t", 0, mixed.freeze()).await.is_err());
 
         let e = log.append("nope", 0, good.clone()).await.unwrap_err();
-        assert!(matches!(e, WriteError::UnknownTopic(_)), "{e}");
+        assert!(matches!(e, WriteError::NotFound(NotFound::Topic(_))), "{e}");
         let e = log.append("t", 1, good.clone()).await.unwrap_err();
         assert!(
-            matches!(e, WriteError::UnknownPartition { partition: 1, .. }),
+            matches!(
+                e,
+                WriteError::NotFound(NotFound::Partition { partition: 1, .. })
+            ),
             "{e}"
         );
 

@@ -14,9 +14,7 @@ pub(super) fn storage(e: &StorageError) -> ResponseError {
 
 pub(super) fn write(e: &WriteError) -> ResponseError {
     match e {
-        WriteError::UnknownTopic(_) | WriteError::UnknownPartition { .. } => {
-            ResponseError::UnknownTopicOrPartition
-        }
+        WriteError::NotFound(_) => ResponseError::UnknownTopicOrPartition,
         WriteError::InvalidBatch(_) => ResponseError::CorruptMessage,
         WriteError::MessageTooLarge { .. } => ResponseError::MessageTooLarge,
         WriteError::Storage(s) => storage(s),
@@ -25,9 +23,7 @@ pub(super) fn write(e: &WriteError) -> ResponseError {
 
 pub(super) fn read(e: &ReadError) -> ResponseError {
     match e {
-        ReadError::UnknownTopic(_) | ReadError::UnknownPartition { .. } => {
-            ResponseError::UnknownTopicOrPartition
-        }
+        ReadError::NotFound(_) => ResponseError::UnknownTopicOrPartition,
         ReadError::OffsetOutOfRange { .. } => ResponseError::OffsetOutOfRange,
         ReadError::Storage(s) => storage(s),
     }

@@ -75,9 +75,11 @@ enum Remote<Ack> {
 /// One MQTT version's client of the remote.
 trait RemoteClient {
     type Ack;
+    /// Why a request could not be queued to the client (it has stopped).
+    type Error: std::fmt::Display;
     async fn next(&mut self, from: &str) -> Remote<Self::Ack>;
-    async fn subscribe(&mut self, filter: &str, qos: u8) -> Result<(), String>;
-    async fn ack(&mut self, ack: &Self::Ack) -> Result<(), String>;
+    async fn subscribe(&mut self, filter: &str, qos: u8) -> Result<(), Self::Error>;
+    async fn ack(&mut self, ack: &Self::Ack) -> Result<(), Self::Error>;
     async fn disconnect(&mut self);
 }
 
@@ -156,6 +158,7 @@ struct V311 {
 
 impl RemoteClient for V311 {
     type Ack = rumqttc::Publish;
+    type Error = rumqttc::ClientError;
 
     async fn next(&mut self, from: &str) -> Remote<Self::Ack> {
         match self.events.poll().await {
@@ -179,15 +182,12 @@ impl RemoteClient for V311 {
         }
     }
 
-    async fn subscribe(&mut self, filter: &str, level: u8) -> Result<(), String> {
-        self.client
-            .subscribe(filter, qos(level))
-            .await
-            .map_err(|e| e.to_string())
+    async fn subscribe(&mut self, filter: &str, level: u8) -> Result<(), Self::Error> {
+        self.client.subscribe(filter, qos(level)).await
     }
 
-    async fn ack(&mut self, ack: &Self::Ack) -> Result<(), String> {
-        self.client.ack(ack).await.map_err(|e| e.to_string())
+    async fn ack(&mut self, ack: &Self::Ack) -> Result<(), Self::Error> {
+        self.client.ack(ack).await
     }
 
     async fn disconnect(&mut self) {
@@ -202,6 +202,7 @@ struct V5 {
 
 impl RemoteClient for V5 {
     type Ack = v5_packets::Publish;
+    type Error = rumqttc::v5::ClientError;
 
     async fn next(&mut self, from: &str) -> Remote<Self::Ack> {
         use rumqttc::v5::Event as V5Event;
@@ -222,20 +223,17 @@ impl RemoteClient for V5 {
         }
     }
 
-    async fn subscribe(&mut self, filter: &str, level: u8) -> Result<(), String> {
+    async fn subscribe(&mut self, filter: &str, level: u8) -> Result<(), Self::Error> {
         let level = match level {
             0 => rumqttc::v5::mqttbytes::QoS::AtMostOnce,
             1 => rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
             _ => rumqttc::v5::mqttbytes::QoS::ExactlyOnce,
         };
-        self.client
-            .subscribe(filter, level)
-            .await
-            .map_err(|e| e.to_string())
+        self.client.subscribe(filter, level).await
     }
 
-    async fn ack(&mut self, ack: &Self::Ack) -> Result<(), String> {
-        self.client.ack(ack).await.map_err(|e| e.to_string())
+    async fn ack(&mut self, ack: &Self::Ack) -> Result<(), Self::Error> {
+        self.client.ack(ack).await
     }
 
     async fn disconnect(&mut self) {

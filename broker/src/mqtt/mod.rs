@@ -17,8 +17,6 @@ pub mod rules;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use kafka_protocol::records::RecordBatchDecoder;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{debug, warn};
@@ -29,7 +27,7 @@ pub use config::MqttConfig;
 use rules::{DownlinkRule, Template};
 
 use crate::auth::Gate;
-use crate::storage::{ReadError, now_ms, put_state_op};
+use crate::storage::{ReadError, decode_stored, now_ms, put_state_op};
 use crate::tls::{Listener, accept_any};
 
 /// Accepts connections until `stop`; then every connection says goodbye and ends.
@@ -108,6 +106,8 @@ pub async fn serve(
 }
 
 const NS_DOWNLINK: &str = "mqtt.downlink";
+/// Bytes a downlink reads from its topic at a time.
+const DOWNLINK_READ_BYTES: usize = 256 * 1024;
 
 /// Copies the records of one partition of a downlink rule's topic to MQTT, from a
 /// cursor committed in the same write as the messages it queues; new rules start at
@@ -139,7 +139,7 @@ pub async fn run_downlink(
     };
     loop {
         let topic = rule.topic.clone();
-        let read = log.blocking(move |log| log.read(&topic, partition, next, 256 * 1024));
+        let read = log.blocking(move |log| log.read(&topic, partition, next, DOWNLINK_READ_BYTES));
         let read = match read.await {
             Ok(r) => r,
             Err(ReadError::OffsetOutOfRange { offsets, .. }) => {
@@ -165,9 +165,8 @@ pub async fn run_downlink(
         let mut last = next;
         for batch in read.batches {
             last = last.max(batch.base_offset() as u64 + batch.last_offset_delta() as u64 + 1);
-            let mut bytes: Bytes = batch.into_bytes();
-            let records = match RecordBatchDecoder::decode(&mut bytes) {
-                Ok(set) => set.records,
+            let records = match decode_stored(batch, &rule.topic, partition) {
+                Ok(records) => records,
                 Err(e) => {
                     warn!(topic = %rule.topic, error = %e, "cannot decode a downlink batch");
                     Vec::new()

@@ -9,9 +9,10 @@
 //! until the broker restarts.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -126,7 +127,7 @@ impl From<RegistryError> for ManagerError {
 impl From<CursorError> for ManagerError {
     fn from(e: CursorError) -> Self {
         match e {
-            CursorError::Invalid(reason) => Self::Invalid(reason),
+            CursorError::Invalid(_) | CursorError::NoInput(_) => Self::Invalid(e.to_string()),
             CursorError::Read(e) => Self::Read(e),
             CursorError::Storage(e) => Self::Storage(e),
         }
@@ -181,8 +182,8 @@ impl Pipelines {
         Ok(this)
     }
 
-    fn entries(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Entry>> {
-        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    fn entries(&self) -> parking_lot::MutexGuard<'_, BTreeMap<String, Entry>> {
+        self.entries.lock()
     }
 
     fn log(&self) -> &Log {
@@ -225,11 +226,7 @@ impl Pipelines {
     fn view(&self, entry: &Entry) -> PipelineView {
         let labels = vec![("pipeline".to_string(), entry.config.name.clone())];
         let m = &self.context.metrics;
-        let status = entry
-            .status
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let status = entry.status.lock().clone();
         let lag = status
             .positions
             .iter()
@@ -263,7 +260,9 @@ impl Pipelines {
     /// its topics, commits its definition with its start cursors, starts it.
     pub async fn create(&self, config: PipelineConfig) -> Result<PipelineView, ManagerError> {
         let _changing = self.changing.lock().await;
-        config.validate().map_err(ManagerError::Invalid)?;
+        config
+            .validate()
+            .map_err(|e| ManagerError::Invalid(e.to_string()))?;
         if self.entries().contains_key(&config.name) {
             return Err(ManagerError::Conflict(format!(
                 "pipeline {} already exists",
@@ -347,7 +346,7 @@ impl Pipelines {
         let (origin, failed) = {
             let entries = self.entries();
             let entry = entries.get(name).ok_or_else(|| not_found(name))?;
-            let state = entry.status.lock().unwrap_or_else(|e| e.into_inner()).state;
+            let state = entry.status.lock().state;
             (
                 entry.origin,
                 matches!(state, RunState::Failed | RunState::Stopped),

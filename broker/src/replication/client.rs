@@ -1,7 +1,8 @@
-//! The Kafka client replication talks to the centre with, behind two small traits
-//! (`UpstreamProducer`, `UpstreamConsumer`). librdkafka (the `rdkafka` crate) is the
-//! one implementation: a mature idempotent producer, TLS, SASL and every codec. This
-//! is the only module that knows rdkafka.
+//! The Kafka client replication talks to the centre with, behind three traits
+//! (`UpstreamProducer`, `UpstreamConsumer`, `UpstreamReader`) and a `Connector` that
+//! makes them. librdkafka (the `rdkafka` crate) is the one implementation: a mature
+//! idempotent producer, TLS, SASL and every codec; tests connect to fakes. This is
+//! the only module that knows rdkafka.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -64,7 +65,7 @@ pub struct Landed {
 /// The acknowledgement (or refusal) of the record sent with `token`.
 #[derive(Debug)]
 pub struct Delivered {
-    pub token: usize,
+    pub token: u64,
     pub result: Result<Landed, DeliveryError>,
 }
 
@@ -91,7 +92,7 @@ pub trait UpstreamProducer: Send + Sync {
     /// Queues `record`; its `Delivered` (with `token`) comes once the centre
     /// acknowledged it (acks=all, idempotent: retries never duplicate within this
     /// producer).
-    fn send(&self, record: &OutRecord<'_>, token: usize) -> Result<(), SendError>;
+    fn send(&self, record: &OutRecord<'_>, token: u64) -> Result<(), SendError>;
     /// Creates `topic` upstream with `partitions` partitions unless it exists.
     fn ensure_topic<'a>(
         &'a self,
@@ -230,9 +231,10 @@ impl ClientContext for DeliveryContext {
 }
 
 impl ProducerContext for DeliveryContext {
-    type DeliveryOpaque = usize;
+    type DeliveryOpaque = Token;
 
-    fn delivery(&self, result: &DeliveryResult<'_>, token: usize) {
+    fn delivery(&self, result: &DeliveryResult<'_>, token: Token) {
+        let token = from_opaque(token);
         let result = match result {
             Ok(m) => Ok(Landed {
                 partition: m.partition().max(0) as u32,
@@ -283,6 +285,55 @@ struct RdProducer {
 
 /// The deliveries of a producer's records.
 pub type Deliveries = mpsc::UnboundedReceiver<Delivered>;
+
+/// A record's token as librdkafka carries it (its opaque is pointer-sized): the
+/// `u64` itself where a pointer holds it, boxed on a 32-bit board.
+#[cfg(target_pointer_width = "64")]
+type Token = usize;
+#[cfg(not(target_pointer_width = "64"))]
+type Token = Box<u64>;
+
+fn to_opaque(token: u64) -> Token {
+    #[cfg(target_pointer_width = "64")]
+    return token as usize;
+    #[cfg(not(target_pointer_width = "64"))]
+    return Box::new(token);
+}
+
+fn from_opaque(token: Token) -> u64 {
+    #[cfg(target_pointer_width = "64")]
+    return token as u64;
+    #[cfg(not(target_pointer_width = "64"))]
+    return *token;
+}
+
+/// Makes the clients a rule talks to its upstream with.
+pub trait Connector: Send + Sync {
+    fn producer(
+        &self,
+        settings: &ProducerSettings,
+    ) -> Result<(Arc<dyn UpstreamProducer>, Deliveries), ReplicationError>;
+    fn reader(&self) -> Result<Arc<dyn UpstreamReader>, ReplicationError>;
+}
+
+/// librdkafka clients of one upstream, with the rule's client id.
+pub struct Librdkafka {
+    pub upstream: UpstreamConfig,
+    pub client_id: String,
+}
+
+impl Connector for Librdkafka {
+    fn producer(
+        &self,
+        settings: &ProducerSettings,
+    ) -> Result<(Arc<dyn UpstreamProducer>, Deliveries), ReplicationError> {
+        producer(&self.upstream, &self.client_id, settings)
+    }
+
+    fn reader(&self) -> Result<Arc<dyn UpstreamReader>, ReplicationError> {
+        reader(&self.upstream, &self.client_id)
+    }
+}
 
 /// An idempotent librdkafka producer to `upstream`, and its deliveries.
 pub fn producer(
@@ -346,7 +397,7 @@ fn delivery_error(e: KafkaError) -> DeliveryError {
 }
 
 impl UpstreamProducer for RdProducer {
-    fn send(&self, record: &OutRecord<'_>, token: usize) -> Result<(), SendError> {
+    fn send(&self, record: &OutRecord<'_>, token: u64) -> Result<(), SendError> {
         let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
         for (key, value) in record.headers {
             headers = headers.insert(Header {
@@ -354,8 +405,8 @@ impl UpstreamProducer for RdProducer {
                 value: Some(*value),
             });
         }
-        let mut out: BaseRecord<'_, [u8], [u8], usize> =
-            BaseRecord::with_opaque_to(record.topic, token)
+        let mut out: BaseRecord<'_, [u8], [u8], Token> =
+            BaseRecord::with_opaque_to(record.topic, to_opaque(token))
                 .headers(headers)
                 .timestamp(record.timestamp_ms);
         if let Some(key) = record.key {

@@ -205,9 +205,6 @@ impl Downlink {
                 ..Default::default()
             })
             .collect();
-        self.status
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .partitions = partitions;
+        self.status.lock().partitions = partitions;
     }
 }

@@ -37,13 +37,9 @@ pub enum ReplicationError {
     /// The local topic a rule writes to could not be made.
     #[error(transparent)]
     LocalTopic(TopicError),
-    /// A stored batch did not decode.
-    #[error("cannot decode {topic}/{partition}: {reason}")]
-    Corrupt {
-        topic: String,
-        partition: u32,
-        reason: String,
-    },
+    /// More source partitions than a delivery token can tell apart.
+    #[error("the rule's topics have {0} partitions; a rule may have at most 65,536")]
+    TooManyPartitions(usize),
     /// A blocking librdkafka call on the blocking pool did not finish.
     #[error("a librdkafka call did not finish: {0}")]
     Thread(String),

@@ -13,9 +13,10 @@ pub mod readback;
 pub mod uplink;
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -357,7 +358,7 @@ pub type SharedStatus = Arc<Mutex<RuleStatus>>;
 
 /// Sets the state, with a log line when it changes.
 pub fn set_state(status: &SharedStatus, metrics: &ReplicationMetrics, state: LinkState) {
-    let mut s = status.lock().unwrap_or_else(|e| e.into_inner());
+    let mut s = status.lock();
     if s.state != state {
         info!(rule = %s.name, upstream = %s.upstream, from = ?s.state, to = ?state, "replication state");
         s.state = state;
@@ -395,7 +396,7 @@ pub fn add_upstream_errors(
     count: u64,
     last: impl std::fmt::Display,
 ) {
-    let mut s = status.lock().unwrap_or_else(|e| e.into_inner());
+    let mut s = status.lock();
     metrics
         .upstream_errors
         .get_or_create(&rule_labels(&s.name))
@@ -437,10 +438,7 @@ impl Default for SessionBackoff {
 
 /// The rule's last acknowledged record (Unix ms), to tell whether a session moved any.
 pub fn last_success(status: &SharedStatus) -> Option<i64> {
-    status
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .last_success_ms
+    status.lock().last_success_ms
 }
 
 impl RuleStatus {
@@ -470,14 +468,14 @@ pub struct Replication {
 impl Replication {
     /// The tasks, to wait for them at shutdown.
     pub fn take_tasks(&self) -> Vec<tokio::task::JoinHandle<()>> {
-        std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|e| e.into_inner()))
+        std::mem::take(&mut *self.tasks.lock())
     }
 
     pub fn status(&self) -> Vec<RuleStatus> {
         self.statuses
             .iter()
             .map(|s| {
-                let mut s = s.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                let mut s = s.lock().clone();
                 s.last_error_over = s.error_over();
                 s
             })
@@ -534,8 +532,10 @@ pub async fn start(
                 }
                 let runner = uplink::Uplink {
                     rule: rule.clone(),
-                    upstream,
-                    client_id,
+                    connector: Arc::new(client::Librdkafka {
+                        upstream,
+                        client_id,
+                    }),
                     gateway: config.gateway_id.clone(),
                     log: log.clone(),
                     metrics: metrics.clone(),
@@ -590,7 +590,7 @@ fn supervise(
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_default();
             tracing::error!(%rule, panic = %what, "replication rule stopped by a bug; restart the broker");
-            let mut s = status.lock().unwrap_or_else(|e| e.into_inner());
+            let mut s = status.lock();
             s.state = LinkState::Disconnected;
             s.error(format!("stopped by a bug: {what}"));
         }
@@ -613,10 +613,7 @@ fn record_success(
         .last_success_seconds
         .get_or_create(&labels)
         .set(now / 1000);
-    status
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .last_success_ms = Some(now);
+    status.lock().last_success_ms = Some(now);
 }
 
 /// Cursor key of `rule` in `topic`/`partition`.

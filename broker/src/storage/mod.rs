@@ -320,16 +320,38 @@ impl<E: Into<redb::Error>> From<E> for StorageError {
     }
 }
 
-#[derive(Clone, Debug, thiserror::Error)]
-pub enum WriteError {
+/// A topic or partition that does not exist, for a write or a read alike.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NotFound {
     #[error("unknown topic {0:?}")]
-    UnknownTopic(String),
+    Topic(String),
     #[error("topic {topic:?} has {partitions} partitions; partition {partition} does not exist")]
-    UnknownPartition {
+    Partition {
         topic: String,
         partition: u32,
         partitions: u32,
     },
+}
+
+impl NotFound {
+    /// `partition` of `topic`, which has `partitions`, or the error naming all three.
+    pub fn check(topic: &str, partition: u32, partitions: u32) -> Result<(), NotFound> {
+        if partition < partitions {
+            Ok(())
+        } else {
+            Err(NotFound::Partition {
+                topic: topic.to_string(),
+                partition,
+                partitions,
+            })
+        }
+    }
+}
+
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error(transparent)]
+    NotFound(#[from] NotFound),
     #[error("invalid record batch: {0}")]
     InvalidBatch(#[from] BatchError),
     #[error("record batch of {size} bytes exceeds max.message.bytes={max}")]
@@ -347,14 +369,8 @@ impl WriteError {
 
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum ReadError {
-    #[error("unknown topic {0:?}")]
-    UnknownTopic(String),
-    #[error("topic {topic:?} has {partitions} partitions; partition {partition} does not exist")]
-    UnknownPartition {
-        topic: String,
-        partition: u32,
-        partitions: u32,
-    },
+    #[error(transparent)]
+    NotFound(#[from] NotFound),
     #[error("offset {offset} is outside {}..={}", offsets.log_start, offsets.high_watermark)]
     OffsetOutOfRange {
         offset: u64,
@@ -639,14 +655,8 @@ impl Log {
             .topics
             .get(topic)
             .cloned()
-            .ok_or_else(|| ReadError::UnknownTopic(topic.to_string()))?;
-        if partition as usize >= handle.offsets.len() {
-            return Err(ReadError::UnknownPartition {
-                topic: topic.to_string(),
-                partition,
-                partitions: handle.info.partitions,
-            });
-        }
+            .ok_or_else(|| NotFound::Topic(topic.to_string()))?;
+        NotFound::check(topic, partition, handle.offsets.len() as u32)?;
         Ok(handle)
     }
 
@@ -770,15 +780,9 @@ impl Log {
             if header.max_timestamp() < timestamp_ms {
                 continue;
             }
-            let mut buf = Bytes::copy_from_slice(bytes);
-            let set =
-                kafka_protocol::records::RecordBatchDecoder::decode(&mut buf).map_err(|e| {
-                    StorageError::Corrupt {
-                        table: "batches",
-                        detail: format!("{topic}/{partition}: {e}"),
-                    }
-                })?;
-            if let Some(r) = set.records.iter().find(|r| r.timestamp >= timestamp_ms) {
+            let batch = RecordBatch::from_stored(Bytes::copy_from_slice(bytes));
+            let records = decode_stored(batch, topic, partition)?;
+            if let Some(r) = records.iter().find(|r| r.timestamp >= timestamp_ms) {
                 return Ok(Some((r.offset as u64, r.timestamp)));
             }
         }
@@ -956,7 +960,24 @@ fn read_partition_row(
     let parts = txn.open_table(PARTITIONS).map_err(StorageError::from)?;
     let row = parts.get((id, partition)).map_err(StorageError::from)?;
     row.map(|v| PartitionRow::from_tuple(v.value()))
-        .ok_or_else(|| ReadError::UnknownTopic(topic.to_string()))
+        .ok_or_else(|| NotFound::Topic(topic.to_string()).into())
+}
+
+/// The records of a batch read from the log. Its bytes were checked when stored, so
+/// a failure is corruption (or a bug), reported as such with where it lies.
+pub fn decode_stored(
+    batch: RecordBatch,
+    topic: &str,
+    partition: u32,
+) -> Result<Vec<kafka_protocol::records::Record>, StorageError> {
+    let base = batch.base_offset();
+    let mut bytes = batch.into_bytes();
+    kafka_protocol::records::RecordBatchDecoder::decode(&mut bytes)
+        .map(|set| set.records)
+        .map_err(|e| StorageError::Corrupt {
+            table: "batches",
+            detail: format!("{topic}/{partition} at {base}: {e}"),
+        })
 }
 
 /// Base offset of the stored batch that holds `offset`, if any.

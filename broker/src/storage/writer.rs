@@ -27,9 +27,9 @@ use tracing::{error, info, warn};
 use super::journal::Journal;
 use super::tables::*;
 use super::{
-    AppendOutcome, Catalog, LogOptions, PartitionOffsets, RetentionDeletion, Shared, StorageError,
-    TopicConfig, TopicError, TopicHandle, TopicInfo, TopicName, WriteError, WriteOp, WriteOutcome,
-    encode_stored, now_ms,
+    AppendOutcome, Catalog, LogOptions, NotFound, PartitionOffsets, RetentionDeletion, Shared,
+    StorageError, TopicConfig, TopicError, TopicHandle, TopicInfo, TopicName, WriteError, WriteOp,
+    WriteOutcome, encode_stored, now_ms,
 };
 use weir_wire::record_batch::build::{BATCH_OVERHEAD, NewRecord, batch, size_bound};
 use weir_wire::record_batch::{BatchError, RecordBatch};
@@ -1264,14 +1264,8 @@ impl Writer {
             .state
             .topics
             .get(topic)
-            .ok_or_else(|| WriteError::UnknownTopic(topic.clone()))?;
-        if partition >= state.record.partitions {
-            return Err(WriteError::UnknownPartition {
-                topic: topic.clone(),
-                partition,
-                partitions: state.record.partitions,
-            });
-        }
+            .ok_or_else(|| NotFound::Topic(topic.clone()))?;
+        NotFound::check(topic, partition, state.record.partitions)?;
         let max = state.record.config.max_message_bytes;
         match op {
             WriteOp::Append { batches, .. } => {

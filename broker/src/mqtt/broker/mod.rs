@@ -23,7 +23,9 @@ use tracing::{debug, warn};
 use super::rules::CompiledIngest;
 use crate::plugins::IngestPlugin;
 use crate::plugins::host::{Header, InputRecord, Source};
-use crate::storage::{Log, StorageError, WriteError, WriteOp, encode_stored, now_ms, state_op};
+use crate::storage::{
+    Log, NotFound, StorageError, WriteError, WriteOp, encode_stored, now_ms, state_op,
+};
 use weir_wire::partition::partition_for_key;
 use weir_wire::record_batch::build::NewRecord;
 use weir_wire::topics::{self, SubscriptionFilter, SubscriptionTree};
@@ -887,7 +889,7 @@ impl MqttBroker {
             .inner
             .log
             .topic(&rule.topic)
-            .ok_or_else(|| WriteError::UnknownTopic(rule.topic.clone()))?
+            .ok_or_else(|| WriteError::from(NotFound::Topic(rule.topic.clone())))?
             .partitions;
         let partition = match &key {
             Some(k) => partition_for_key(k.as_bytes(), partitions),

@@ -2,8 +2,10 @@
 //! go first while their backlog is large, and a rule's bandwidth cap.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
+
+use parking_lot::Mutex;
 
 use super::super::{PRIORITY_BACKLOG, RuleConfig};
 
@@ -16,7 +18,7 @@ pub struct PriorityGate(Arc<Mutex<HashMap<String, Standing>>>);
 
 impl PriorityGate {
     pub(super) fn report(&self, rule: &RuleConfig, lag: u64) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(
+        self.0.lock().insert(
             rule.name.clone(),
             (rule.upstream.clone(), rule.priority, lag),
         );
@@ -24,14 +26,9 @@ impl PriorityGate {
 
     /// False while a rule of a higher priority on the same upstream has a backlog.
     pub(super) fn open(&self, rule: &RuleConfig) -> bool {
-        !self
-            .0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .any(|(upstream, priority, lag)| {
-                *upstream == rule.upstream && *priority > rule.priority && *lag > PRIORITY_BACKLOG
-            })
+        !self.0.lock().values().any(|(upstream, priority, lag)| {
+            *upstream == rule.upstream && *priority > rule.priority && *lag > PRIORITY_BACKLOG
+        })
     }
 }
 

@@ -13,30 +13,36 @@
 //! before a crash or a failed producer, past the durable cursor, are not sent twice.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::FutureExt;
-use kafka_protocol::records::RecordBatchDecoder;
+use parking_lot::Mutex;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use super::client::{
-    self, Delivered, DeliveryError, LinkErrors, OutRecord, Position, ProducerSettings, SendError,
+    self, Connector, Delivered, DeliveryError, LinkErrors, OutRecord, Position, ProducerSettings,
+    SendError,
 };
 use super::error::ReplicationError;
 use super::readback::{self, Floor, Found, Source};
 use super::{
     LinkState, PRIORITY_BACKLOG, PartitionStatus, ReplicationMetrics, RuleConfig, SessionBackoff,
-    SharedStatus, UpstreamConfig, cursor_key, note_link_errors, partition_labels, record_success,
-    rule_labels, set_state,
+    SharedStatus, cursor_key, note_link_errors, partition_labels, record_success, rule_labels,
+    set_state,
 };
-use crate::storage::{Log, PartitionOffsets, ReadError, encode_stored, put_state_op, state_op};
+use crate::storage::{
+    Log, PartitionOffsets, ReadError, WriteError, decode_stored, encode_stored, put_state_op,
+    state_op,
+};
 pub use limits::PriorityGate;
 use limits::TokenBucket;
 
 mod limits;
+#[cfg(test)]
+mod tests;
 
 const NS_CURSOR: &str = "replication.cursor";
 /// `{rule}/{target}` → the target's floor (`readback`).
@@ -109,8 +115,8 @@ impl Part {
 
 pub struct Uplink {
     pub rule: RuleConfig,
-    pub upstream: UpstreamConfig,
-    pub client_id: String,
+    /// The upstream's clients (librdkafka's, or a test's fakes).
+    pub connector: Arc<dyn Connector>,
     pub gateway: String,
     pub log: Log,
     pub metrics: ReplicationMetrics,
@@ -146,10 +152,7 @@ impl Uplink {
             Ok(p) => p,
             Err(e) => {
                 error!(rule = %self.rule.name, error = %e, "replication rule cannot start");
-                self.status
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .error(e);
+                self.status.lock().error(e);
                 return;
             }
         };
@@ -163,10 +166,7 @@ impl Uplink {
                     let backoff = backoff.after(moved);
                     warn!(rule = %self.rule.name, error = %reason, backoff_ms = backoff.as_millis() as u64,
                         "upstream producer failed; sending again from the last acknowledged record");
-                    self.status
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .error(reason);
+                    self.status.lock().error(reason);
                     set_state(&self.status, &self.metrics, LinkState::BackingOff);
                     // The floor as it is now, so the next producer finds what this
                     // one delivered past the cursors.
@@ -233,6 +233,9 @@ impl Uplink {
                 });
             }
         }
+        if parts.len() > MAX_RULE_PARTITIONS {
+            return Err(ReplicationError::TooManyPartitions(parts.len()));
+        }
         if !first.is_empty() {
             self.log.write(first).await?;
         }
@@ -273,8 +276,7 @@ impl Uplink {
             linger_ms: self.rule.linger_ms,
             queue_kbytes: 64 * 1024,
         };
-        let (producer, mut deliveries) =
-            client::producer(&self.upstream, &self.client_id, &settings)?;
+        let (producer, mut deliveries) = self.connector.producer(&settings)?;
         let mut link = producer.link();
         let mut seen_errors = LinkErrors::default();
         let mut in_flight = 0usize;
@@ -288,8 +290,7 @@ impl Uplink {
         let prepared = Arc::new(Prepared::default());
         let _preparing = AbortOnDrop(tokio::spawn(prepare_targets(
             producer.clone(),
-            self.upstream.clone(),
-            self.client_id.clone(),
+            self.connector.clone(),
             self.gateway.clone(),
             self.targets(parts, floors),
             prepared.clone(),
@@ -300,7 +301,7 @@ impl Uplink {
         loop {
             if *self.stop.borrow() {
                 if let Some(c) = committing.take() {
-                    let result = c.write.await.map(drop).map_err(|e| e.to_string());
+                    let result = c.write.await.map(drop);
                     self.committed(parts, floors, c.moved, c.floors, result);
                 }
                 return self.finish(parts, floors, deliveries, in_flight).await;
@@ -361,7 +362,7 @@ impl Uplink {
                 && let Some(result) = (&mut c.write).now_or_never()
             {
                 let c = committing.take().expect("checked");
-                let result = result.map(drop).map_err(|e| e.to_string());
+                let result = result.map(drop);
                 self.committed(parts, floors, c.moved, c.floors, result);
             }
             if committing.is_none()
@@ -405,12 +406,7 @@ impl Uplink {
         floors: &mut HashMap<String, Floor>,
         prepared: &Prepared,
     ) -> Result<(), ReplicationError> {
-        let ready: Vec<(String, Found)> = prepared
-            .ready
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain()
-            .collect();
+        let ready: Vec<(String, Found)> = prepared.ready.lock().drain().collect();
         for (target, mut found) in ready {
             if found.count() > 0 {
                 info!(rule = %self.rule.name, target = %target, records = found.count(),
@@ -447,7 +443,7 @@ impl Uplink {
     }
 
     fn state(&self) -> LinkState {
-        self.status.lock().unwrap_or_else(|e| e.into_inner()).state
+        self.status.lock().state
     }
 
     /// Sends records of `part` from `next_read` until the bounds; true when blocked
@@ -483,15 +479,8 @@ impl Uplink {
                 return Ok(false);
             }
             for stored in read.batches {
-                let mut bytes = stored.into_bytes();
-                let set = RecordBatchDecoder::decode(&mut bytes).map_err(|e| {
-                    ReplicationError::Corrupt {
-                        topic: part.topic.clone(),
-                        partition: part.partition,
-                        reason: e.to_string(),
-                    }
-                })?;
-                for r in set.records {
+                let records = decode_stored(stored, &part.topic, part.partition)?;
+                for r in records {
                     let offset = r.offset as u64;
                     if offset < part.next_read {
                         continue;
@@ -573,10 +562,7 @@ impl Uplink {
             .lost_records
             .get_or_create(&rule_labels(&self.rule.name))
             .inc_by(lost);
-        self.status
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .lost_records += lost;
+        self.status.lock().lost_records += lost;
         part.next_read = log_start;
     }
 
@@ -698,7 +684,7 @@ impl Uplink {
         floors: &mut HashMap<String, Floor>,
         moved: Vec<(usize, u64)>,
         new_floors: Vec<(String, BTreeMap<u32, u64>)>,
-        result: Result<(), String>,
+        result: Result<(), WriteError>,
     ) {
         match result {
             Ok(()) => {
@@ -718,7 +704,7 @@ impl Uplink {
     /// Commits now and waits for it (at the end of a session).
     async fn commit(&self, parts: &mut [Part], floors: &mut HashMap<String, Floor>) {
         if let Some(c) = self.start_commit(parts, floors).await {
-            let result = c.write.await.map(drop).map_err(|e| e.to_string());
+            let result = c.write.await.map(drop);
             self.committed(parts, floors, c.moved, c.floors, result);
         }
     }
@@ -789,10 +775,7 @@ impl Uplink {
             });
         }
         self.gate.report(&self.rule, total);
-        self.status
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .partitions = statuses;
+        self.status.lock().partitions = statuses;
         match self.state() {
             LinkState::Connected if total == 0 => {
                 set_state(&self.status, &self.metrics, LinkState::CaughtUp)
@@ -864,15 +847,14 @@ struct Target {
 /// new consumer each time); retries each step every 2 s.
 async fn prepare_targets(
     producer: Arc<dyn client::UpstreamProducer>,
-    upstream: UpstreamConfig,
-    client_id: String,
+    connector: Arc<dyn Connector>,
     gateway: String,
     targets: Vec<Target>,
     prepared: Arc<Prepared>,
     status: SharedStatus,
 ) {
     let failed = |e: ReplicationError| {
-        status.lock().unwrap_or_else(|e| e.into_inner()).error(e);
+        status.lock().error(e);
         tokio::time::sleep(Duration::from_secs(2))
     };
     for target in targets {
@@ -894,7 +876,7 @@ async fn prepare_targets(
             .collect();
         let found = loop {
             let read = async {
-                let reader = client::reader(&upstream, &client_id)?;
+                let reader = connector.reader()?;
                 readback::read_back(
                     reader.as_ref(),
                     &target.topic,
@@ -909,11 +891,7 @@ async fn prepare_targets(
                 Err(e) => failed(e).await,
             }
         };
-        prepared
-            .ready
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(target.topic.clone(), found);
+        prepared.ready.lock().insert(target.topic.clone(), found);
         prepared.notify.notify_one();
     }
 }
@@ -935,11 +913,21 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// Bits of a delivery token that hold the offset (2^48 records per partition); the
+/// rest hold the partition's index in the rule.
+const TOKEN_OFFSET_BITS: u32 = 48;
+const TOKEN_OFFSET_MASK: u64 = (1 << TOKEN_OFFSET_BITS) - 1;
+/// Source partitions a rule may have: what a token can tell apart.
+const MAX_RULE_PARTITIONS: usize = 1 << (64 - TOKEN_OFFSET_BITS);
+
 /// A delivery's token: the partition's index in the rule and the offset.
-fn token(index: usize, offset: u64) -> usize {
-    (index << 48) | (offset as usize & ((1 << 48) - 1))
+fn token(index: usize, offset: u64) -> u64 {
+    ((index as u64) << TOKEN_OFFSET_BITS) | (offset & TOKEN_OFFSET_MASK)
 }
 
-fn untoken(token: usize) -> (usize, u64) {
-    (token >> 48, (token & ((1 << 48) - 1)) as u64)
+fn untoken(token: u64) -> (usize, u64) {
+    (
+        (token >> TOKEN_OFFSET_BITS) as usize,
+        token & TOKEN_OFFSET_MASK,
+    )
 }
