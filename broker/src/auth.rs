@@ -20,7 +20,6 @@ use hmac::digest::KeyInit;
 use hmac::{Hmac, Mac};
 use parking_lot::{Mutex, RwLock};
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::registry::Registry;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
@@ -108,51 +107,23 @@ pub enum Refusal {
     /// 3.1.1 return code 5).
     NotAuthorized,
 }
-
-/// The `weir_auth_*` metrics.
-#[derive(Clone, Debug, Default)]
-pub struct AuthMetrics {
-    pub logins: Counter,
-    pub failed_logins: Counter,
-    pub anonymous_refused: Counter,
-    pub hashes: Counter,
-    pub denied: Counter,
-    pub acl_reloads: Counter,
-}
-
-impl AuthMetrics {
-    pub fn register(&self, registry: &mut Registry) {
-        let r = registry.sub_registry_with_prefix("auth");
-        r.register(
-            "logins",
-            "Logins with a user name and a password that checked",
-            self.logins.clone(),
-        );
-        r.register(
-            "failed_logins",
-            "Logins refused: unknown user or wrong password",
-            self.failed_logins.clone(),
-        );
-        r.register(
-            "anonymous_refused",
-            "Clients without credentials refused by [auth] anonymous",
-            self.anonymous_refused.clone(),
-        );
-        r.register(
-            "password_hashes",
-            "argon2id computations (logins not answered from the cache, users added)",
-            self.hashes.clone(),
-        );
-        r.register(
-            "denied",
-            "Operations refused by [[auth.acl]]: MQTT publishes and subscriptions, Kafka requests per topic or group",
-            self.denied.clone(),
-        );
-        r.register(
-            "acl_reloads",
-            "[[auth.acl]] rules reloaded on SIGHUP",
-            self.acl_reloads.clone(),
-        );
+crate::metrics::group! {
+    /// The `weir_auth_*` metrics.
+    #[derive(Clone, Debug, Default)]
+    pub struct AuthMetrics in "auth" {
+        /// Logins with a user name and a password that checked.
+        logins: Counter,
+        /// Logins refused: unknown user or wrong password.
+        failed_logins: Counter,
+        /// Clients without credentials refused by [auth] anonymous.
+        anonymous_refused: Counter,
+        /// argon2id computations (logins not answered from the cache, users added).
+        password_hashes: Counter,
+        /// Operations refused by [[auth.acl]]: MQTT publishes and subscriptions, Kafka requests
+        /// per topic or group.
+        denied: Counter,
+        /// [[auth.acl]] rules reloaded on SIGHUP.
+        acl_reloads: Counter,
     }
 }
 
@@ -227,7 +198,7 @@ impl Users {
         }
         let record = {
             let _permit = self.hashing.acquire().await.expect("never closed");
-            self.metrics.hashes.inc();
+            self.metrics.password_hashes.inc();
             let password = password.to_vec();
             tokio::task::spawn_blocking(move || credentials(&password))
                 .await
@@ -287,7 +258,7 @@ impl Users {
         }
         let ok = {
             let _permit = self.hashing.acquire().await.expect("never closed");
-            self.metrics.hashes.inc();
+            self.metrics.password_hashes.inc();
             let password = password.to_vec();
             let phc = user.phc.clone();
             tokio::task::spawn_blocking(move || {

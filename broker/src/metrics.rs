@@ -7,23 +7,92 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-/// The log's metrics (`weir_storage_*`).
-#[derive(Clone, Debug)]
-pub struct StorageMetrics {
-    pub commits: Counter,
-    pub checkpoints: Counter,
-    pub commit_errors: Counter,
-    pub disk_full_errors: Counter,
-    pub commit_seconds: Histogram,
-    pub appended_bytes: Counter,
-    pub appended_batches: Counter,
-    pub invalid_batches: Counter,
-    pub refused_writes: Counter,
-    pub retention_deleted_batches: Counter,
-    pub retention_deleted_bytes: Counter,
-    /// Bytes the process wrote to the disk (`/proc/self/io`), brought up to date every
-    /// 5 s by the status sampler: the flash wear figure.
-    pub disk_written_bytes: Counter,
+/// Declares a subsystem's metrics struct and its `register`, which adds each field as
+/// `weir_<prefix>_<field>` with the field's doc comment as its help text: the name, the
+/// type and the help of a metric are written once, in one place.
+///
+/// ```ignore
+/// metrics::group! {
+///     /// The TLS metrics (`weir_tls_*`).
+///     #[derive(Clone, Debug, Default)]
+///     pub struct TlsMetrics in "tls" {
+///         /// TLS handshakes completed.
+///         handshakes: Counter,
+///     }
+/// }
+/// ```
+macro_rules! group {
+    (
+        $(#[$attr:meta])*
+        pub struct $name:ident in $prefix:literal {
+            $(
+                $(#[doc = $doc:literal])+
+                $field:ident: $ty:ty,
+            )*
+        }
+    ) => {
+        $(#[$attr])*
+        pub struct $name {
+            $(
+                $(#[doc = $doc])+
+                pub $field: $ty,
+            )*
+        }
+
+        impl $name {
+            pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
+                let r = registry.sub_registry_with_prefix($prefix);
+                $(
+                    r.register(
+                        stringify!($field),
+                        $crate::metrics::help(concat!($($doc),+)),
+                        self.$field.clone(),
+                    );
+                )*
+            }
+        }
+    };
+}
+pub(crate) use group;
+
+/// A metric's help text from its field's doc comment: one line, without the final full
+/// stop (the exposition adds one).
+pub fn help(doc: &str) -> String {
+    let text = doc.split_whitespace().collect::<Vec<_>>().join(" ");
+    text.strip_suffix('.').unwrap_or(&text).to_owned()
+}
+
+group! {
+    /// The log's metrics (`weir_storage_*`).
+    #[derive(Clone, Debug)]
+    pub struct StorageMetrics in "storage" {
+        /// Write transactions committed.
+        commits: Counter,
+        /// Durable commits that start a new generation of the write-ahead journal.
+        checkpoints: Counter,
+        /// Write transactions that failed.
+        commit_errors: Counter,
+        /// Commits that failed because the disk was full.
+        disk_full_errors: Counter,
+        /// Group commit duration, including fsync.
+        commit_seconds: Histogram,
+        /// Record batch bytes appended.
+        appended_bytes: Counter,
+        /// Record batches appended.
+        appended_batches: Counter,
+        /// Record batches refused by validation (CRC, length, magic).
+        invalid_batches: Counter,
+        /// Writes refused (unknown topic or partition, too large).
+        refused_writes: Counter,
+        /// Batches deleted by retention.
+        retention_deleted_batches: Counter,
+        /// Bytes deleted by retention.
+        retention_deleted_bytes: Counter,
+        // The flash wear figure, brought up to date by the status sampler.
+        /// Bytes the broker process wrote to the disk (write_bytes of /proc/self/io),
+        /// every 5 s.
+        disk_written_bytes: Counter,
+    }
 }
 
 impl Default for StorageMetrics {
@@ -46,72 +115,6 @@ impl Default for StorageMetrics {
     }
 }
 
-impl StorageMetrics {
-    pub fn register(&self, registry: &mut Registry) {
-        let r = registry.sub_registry_with_prefix("storage");
-        r.register(
-            "commits",
-            "Write transactions committed",
-            self.commits.clone(),
-        );
-        r.register(
-            "checkpoints",
-            "Durable commits that start a new generation of the write-ahead journal",
-            self.checkpoints.clone(),
-        );
-        r.register(
-            "commit_errors",
-            "Write transactions that failed",
-            self.commit_errors.clone(),
-        );
-        r.register(
-            "disk_full_errors",
-            "Commits that failed because the disk was full",
-            self.disk_full_errors.clone(),
-        );
-        r.register(
-            "commit_seconds",
-            "Group commit duration, including fsync",
-            self.commit_seconds.clone(),
-        );
-        r.register(
-            "appended_bytes",
-            "Record batch bytes appended",
-            self.appended_bytes.clone(),
-        );
-        r.register(
-            "appended_batches",
-            "Record batches appended",
-            self.appended_batches.clone(),
-        );
-        r.register(
-            "invalid_batches",
-            "Record batches refused by validation (CRC, length, magic)",
-            self.invalid_batches.clone(),
-        );
-        r.register(
-            "refused_writes",
-            "Writes refused (unknown topic or partition, too large)",
-            self.refused_writes.clone(),
-        );
-        r.register(
-            "retention_deleted_batches",
-            "Batches deleted by retention",
-            self.retention_deleted_batches.clone(),
-        );
-        r.register(
-            "retention_deleted_bytes",
-            "Bytes deleted by retention",
-            self.retention_deleted_bytes.clone(),
-        );
-        r.register(
-            "disk_written_bytes",
-            "Bytes the broker process wrote to the disk (write_bytes of /proc/self/io), every 5 s",
-            self.disk_written_bytes.clone(),
-        );
-    }
-}
-
 /// Every metric of the process, under the `weir_` prefix.
 pub fn registry(storage: &StorageMetrics) -> Registry {
     let mut registry = Registry::with_prefix("weir");
@@ -125,4 +128,23 @@ pub fn render(registry: &Registry) -> String {
     // Writing to a String cannot fail.
     let _ = prometheus_client::encoding::text::encode(&mut out, registry);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_group_registers_each_field_with_its_doc_as_help() {
+        let text = render(&registry(&StorageMetrics::default()));
+        assert!(
+            text.contains(
+                "# HELP weir_storage_disk_written_bytes Bytes the broker process wrote to the \
+                 disk (write_bytes of /proc/self/io), every 5 s.\n"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE weir_storage_commit_seconds histogram\n"));
+        assert_eq!(text.matches("# HELP weir_storage_").count(), 12);
+    }
 }

@@ -17,7 +17,6 @@ use std::time::Duration;
 use bytes::BytesMut;
 use parking_lot::RwLock;
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::registry::Registry;
 use rustls::RootCertStore;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -70,39 +69,19 @@ pub enum TlsError {
     #[error("[tls] cert and key: {0}")]
     Rustls(#[from] rustls::Error),
 }
-
-/// The `weir_tls_*` metrics.
-#[derive(Clone, Debug, Default)]
-pub struct TlsMetrics {
-    pub handshakes: Counter,
-    pub handshake_failures: Counter,
-    pub reloads: Counter,
-    pub reload_failures: Counter,
-}
-
-impl TlsMetrics {
-    pub fn register(&self, registry: &mut Registry) {
-        let r = registry.sub_registry_with_prefix("tls");
-        r.register(
-            "handshakes",
-            "TLS handshakes completed",
-            self.handshakes.clone(),
-        );
-        r.register(
-            "handshake_failures",
-            "TLS handshakes that failed: plaintext on a TLS port, an untrusted or expired client certificate, a timeout",
-            self.handshake_failures.clone(),
-        );
-        r.register(
-            "reloads",
-            "Certificate reloads (SIGHUP) that took effect",
-            self.reloads.clone(),
-        );
-        r.register(
-            "reload_failures",
-            "Certificate reloads refused for a bad file (the old certificates stay)",
-            self.reload_failures.clone(),
-        );
+crate::metrics::group! {
+    /// The `weir_tls_*` metrics.
+    #[derive(Clone, Debug, Default)]
+    pub struct TlsMetrics in "tls" {
+        /// TLS handshakes completed.
+        handshakes: Counter,
+        /// TLS handshakes that failed: plaintext on a TLS port, an untrusted or expired client
+        /// certificate, a timeout.
+        handshake_failures: Counter,
+        /// Certificate reloads (SIGHUP) that took effect.
+        reloads: Counter,
+        /// Certificate reloads refused for a bad file (the old certificates stay).
+        reload_failures: Counter,
     }
 }
 

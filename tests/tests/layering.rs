@@ -15,7 +15,8 @@ use std::process::Command;
 
 /// The broker's top-level modules, lowest layer first.
 const LAYERS: &[&[&str]] = &[
-    &["acl", "metrics", "names", "tls"],
+    &["metrics"],
+    &["acl", "names", "tls"],
     &["storage"],
     &["auth", "bench", "plugins", "replication"],
     &["kafka", "mqtt"],

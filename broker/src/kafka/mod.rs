@@ -19,7 +19,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use kafka_protocol::messages::{ApiKey, ApiVersionsResponse, RequestKind, ResponseKind};
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::registry::Registry;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
@@ -77,53 +76,24 @@ impl KafkaSettings {
         }
     }
 }
-
-/// The Kafka listener's metrics (`weir_kafka_*`).
-#[derive(Clone, Debug, Default)]
-pub struct KafkaMetrics {
-    pub connections: Counter,
-    pub requests: Counter,
-    pub bad_frames: Counter,
-    pub produced_batches: Counter,
-    pub produced_records: Counter,
-    pub produced_bytes: Counter,
-    pub fetched_bytes: Counter,
-}
-
-impl KafkaMetrics {
-    pub fn register(&self, registry: &mut Registry) {
-        let r = registry.sub_registry_with_prefix("kafka");
-        r.register(
-            "connections",
-            "Kafka connections accepted",
-            self.connections.clone(),
-        );
-        r.register("requests", "Kafka requests answered", self.requests.clone());
-        r.register(
-            "bad_frames",
-            "Connections closed for a malformed, oversized or unknown request",
-            self.bad_frames.clone(),
-        );
-        r.register(
-            "produced_batches",
-            "Record batches appended through Produce",
-            self.produced_batches.clone(),
-        );
-        r.register(
-            "produced_records",
-            "Records appended through Produce",
-            self.produced_records.clone(),
-        );
-        r.register(
-            "produced_bytes",
-            "Record batch bytes appended through Produce",
-            self.produced_bytes.clone(),
-        );
-        r.register(
-            "fetched_bytes",
-            "Record bytes returned by Fetch",
-            self.fetched_bytes.clone(),
-        );
+crate::metrics::group! {
+    /// The Kafka listener's metrics (`weir_kafka_*`).
+    #[derive(Clone, Debug, Default)]
+    pub struct KafkaMetrics in "kafka" {
+        /// Kafka connections accepted.
+        connections: Counter,
+        /// Kafka requests answered.
+        requests: Counter,
+        /// Connections closed for a malformed, oversized or unknown request.
+        bad_frames: Counter,
+        /// Record batches appended through Produce.
+        produced_batches: Counter,
+        /// Records appended through Produce.
+        produced_records: Counter,
+        /// Record batch bytes appended through Produce.
+        produced_bytes: Counter,
+        /// Record bytes returned by Fetch.
+        fetched_bytes: Counter,
     }
 }
 

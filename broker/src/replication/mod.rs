@@ -20,7 +20,6 @@ use parking_lot::Mutex;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tracing::info;
@@ -235,73 +234,33 @@ impl ReplicationConfig {
 }
 
 type Labels = Vec<(String, String)>;
-
-/// `weir_replication_*` metrics.
-#[derive(Clone, Debug, Default)]
-pub struct ReplicationMetrics {
-    /// {rule, topic, partition}
-    pub lag_records: Family<Labels, Gauge>,
-    pub lag_bytes: Family<Labels, Gauge>,
-    /// {rule}
-    pub records: Family<Labels, Counter>,
-    pub bytes: Family<Labels, Counter>,
-    pub last_success_seconds: Family<Labels, Gauge>,
-    pub upstream_errors: Family<Labels, Counter>,
-    pub lost_records: Family<Labels, Counter>,
-    pub failed_records: Family<Labels, Counter>,
-    pub already_upstream: Family<Labels, Counter>,
-    pub connected: Family<Labels, Gauge>,
-}
-
-impl ReplicationMetrics {
-    pub fn register(&self, registry: &mut Registry) {
-        let r = registry.sub_registry_with_prefix("replication");
-        r.register(
-            "lag_records",
-            "Records not yet acknowledged by the other side",
-            self.lag_records.clone(),
-        );
-        r.register(
-            "lag_bytes",
-            "Bytes not yet acknowledged by the other side (estimated from stored sizes)",
-            self.lag_bytes.clone(),
-        );
-        r.register("records", "Records replicated", self.records.clone());
-        r.register(
-            "bytes",
-            "Bytes of keys and values replicated",
-            self.bytes.clone(),
-        );
-        r.register(
-            "last_success_seconds",
-            "Unix time of the last acknowledged record",
-            self.last_success_seconds.clone(),
-        );
-        r.register(
-            "upstream_errors",
-            "Errors the upstream client reported (connections, requests)",
-            self.upstream_errors.clone(),
-        );
-        r.register(
-            "lost_records",
-            "Records deleted by local retention before they were replicated",
-            self.lost_records.clone(),
-        );
-        r.register(
-            "failed_records",
-            "Records the upstream refused for good (e.g. too large); skipped",
-            self.failed_records.clone(),
-        );
-        r.register(
-            "already_upstream",
-            "Records found at the centre when reading it back (sent before a restart), not sent again",
-            self.already_upstream.clone(),
-        );
-        r.register(
-            "connected",
-            "1 while the upstream is reachable",
-            self.connected.clone(),
-        );
+crate::metrics::group! {
+    /// `weir_replication_*` metrics.
+    #[derive(Clone, Debug, Default)]
+    pub struct ReplicationMetrics in "replication" {
+        // {rule, topic, partition}
+        /// Records not yet acknowledged by the other side.
+        lag_records: Family<Labels, Gauge>,
+        /// Bytes not yet acknowledged by the other side (estimated from stored sizes).
+        lag_bytes: Family<Labels, Gauge>,
+        // {rule}
+        /// Records replicated.
+        records: Family<Labels, Counter>,
+        /// Bytes of keys and values replicated.
+        bytes: Family<Labels, Counter>,
+        /// Unix time of the last acknowledged record.
+        last_success_seconds: Family<Labels, Gauge>,
+        /// Errors the upstream client reported (connections, requests).
+        upstream_errors: Family<Labels, Counter>,
+        /// Records deleted by local retention before they were replicated.
+        lost_records: Family<Labels, Counter>,
+        /// Records the upstream refused for good (e.g. too large); skipped.
+        failed_records: Family<Labels, Counter>,
+        /// Records found at the centre when reading it back (sent before a restart), not sent
+        /// again.
+        already_upstream: Family<Labels, Counter>,
+        /// 1 while the upstream is reachable.
+        connected: Family<Labels, Gauge>,
     }
 }
 
