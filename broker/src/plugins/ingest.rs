@@ -3,14 +3,18 @@
 //! One instance per rule, behind a lock; a call that traps is retried record by
 //! record on fresh instances, and the record that breaks it is reported failed.
 
+use std::convert::Infallible;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use super::host::{Header, InputRecord, Instance, Limits, Module, PluginError, PluginHost, Source};
+use super::host::{
+    InputRecord, Instance, Limits, Module, OutputRecord, PluginError, PluginHost, Source,
+};
+use super::outcome::{NoSuchInput, PerInput, isolating, per_input};
 
-/// What became of one input: its outputs (key, value, headers), or why it failed.
-pub type IngestResult = Result<Vec<(Option<Vec<u8>>, Option<Vec<u8>>, Vec<Header>)>, String>;
+/// What became of one input: its outputs, or why it failed.
+pub type IngestResult = Result<Vec<OutputRecord>, String>;
 
 pub struct IngestPlugin {
     host: PluginHost,
@@ -72,18 +76,15 @@ impl IngestPlugin {
     /// Runs the plugin on `inputs`; one result per input, in order. Blocking.
     pub fn run(&self, source: &Source, inputs: &[InputRecord]) -> Vec<IngestResult> {
         let mut slot = self.instance.lock();
-        match self.call(&mut slot, source, inputs) {
-            Ok(results) => results,
-            Err(_) => inputs
-                .iter()
-                .map(
-                    |input| match self.call(&mut slot, source, std::slice::from_ref(input)) {
-                        Ok(mut one) => one.pop().unwrap_or_else(|| Ok(Vec::new())),
-                        Err(reason) => Err(reason),
-                    },
-                )
-                .collect(),
-        }
+        let call =
+            |slot: &mut Option<Instance>, inputs: &[InputRecord]| self.call(slot, source, inputs);
+        // The next call makes a fresh instance.
+        let renew = |slot: &mut Option<Instance>| {
+            *slot = None;
+            Ok::<(), Infallible>(())
+        };
+        let Ok(per_input) = isolating(&self.name, &mut *slot, inputs, call, renew);
+        per_input
     }
 
     /// One call on the current instance (made fresh if the last one broke).
@@ -92,41 +93,26 @@ impl IngestPlugin {
         slot: &mut Option<Instance>,
         source: &Source,
         inputs: &[InputRecord],
-    ) -> Result<Vec<IngestResult>, String> {
-        if slot.is_none() {
-            *slot = Some(
-                self.host
-                    .instantiate(&self.module, self.limits, &self.name, &self.params)
-                    .map_err(|e| e.to_string())?,
-            );
-        }
-        let instance = slot.as_mut().expect("made above");
-        let result = match instance.process(source, inputs) {
-            Ok(r) => r,
-            Err(e) => {
-                *slot = None;
-                return Err(e.to_string());
-            }
+    ) -> Result<PerInput, CallError> {
+        let instance = match slot {
+            Some(instance) => instance,
+            None => slot.insert(self.host.instantiate(
+                &self.module,
+                self.limits,
+                &self.name,
+                &self.params,
+            )?),
         };
-        let mut per_input: Vec<IngestResult> = inputs.iter().map(|_| Ok(Vec::new())).collect();
-        for f in result.failures {
-            if let Some(r) = per_input.get_mut(f.input as usize) {
-                *r = Err(f.reason);
-            }
-        }
-        for o in result.outputs {
-            match per_input.get_mut(o.input as usize) {
-                Some(Ok(outputs)) => outputs.push((o.key, o.value, o.headers)),
-                Some(Err(_)) => {}
-                None => {
-                    return Err(format!(
-                        "an output names input {} of {}",
-                        o.input,
-                        inputs.len()
-                    ));
-                }
-            }
-        }
-        Ok(per_input)
+        let result = instance.process(source, inputs)?;
+        Ok(per_input(result, inputs.len())?)
     }
+}
+
+/// Why a call failed as a whole.
+#[derive(Debug, thiserror::Error)]
+enum CallError {
+    #[error(transparent)]
+    Plugin(#[from] PluginError),
+    #[error(transparent)]
+    NoSuchInput(#[from] NoSuchInput),
 }

@@ -7,6 +7,7 @@ pub mod harness;
 pub mod host;
 pub mod ingest;
 pub mod manager;
+pub mod outcome;
 pub mod pipeline;
 pub mod registry;
 

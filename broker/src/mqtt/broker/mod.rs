@@ -22,7 +22,7 @@ use tracing::{debug, warn};
 
 use super::rules::CompiledIngest;
 use crate::plugins::IngestPlugin;
-use crate::plugins::host::{Header, InputRecord, Source};
+use crate::plugins::host::{Header, InputRecord, OutputRecord, Source};
 use crate::storage::{
     Log, NotFound, StorageError, WriteError, WriteOp, encode_stored, now_ms, state_op,
 };
@@ -844,7 +844,13 @@ impl MqttBroker {
         for ((partition, input), result) in records.into_iter().zip(results) {
             match result {
                 Ok(outputs) => {
-                    for (key, value, headers) in outputs {
+                    for OutputRecord {
+                        key,
+                        value,
+                        headers,
+                        ..
+                    } in outputs
+                    {
                         let p = key
                             .as_deref()
                             .map_or(partition, |k| partition_for_key(k, partitions));

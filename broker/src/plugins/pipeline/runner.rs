@@ -20,6 +20,7 @@ use super::{
 use crate::plugins::host::{
     Header, InputRecord, Instance, Limits, Module, PluginError, PluginHost, Source,
 };
+use crate::plugins::outcome::{NoSuchInput, PerInput, isolating, per_input};
 use crate::plugins::registry::{PluginRegistry, RegistryError};
 use crate::storage::{
     Log, ReadError, StorageError, WriteError, WriteOp, decode_stored, now_ms, put_state_op,
@@ -69,18 +70,9 @@ enum CallFailure {
     Plugin(PluginError),
     #[error("outputs of {0} bytes exceed the limit of {MAX_OUTPUT_BYTES}")]
     TooLarge(usize),
-    #[error("an output names input {input} of a batch of {batch}")]
-    NoSuchInput { input: usize, batch: usize },
+    #[error(transparent)]
+    NoSuchInput(#[from] NoSuchInput),
 }
-
-/// An output on its way to a topic: (input index, topic, key, value, headers).
-type Emitted = (
-    usize,
-    String,
-    Option<Bytes>,
-    Option<Bytes>,
-    Vec<(String, Bytes)>,
-);
 
 struct Partition {
     topic: String,
@@ -119,12 +111,6 @@ pub(super) struct Runner {
     status: SharedStatus,
     sources: Vec<Partition>,
     dead_letter: String,
-}
-
-/// What a batch became.
-struct Outcome {
-    outputs: Vec<Emitted>,
-    failures: Vec<(usize, String)>,
 }
 
 impl Runner {
@@ -458,48 +444,20 @@ impl Runner {
         Ok(true)
     }
 
-    /// Calls the plugin on the batch; after a trap, record by record on fresh instances.
-    fn process(&mut self, source: &Source, inputs: &[InputRecord]) -> Result<Outcome, RunError> {
+    /// Calls the plugin on the batch; after a failure, record by record on fresh
+    /// instances.
+    fn process(&mut self, source: &Source, inputs: &[InputRecord]) -> Result<PerInput, RunError> {
         if inputs.is_empty() {
-            return Ok(Outcome {
-                outputs: Vec::new(),
-                failures: Vec::new(),
-            });
+            return Ok(Vec::new());
         }
-        match self.call(source, inputs) {
-            Ok(outcome) => Ok(outcome),
-            Err(failure) => {
-                warn!(pipeline = %self.config.name, error = %failure, records = inputs.len(),
-                    "plugin failed on a batch; isolating the record that breaks it");
-                self.renew()?;
-                let mut all = Outcome {
-                    outputs: Vec::new(),
-                    failures: Vec::new(),
-                };
-                for (i, input) in inputs.iter().enumerate() {
-                    match self.call(source, std::slice::from_ref(input)) {
-                        Ok(one) => {
-                            all.outputs.extend(one.outputs.into_iter().map(|mut o| {
-                                o.0 = i;
-                                o
-                            }));
-                            all.failures
-                                .extend(one.failures.into_iter().map(|(_, r)| (i, r)));
-                        }
-                        Err(failure) => {
-                            all.failures.push((i, failure.to_string()));
-                            self.renew()?;
-                        }
-                    }
-                }
-                Ok(all)
-            }
-        }
+        let name = self.config.name.clone();
+        let call = |runner: &mut Self, inputs: &[InputRecord]| runner.call(source, inputs);
+        isolating(&name, self, inputs, call, Self::renew)
     }
 
     /// One call, its result checked: `Err` means the instance is gone (trap) or the
     /// result was unusable as a whole; the caller makes a fresh instance.
-    fn call(&mut self, source: &Source, inputs: &[InputRecord]) -> Result<Outcome, CallFailure> {
+    fn call(&mut self, source: &Source, inputs: &[InputRecord]) -> Result<PerInput, CallFailure> {
         let started = Instant::now();
         let result = self.instance.process(source, inputs);
         self.metrics
@@ -522,48 +480,22 @@ impl Runner {
         if size > MAX_OUTPUT_BYTES {
             return Err(CallFailure::TooLarge(size));
         }
-        let mut outcome = Outcome {
-            outputs: Vec::new(),
-            failures: Vec::new(),
-        };
-        for f in result.failures {
-            if (f.input as usize) < inputs.len() {
-                outcome.failures.push((f.input as usize, f.reason));
+        let mut per_input = per_input(result, inputs.len())?;
+        // An output to a name the pipeline lacks fails its input, with all its outputs.
+        for result in &mut per_input {
+            let unknown = result.as_ref().ok().and_then(|outputs| {
+                outputs
+                    .iter()
+                    .find(|o| !self.config.outputs.contains_key(&o.target))
+            });
+            if let Some(o) = unknown {
+                *result = Err(format!(
+                    "the plugin named output {:?}, which this pipeline does not have",
+                    o.target
+                ));
             }
         }
-        for o in result.outputs {
-            let input = o.input as usize;
-            if input >= inputs.len() {
-                return Err(CallFailure::NoSuchInput {
-                    input,
-                    batch: inputs.len(),
-                });
-            }
-            match self.config.outputs.get(&o.target) {
-                Some(topic) => outcome.outputs.push((
-                    input,
-                    topic.clone(),
-                    o.key.map(Bytes::from),
-                    o.value.map(Bytes::from),
-                    o.headers
-                        .into_iter()
-                        .map(|h| (h.key, Bytes::from(h.value)))
-                        .collect(),
-                )),
-                None => outcome.failures.push((
-                    input,
-                    format!(
-                        "the plugin named output {:?}, which this pipeline does not have",
-                        o.target
-                    ),
-                )),
-            }
-        }
-        // An input that failed emits nothing: all of its outputs or none.
-        let failed: std::collections::HashSet<usize> =
-            outcome.failures.iter().map(|(i, _)| *i).collect();
-        outcome.outputs.retain(|o| !failed.contains(&o.0));
-        Ok(outcome)
+        Ok(per_input)
     }
 
     /// Throws the instance away and makes a fresh one.
@@ -580,69 +512,80 @@ impl Runner {
     fn ops(
         &self,
         inputs: &[InputRecord],
-        outcome: Outcome,
+        outcome: PerInput,
         topic: &str,
         partition: u32,
         end: u64,
     ) -> (Vec<WriteOp>, Tally) {
         let now = now_ms();
         let mut per_partition: BTreeMap<(String, u32), Vec<NewRecord>> = BTreeMap::new();
-        let mut emitted = std::collections::HashSet::new();
-        let out = outcome.outputs.len();
-        for (input, target, key, value, headers) in outcome.outputs {
-            emitted.insert(input);
-            let partitions = self.log.topic(&target).map_or(1, |t| t.partitions);
-            let p = match &key {
-                Some(k) => partition_for_key(k, partitions),
-                None => partition % partitions,
-            };
-            per_partition
-                .entry((target, p))
-                .or_default()
-                .push(NewRecord {
-                    key,
-                    value,
-                    timestamp_ms: inputs[input].timestamp_ms.max(0).min(now),
-                    headers,
-                });
-        }
-        let failed = outcome.failures.len();
         let dlq_partitions = self
             .log
             .topic(&self.dead_letter)
             .map_or(1, |t| t.partitions);
-        for (input, reason) in outcome.failures {
-            emitted.insert(input);
-            let r = &inputs[input];
-            let mut headers: Vec<(String, Bytes)> = r
-                .headers
-                .iter()
-                .map(|h| (h.key.clone(), Bytes::from(h.value.clone())))
-                .collect();
-            headers.push(("weir.error".into(), Bytes::from(reason)));
-            headers.push((
-                "weir.pipeline".into(),
-                Bytes::from(self.config.name.clone()),
-            ));
-            headers.push((
-                "weir.source".into(),
-                Bytes::from(format!("{topic}/{partition}/{}", r.offset)),
-            ));
-            per_partition
-                .entry((self.dead_letter.clone(), partition % dlq_partitions))
-                .or_default()
-                .push(NewRecord {
-                    key: r.key.clone().map(Bytes::from),
-                    value: r.value.clone().map(Bytes::from),
-                    timestamp_ms: now,
-                    headers,
-                });
-        }
-        let tally = Tally {
-            out,
-            failed,
-            dropped: inputs.len() - emitted.len(),
+        let mut tally = Tally {
+            out: 0,
+            failed: 0,
+            dropped: 0,
         };
+        for (r, result) in inputs.iter().zip(outcome) {
+            match result {
+                Ok(outputs) if outputs.is_empty() => tally.dropped += 1,
+                Ok(outputs) => {
+                    tally.out += outputs.len();
+                    for o in outputs {
+                        // `call` failed the inputs whose outputs name an unknown output.
+                        let Some(target) = self.config.outputs.get(&o.target) else {
+                            continue;
+                        };
+                        let partitions = self.log.topic(target).map_or(1, |t| t.partitions);
+                        let p = match &o.key {
+                            Some(k) => partition_for_key(k, partitions),
+                            None => partition % partitions,
+                        };
+                        per_partition
+                            .entry((target.clone(), p))
+                            .or_default()
+                            .push(NewRecord {
+                                key: o.key.map(Bytes::from),
+                                value: o.value.map(Bytes::from),
+                                timestamp_ms: r.timestamp_ms.max(0).min(now),
+                                headers: o
+                                    .headers
+                                    .into_iter()
+                                    .map(|h| (h.key, Bytes::from(h.value)))
+                                    .collect(),
+                            });
+                    }
+                }
+                Err(reason) => {
+                    tally.failed += 1;
+                    let mut headers: Vec<(String, Bytes)> = r
+                        .headers
+                        .iter()
+                        .map(|h| (h.key.clone(), Bytes::from(h.value.clone())))
+                        .collect();
+                    headers.push(("weir.error".into(), Bytes::from(reason)));
+                    headers.push((
+                        "weir.pipeline".into(),
+                        Bytes::from(self.config.name.clone()),
+                    ));
+                    headers.push((
+                        "weir.source".into(),
+                        Bytes::from(format!("{topic}/{partition}/{}", r.offset)),
+                    ));
+                    per_partition
+                        .entry((self.dead_letter.clone(), partition % dlq_partitions))
+                        .or_default()
+                        .push(NewRecord {
+                            key: r.key.clone().map(Bytes::from),
+                            value: r.value.clone().map(Bytes::from),
+                            timestamp_ms: now,
+                            headers,
+                        });
+                }
+            }
+        }
         let mut ops = Vec::new();
         for ((target, p), records) in per_partition {
             ops.push(WriteOp::AppendRecords {
