@@ -4,6 +4,7 @@
 pub mod acl;
 pub mod admin;
 pub mod auth;
+pub mod backoff;
 pub mod bench;
 pub mod config;
 pub mod kafka;

@@ -15,7 +15,7 @@ use std::process::Command;
 
 /// The broker's top-level modules, lowest layer first.
 const LAYERS: &[&[&str]] = &[
-    &["metrics"],
+    &["backoff", "metrics"],
     &["acl", "names", "tls"],
     &["storage"],
     &["auth", "bench", "plugins", "replication"],

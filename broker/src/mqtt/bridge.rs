@@ -15,6 +15,7 @@ use tracing::{info, warn};
 
 use super::broker::{Message, MessageProperties, MqttBroker};
 use super::rules::BridgeConfig;
+use crate::backoff::Backoff;
 
 /// Largest packet the bridge takes from the remote.
 const MAX_PACKET_BYTES: u32 = 16 * 1024 * 1024;
@@ -91,6 +92,7 @@ async fn bridge(
 ) {
     let from = format!("bridge:{}", config.client_id);
     let mut connected = false;
+    let mut backoff = Backoff::new();
     loop {
         let event = tokio::select! {
             e = remote.next(&from) => Some(e),
@@ -103,6 +105,7 @@ async fn bridge(
         match event {
             Remote::Connected { session_present } => {
                 connected = true;
+                backoff.reset();
                 info!(remote = %config.address, version = %config.version, session_present, "bridge connected");
                 for filter in &config.filters {
                     if let Err(e) = remote.subscribe(filter, config.qos).await {
@@ -135,7 +138,7 @@ async fn bridge(
                     connected = false;
                 }
                 tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = tokio::time::sleep(backoff.after(false)) => {}
                     _ = stop.wait_for(|s| *s) => return,
                 }
             }

@@ -27,6 +27,7 @@ pub use config::MqttConfig;
 use rules::{DownlinkRule, Template};
 
 use crate::auth::Gate;
+use crate::backoff::Backoff;
 use crate::storage::{ReadError, decode_stored, now_ms, put_state_op};
 use crate::tls::{Listener, accept_any};
 
@@ -137,6 +138,7 @@ pub async fn run_downlink(
         Ok(Some(offset)) => offset,
         _ => changes.borrow().high_watermark,
     };
+    let mut backoff = Backoff::new();
     loop {
         let topic = rule.topic.clone();
         let read = log.blocking(move |log| log.read(&topic, partition, next, DOWNLINK_READ_BYTES));
@@ -149,8 +151,13 @@ pub async fn run_downlink(
                 continue;
             }
             Err(e) => {
-                warn!(topic = %rule.topic, error = %e, "downlink read failed");
-                return;
+                let wait = backoff.after(false);
+                warn!(topic = %rule.topic, error = %e, backoff_ms = wait.as_millis() as u64,
+                    "downlink read failed; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => continue,
+                    _ = stop.wait_for(|s| *s) => return,
+                }
             }
         };
         if read.batches.is_empty() {
@@ -220,10 +227,14 @@ pub async fn run_downlink(
             for p in prepared {
                 broker.abandon(p);
             }
-            warn!(error = %e, "downlink cursor not stored; retrying");
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            continue;
+            let wait = backoff.after(false);
+            warn!(error = %e, backoff_ms = wait.as_millis() as u64, "downlink cursor not stored; retrying");
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => continue,
+                _ = stop.wait_for(|s| *s) => return,
+            }
         }
+        backoff.reset();
         for p in prepared {
             broker.complete(p);
         }

@@ -17,9 +17,10 @@ use tracing::{info, warn};
 use super::client::{self, From, UpstreamRecord};
 use super::error::ReplicationError;
 use super::{
-    LinkState, PartitionStatus, ReplicationMetrics, RuleConfig, SessionBackoff, SharedStatus,
-    UpstreamConfig, add_upstream_errors, cursor_key, note_link_errors, record_success, set_state,
+    LinkState, PartitionStatus, ReplicationMetrics, RuleConfig, SharedStatus, UpstreamConfig,
+    add_upstream_errors, cursor_key, note_link_errors, record_success, set_state,
 };
+use crate::backoff::Backoff;
 use crate::storage::{Log, TopicConfig, TopicError, WriteOp, encode_stored, state_op};
 use weir_wire::record_batch::build::NewRecord;
 
@@ -41,7 +42,7 @@ pub struct Downlink {
 
 impl Downlink {
     pub async fn run(mut self) {
-        let mut backoff = SessionBackoff::new();
+        let mut backoff = Backoff::new();
         loop {
             let before = super::last_success(&self.status);
             match self.session().await {

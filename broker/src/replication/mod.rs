@@ -14,7 +14,6 @@ pub mod uplink;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use parking_lot::Mutex;
 use prometheus_client::metrics::counter::Counter;
@@ -364,37 +363,6 @@ pub fn add_upstream_errors(
     s.error(last);
 }
 
-/// The wait before a new upstream session after one failed: doubling from 0.5 s to
-/// 30 s, and from 0.5 s again after a session that moved records (the link worked).
-pub struct SessionBackoff {
-    next: Duration,
-}
-
-impl SessionBackoff {
-    const FIRST: Duration = Duration::from_millis(500);
-    const MAX: Duration = Duration::from_secs(30);
-
-    pub fn new() -> Self {
-        Self { next: Self::FIRST }
-    }
-
-    /// The wait after a failed session, which moved records or not.
-    pub fn after(&mut self, moved_records: bool) -> Duration {
-        if moved_records {
-            self.next = Self::FIRST;
-        }
-        let wait = self.next;
-        self.next = (self.next * 2).min(Self::MAX);
-        wait
-    }
-}
-
-impl Default for SessionBackoff {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 /// The rule's last acknowledged record (Unix ms), to tell whether a session moved any.
 pub fn last_success(status: &SharedStatus) -> Option<i64> {
     status.lock().last_success_ms
@@ -614,15 +582,6 @@ fn partition_labels(rule: &str, topic: &str, partition: u32) -> Labels {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn session_backoff_doubles_and_starts_again_after_a_session_that_moved_records() {
-        let mut b = SessionBackoff::new();
-        let waits: Vec<u64> = (0..8).map(|_| b.after(false).as_millis() as u64).collect();
-        assert_eq!(waits, [500, 1000, 2000, 4000, 8000, 16000, 30000, 30000]);
-        assert_eq!(b.after(true), Duration::from_millis(500));
-        assert_eq!(b.after(false), Duration::from_millis(1000));
-    }
 
     #[test]
     fn an_error_is_over_once_a_record_is_acknowledged_after_it() {

@@ -17,6 +17,7 @@ use super::{
     Control, CursorError, NS_CURSOR, PipelineConfig, PipelineContext, PluginRef, Position,
     RunState, SharedStatus, cursor_key, initial_cursors, source_partitions,
 };
+use crate::backoff::Backoff;
 use crate::plugins::host::{
     Header, InputRecord, Instance, Limits, Module, PluginError, PluginHost, Source,
 };
@@ -111,6 +112,8 @@ pub(super) struct Runner {
     status: SharedStatus,
     sources: Vec<Partition>,
     dead_letter: String,
+    /// The wait before a batch whose write failed runs again.
+    write_backoff: Backoff,
 }
 
 impl Runner {
@@ -194,6 +197,7 @@ impl Runner {
         let runner = Self {
             labels,
             dead_letter: config.dead_letter_topic(),
+            write_backoff: Backoff::new(),
             batch_size: config.batch_size.unwrap_or(defaults.batch_size).max(1),
             log,
             host,
@@ -427,10 +431,19 @@ impl Runner {
         let (ops, tally) = self.ops(&inputs, outcome, &topic, partition, end);
         if let Err(e) = self.runtime.block_on(self.log.write(ops)) {
             // Not committed: the cursor stays, the batch runs again.
-            warn!(pipeline = %self.config.name, error = %e, "pipeline outputs not stored; retrying");
-            std::thread::sleep(Duration::from_secs(1));
+            let wait = self.write_backoff.after(false);
+            warn!(pipeline = %self.config.name, error = %e, backoff_ms = wait.as_millis() as u64,
+                "pipeline outputs not stored; retrying");
+            let mut stop = self.stop.clone();
+            self.runtime.block_on(async {
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = stop.wait_for(|s| *s) => {}
+                }
+            });
             return Ok(true);
         }
+        self.write_backoff.reset();
         self.sources[i].next = end;
         // Counted once durable: a reader that sees the counter also sees the outputs,
         // and a batch that runs again after a failed write is counted once.

@@ -29,10 +29,10 @@ use super::client::{
 use super::error::ReplicationError;
 use super::readback::{self, Floor, Found, Source};
 use super::{
-    LinkState, PRIORITY_BACKLOG, PartitionStatus, ReplicationMetrics, RuleConfig, SessionBackoff,
-    SharedStatus, cursor_key, note_link_errors, partition_labels, record_success, rule_labels,
-    set_state,
+    LinkState, PRIORITY_BACKLOG, PartitionStatus, ReplicationMetrics, RuleConfig, SharedStatus,
+    cursor_key, note_link_errors, partition_labels, record_success, rule_labels, set_state,
 };
+use crate::backoff::Backoff;
 use crate::storage::{
     Log, PartitionOffsets, ReadError, WriteError, decode_stored, encode_stored, put_state_op,
     state_op,
@@ -156,7 +156,7 @@ impl Uplink {
                 return;
             }
         };
-        let mut backoff = SessionBackoff::new();
+        let mut backoff = Backoff::new();
         loop {
             let before = super::last_success(&self.status);
             match self.session(&mut parts, &mut floors).await {
