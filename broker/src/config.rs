@@ -195,13 +195,16 @@ const CACHE_MB_RANGE: std::ops::RangeInclusive<usize> = 1..=65_536;
 
 impl Default for StorageConfig {
     fn default() -> Self {
+        // The log's own defaults, but for the durability window and the journal: a
+        // log opened without a config (tests, tools) commits each write at once.
+        let log = LogOptions::new("");
         Self {
-            fsync: true,
-            flush_interval_ms: 1000,
+            fsync: log.fsync,
+            flush_interval_ms: log.flush_interval.as_millis() as u64,
             commit_interval_ms: DEFAULT_COMMIT_INTERVAL_MS,
             checkpoint_interval_ms: DEFAULT_CHECKPOINT_INTERVAL_MS,
-            cache_mb: 64,
-            max_group_kb: 8192,
+            cache_mb: log.cache_bytes >> 20,
+            max_group_kb: log.max_group_bytes >> 10,
             retention_check_interval_ms: 30_000,
         }
     }

@@ -181,12 +181,18 @@ impl RecordBatch {
     /// Neither field is covered by the CRC, so the checksum stays valid.
     pub fn with_base_offset(&self, base_offset: i64, leader_epoch: i32) -> Self {
         let mut bytes = BytesMut::from(&self.bytes[..]);
-        bytes[0..8].copy_from_slice(&base_offset.to_be_bytes());
-        bytes[12..16].copy_from_slice(&leader_epoch.to_be_bytes());
+        stamp(&mut bytes, base_offset, leader_epoch);
         Self {
             bytes: bytes.freeze(),
         }
     }
+}
+
+/// Writes the broker's fields into a batch's bytes (at least `HEADER_LEN` long): its
+/// base offset and partition leader epoch. Neither is covered by the CRC.
+pub fn stamp(batch: &mut [u8], base_offset: i64, leader_epoch: i32) {
+    batch[0..8].copy_from_slice(&base_offset.to_be_bytes());
+    batch[12..16].copy_from_slice(&leader_epoch.to_be_bytes());
 }
 
 /// The fixed header of a batch that is known to be at least `HEADER_LEN` bytes.

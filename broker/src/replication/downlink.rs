@@ -21,7 +21,7 @@ use super::{
     add_upstream_errors, cursor_key, note_link_errors, record_success, set_state,
 };
 use crate::backoff::Backoff;
-use crate::storage::{Log, TopicConfig, TopicError, WriteOp, encode_stored, state_op};
+use crate::storage::{Appends, Log, TopicConfig, TopicError, WriteOp, encode_stored, state_op};
 use weir_wire::record_batch::build::NewRecord;
 
 const NS_POSITION: &str = "replication.down";
@@ -149,7 +149,7 @@ impl Downlink {
             .iter()
             .map(|r| r.key.as_ref().map_or(0, Bytes::len) + r.value.as_ref().map_or(0, Bytes::len))
             .sum();
-        let mut per_partition: BTreeMap<(String, u32), Vec<NewRecord>> = BTreeMap::new();
+        let mut appends = Appends::default();
         let mut moved = BTreeMap::new();
         for r in received {
             let local = self.rule.target_topic(&self.gateway, &r.topic);
@@ -158,24 +158,18 @@ impl Downlink {
                 (r.topic.clone(), r.partition),
                 (local.clone(), r.offset + 1),
             );
-            per_partition
-                .entry((local, r.partition % partitions))
-                .or_default()
-                .push(NewRecord {
+            appends.add(
+                &local,
+                r.partition % partitions,
+                NewRecord {
                     key: r.key,
                     value: r.value,
                     timestamp_ms: r.timestamp_ms,
                     headers: r.headers,
-                });
+                },
+            );
         }
-        let mut ops = Vec::new();
-        for ((topic, partition), records) in per_partition {
-            ops.push(WriteOp::AppendRecords {
-                topic,
-                partition,
-                records,
-            });
-        }
+        let mut ops: Vec<WriteOp> = appends.into_ops().collect();
         for ((topic, partition), (_, next)) in &moved {
             let value = encode_stored(next);
             ops.push(state_op(

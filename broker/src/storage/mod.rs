@@ -214,6 +214,35 @@ pub enum WriteOp {
     },
 }
 
+/// Records for one write, gathered per partition: each partition's become one
+/// [`WriteOp::AppendRecords`], in the order they were added.
+#[derive(Debug, Default)]
+pub struct Appends(Vec<(String, u32, Vec<NewRecord>)>);
+
+impl Appends {
+    pub fn add(&mut self, topic: &str, partition: u32, record: NewRecord) {
+        // A write touches a few partitions: a scan beats a map.
+        match self
+            .0
+            .iter_mut()
+            .find(|(t, p, _)| t == topic && *p == partition)
+        {
+            Some((_, _, records)) => records.push(record),
+            None => self.0.push((topic.to_string(), partition, vec![record])),
+        }
+    }
+
+    pub fn into_ops(self) -> impl Iterator<Item = WriteOp> {
+        self.0
+            .into_iter()
+            .map(|(topic, partition, records)| WriteOp::AppendRecords {
+                topic,
+                partition,
+                records,
+            })
+    }
+}
+
 impl WriteOp {
     fn payload_bytes(&self) -> usize {
         match self {
@@ -1015,4 +1044,49 @@ pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(value: &'static str) -> NewRecord {
+        NewRecord {
+            key: None,
+            value: Some(Bytes::from_static(value.as_bytes())),
+            timestamp_ms: 0,
+            headers: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn appends_make_one_op_per_partition_in_the_order_records_came() {
+        let mut appends = Appends::default();
+        appends.add("a", 0, record("1"));
+        appends.add("b", 0, record("2"));
+        appends.add("a", 1, record("3"));
+        appends.add("a", 0, record("4"));
+        let ops: Vec<_> = appends
+            .into_ops()
+            .map(|op| match op {
+                WriteOp::AppendRecords {
+                    topic,
+                    partition,
+                    records,
+                } => {
+                    let values: Vec<_> = records.iter().map(|r| r.value.clone().unwrap()).collect();
+                    (topic, partition, values)
+                }
+                other => panic!("not an append: {other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            ops,
+            [
+                ("a".to_string(), 0, vec![Bytes::from("1"), Bytes::from("4")]),
+                ("b".to_string(), 0, vec![Bytes::from("2")]),
+                ("a".to_string(), 1, vec![Bytes::from("3")]),
+            ]
+        );
+    }
 }

@@ -24,7 +24,7 @@ use super::rules::CompiledIngest;
 use crate::plugins::IngestPlugin;
 use crate::plugins::host::{Header, InputRecord, OutputRecord, Source};
 use crate::storage::{
-    Log, NotFound, StorageError, WriteError, WriteOp, encode_stored, now_ms, state_op,
+    Appends, Log, NotFound, StorageError, WriteError, WriteOp, encode_stored, now_ms, state_op,
 };
 use weir_wire::partition::partition_for_key;
 use weir_wire::record_batch::build::NewRecord;
@@ -519,14 +519,7 @@ impl MqttBroker {
     /// publishes): their ingest records share one batch per partition, in order.
     pub async fn prepare_many(&self, messages: Vec<Message>) -> Result<Prepared, WriteError> {
         let mut prepared = Prepared::default();
-        let mut batches: Vec<(String, u32, Vec<NewRecord>)> = Vec::new();
-        let mut add = |topic: &str, partition: u32, record: NewRecord| match batches
-            .iter_mut()
-            .find(|(t, p, _)| t == topic && *p == partition)
-        {
-            Some((_, _, records)) => records.push(record),
-            None => batches.push((topic.to_string(), partition, vec![record])),
-        };
+        let mut appends = Appends::default();
         let mut ingested = vec![false; messages.len()];
         // Per rule with a plugin: the records that go through it together.
         let mut through_plugin: Vec<Vec<(u32, NewRecord)>> =
@@ -542,7 +535,7 @@ impl MqttBroker {
                     through_plugin[r].push((partition, record));
                     continue;
                 }
-                add(&rule.topic, partition, record);
+                appends.add(&rule.topic, partition, record);
                 prepared.appends += 1;
             }
         }
@@ -550,16 +543,12 @@ impl MqttBroker {
             if let Some(plugin) = &rule.plugin
                 && !records.is_empty()
             {
-                prepared.appends += self.through_plugin(rule, plugin, records, &mut add).await;
+                prepared.appends += self
+                    .through_plugin(rule, plugin, records, &mut appends)
+                    .await;
             }
         }
-        for (topic, partition, records) in batches {
-            prepared.ops.push(WriteOp::AppendRecords {
-                topic,
-                partition,
-                records,
-            });
-        }
+        prepared.ops.extend(appends.into_ops());
         let mut st = self.inner.state.lock();
         for (i, message) in messages.into_iter().enumerate() {
             if message.retain {
@@ -809,7 +798,7 @@ impl MqttBroker {
         rule: &CompiledIngest,
         plugin: &Arc<IngestPlugin>,
         records: Vec<(u32, NewRecord)>,
-        add: &mut impl FnMut(&str, u32, NewRecord),
+        appends: &mut Appends,
     ) -> u64 {
         let inputs: Vec<InputRecord> = records
             .iter()
@@ -854,7 +843,7 @@ impl MqttBroker {
                         let p = key
                             .as_deref()
                             .map_or(partition, |k| partition_for_key(k, partitions));
-                        add(
+                        appends.add(
                             &rule.topic,
                             p,
                             NewRecord {
@@ -876,7 +865,7 @@ impl MqttBroker {
                     record
                         .headers
                         .push(("weir.error".into(), Bytes::from(reason)));
-                    add(&dead_letter, 0, record);
+                    appends.add(&dead_letter, 0, record);
                     appended += 1;
                 }
             }
@@ -1004,3 +993,6 @@ pub enum SubscribeRefusal {
 fn expiry_instant(now: Instant, expiry_secs: u32) -> Option<Instant> {
     (expiry_secs != NEVER_EXPIRES).then(|| now + Duration::from_secs(u64::from(expiry_secs)))
 }
+
+#[cfg(test)]
+mod tests;

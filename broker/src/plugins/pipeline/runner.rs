@@ -1,7 +1,6 @@
 //! A pipeline's thread: reads its sources from the cursors, calls the plugin, and
 //! commits outputs, dead letters and cursors in one write per batch.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -24,7 +23,7 @@ use crate::plugins::host::{
 use crate::plugins::outcome::{NoSuchInput, PerInput, isolating, per_input};
 use crate::plugins::registry::{PluginRegistry, RegistryError};
 use crate::storage::{
-    Log, ReadError, StorageError, WriteError, WriteOp, decode_stored, now_ms, put_state_op,
+    Appends, Log, ReadError, StorageError, WriteError, WriteOp, decode_stored, now_ms, put_state_op,
 };
 use weir_wire::partition::partition_for_key;
 use weir_wire::record_batch::build::NewRecord;
@@ -531,7 +530,7 @@ impl Runner {
         end: u64,
     ) -> (Vec<WriteOp>, Tally) {
         let now = now_ms();
-        let mut per_partition: BTreeMap<(String, u32), Vec<NewRecord>> = BTreeMap::new();
+        let mut appends = Appends::default();
         let dlq_partitions = self
             .log
             .topic(&self.dead_letter)
@@ -556,10 +555,10 @@ impl Runner {
                             Some(k) => partition_for_key(k, partitions),
                             None => partition % partitions,
                         };
-                        per_partition
-                            .entry((target.clone(), p))
-                            .or_default()
-                            .push(NewRecord {
+                        appends.add(
+                            target,
+                            p,
+                            NewRecord {
                                 key: o.key.map(Bytes::from),
                                 value: o.value.map(Bytes::from),
                                 timestamp_ms: r.timestamp_ms.max(0).min(now),
@@ -568,7 +567,8 @@ impl Runner {
                                     .into_iter()
                                     .map(|h| (h.key, Bytes::from(h.value)))
                                     .collect(),
-                            });
+                            },
+                        );
                     }
                 }
                 Err(reason) => {
@@ -587,26 +587,20 @@ impl Runner {
                         "weir.source".into(),
                         Bytes::from(format!("{topic}/{partition}/{}", r.offset)),
                     ));
-                    per_partition
-                        .entry((self.dead_letter.clone(), partition % dlq_partitions))
-                        .or_default()
-                        .push(NewRecord {
+                    appends.add(
+                        &self.dead_letter,
+                        partition % dlq_partitions,
+                        NewRecord {
                             key: r.key.clone().map(Bytes::from),
                             value: r.value.clone().map(Bytes::from),
                             timestamp_ms: now,
                             headers,
-                        });
+                        },
+                    );
                 }
             }
         }
-        let mut ops = Vec::new();
-        for ((target, p), records) in per_partition {
-            ops.push(WriteOp::AppendRecords {
-                topic: target.clone(),
-                partition: p,
-                records,
-            });
-        }
+        let mut ops: Vec<WriteOp> = appends.into_ops().collect();
         let key = cursor_key(&self.config.name, topic, partition);
         ops.push(put_state_op(NS_CURSOR, &key, &end));
         (ops, tally)
