@@ -1,5 +1,6 @@
 //! Any bytes as a Kafka request frame: decoding returns a request or an error, never
-//! panics or aborts; a decoded request encodes its response types without panicking.
+//! panics or aborts. (Responses are built by the broker, not from untrusted bytes:
+//! `kafka/tests.rs` encodes one for every served API and version.)
 #![no_main]
 
 use bytes::Bytes;

@@ -259,7 +259,8 @@ fn read_u32(b: &[u8], at: usize) -> u32 {
 }
 
 /// Builds batches the way a Kafka client does, with `kafka-protocol`'s encoder.
-/// Used by the benchmark, the tests and (later) the broker's own producers.
+/// Used by the broker's own writes (`WriteOp::AppendRecords`), the benchmark and the
+/// tests.
 pub mod build {
     use bytes::{Bytes, BytesMut};
     use kafka_protocol::records::{
