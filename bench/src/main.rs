@@ -3,6 +3,7 @@
 //! loopback in the same run.
 //!
 //!   kafka-bench compare --weir target/release/weir --tansu PATH [--records N]
+//!     [--sizes 100,1024 --acks 1,all]   (rates, and each broker's CPU per 1M records)
 //!   kafka-bench run --bootstrap HOST:PORT --topic T --records N --size S --acks all
 //!   kafka-bench catchup --weir target/release/weir --tansu PATH [--records N]
 //!   kafka-bench wear --weir target/release/weir [--devices N --seconds S --intervals 0,50
@@ -56,6 +57,11 @@ enum Cmd {
         records: usize,
         #[arg(long, default_value_t = 3)]
         partitions: i32,
+        /// Record value sizes, one scenario each with each `--acks`.
+        #[arg(long, value_delimiter = ',', default_value = "100,1024")]
+        sizes: Vec<usize>,
+        #[arg(long, value_delimiter = ',', default_value = "1,all")]
+        acks: Vec<String>,
         /// Scratch directory for Weir's data.
         #[arg(long, default_value = "weir-kafka-bench")]
         dir: PathBuf,
@@ -197,6 +203,30 @@ fn produce_consume(
 
 /// A child process killed on drop.
 struct Server(Child);
+
+impl Server {
+    /// CPU time (user + system) the process has used so far, from `/proc/PID/stat`.
+    fn cpu_seconds(&self) -> anyhow::Result<f64> {
+        let pid = self.0.id();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        // Fields after the parenthesised command name, which may hold spaces: state is
+        // field 3, utime 14 and stime 15 (proc(5)).
+        let after = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest)
+            .ok_or_else(|| anyhow::anyhow!("unreadable /proc/{pid}/stat"))?;
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        let ticks = |i: usize| -> anyhow::Result<u64> {
+            let field = fields
+                .get(i)
+                .ok_or_else(|| anyhow::anyhow!("short /proc/{pid}/stat"))?;
+            Ok(field.parse()?)
+        };
+        let (utime, stime) = (ticks(14 - 3)?, ticks(15 - 3)?);
+        let hz = rustix::param::clock_ticks_per_second() as f64;
+        Ok((utime + stime) as f64 / hz)
+    }
+}
 
 impl Drop for Server {
     fn drop(&mut self) {
@@ -346,32 +376,49 @@ fn create_topic(bin: &Path, args: &[&str], partitions: i32) -> anyhow::Result<()
     Ok(())
 }
 
-fn compare(
-    weir: &Path,
-    tansu: &Path,
+/// Every scenario (size × acks) on a fresh Weir, then on a fresh Tansu.
+struct Scenarios {
     records: usize,
     partitions: i32,
-    dir: &Path,
-) -> anyhow::Result<()> {
+    sizes: Vec<usize>,
+    acks: Vec<String>,
+}
+
+fn compare(weir: &Path, tansu: &Path, scenarios: &Scenarios, dir: &Path) -> anyhow::Result<()> {
+    let Scenarios {
+        records,
+        partitions,
+        ..
+    } = *scenarios;
     println!(
-        "| scenario | broker | produce records/s | produce MB/s | consume records/s | consume MB/s |"
+        "| scenario | broker | produce records/s | produce MB/s | consume records/s | consume MB/s | broker CPU s per 1M records |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|");
     let mut ratios = Vec::new();
-    for (size, acks) in [(100, "1"), (100, "all"), (1024, "1"), (1024, "all")] {
+    // Broker CPU is counted from after the topic exists to the last record consumed.
+    let per_million = |cpu: f64| cpu * 1e6 / records as f64;
+    let runs = scenarios
+        .sizes
+        .iter()
+        .flat_map(|&size| scenarios.acks.iter().map(move |acks| (size, acks.as_str())));
+    for (size, acks) in runs {
         let topic = format!("bench-{size}-{acks}");
         let (weir_server, weir_addr, weir_admin) = start_weir(weir, dir)?;
         create_topic_weir(weir, &weir_admin, &topic, partitions)?;
+        let before = weir_server.cpu_seconds()?;
         let w = produce_consume(&weir_addr, &topic, records, size, acks, partitions)?;
+        let w_cpu = per_million(weir_server.cpu_seconds()? - before);
         drop(weir_server);
         let (tansu_server, tansu_addr) = start_tansu(tansu)?;
         create_topic_tansu(tansu, &tansu_addr, &topic, partitions)?;
+        let before = tansu_server.cpu_seconds()?;
         let t = produce_consume(&tansu_addr, &topic, records, size, acks, partitions)?;
+        let t_cpu = per_million(tansu_server.cpu_seconds()? - before);
         drop(tansu_server);
         let scenario = format!("{size} B, acks={acks}");
-        for (name, r) in [("weir", w), ("tansu", t)] {
+        for (name, r, cpu) in [("weir", w, w_cpu), ("tansu", t, t_cpu)] {
             println!(
-                "| {scenario} | {name} | {:.0} | {:.1} | {:.0} | {:.1} |",
+                "| {scenario} | {name} | {:.0} | {:.1} | {:.0} | {:.1} | {cpu:.2} |",
                 r.produce_records, r.produce_mb, r.consume_records, r.consume_mb
             );
         }
@@ -379,11 +426,14 @@ fn compare(
             scenario,
             w.produce_records / t.produce_records,
             w.consume_records / t.consume_records,
+            w_cpu / t_cpu,
         ));
     }
-    println!("\n| scenario | produce weir/tansu | consume weir/tansu |\n|---|---|---|");
-    for (scenario, p, c) in ratios {
-        println!("| {scenario} | {p:.2} | {c:.2} |");
+    println!(
+        "\n| scenario | produce weir/tansu | consume weir/tansu | broker CPU weir/tansu |\n|---|---|---|---|"
+    );
+    for (scenario, p, c, cpu) in ratios {
+        println!("| {scenario} | {p:.2} | {c:.2} | {cpu:.2} |");
     }
     let _ = std::fs::remove_dir_all(dir);
     Ok(())
@@ -572,8 +622,18 @@ fn main() -> anyhow::Result<()> {
             tansu,
             records,
             partitions,
+            sizes,
+            acks,
             dir,
-        } => compare(&weir, &tansu, records, partitions, &dir)?,
+        } => {
+            let scenarios = Scenarios {
+                records,
+                partitions,
+                sizes,
+                acks,
+            };
+            compare(&weir, &tansu, &scenarios, &dir)?
+        }
         Cmd::Catchup {
             weir,
             tansu,

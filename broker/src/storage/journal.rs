@@ -200,10 +200,13 @@ impl Journal {
     /// Encodes a group's writes as an entry's payload, or `None` when the group is too
     /// large to journal or no longer fits in this generation (checkpoint instead).
     pub(super) fn encode(&self, writes: &[&[WriteOp]]) -> Option<Vec<u8>> {
-        let raw = postcard::to_stdvec(writes).ok()?;
-        if raw.len() > MAX_ENTRY_BYTES {
+        // Sized first: a large group (most of a busy producer's) is never encoded.
+        let size = postcard::experimental::serialized_size(writes).ok()?;
+        if size > MAX_ENTRY_BYTES {
             return None;
         }
+        let mut raw = vec![0; size];
+        postcard::to_slice(writes, &mut raw).ok()?;
         let compressed = zstd::bulk::compress(&raw, ZSTD_LEVEL).ok()?;
         let fits = self.end + (HEADER + compressed.len()) as u64 <= CAPACITY;
         fits.then(|| {

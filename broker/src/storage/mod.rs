@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use parking_lot::RwLock;
 use redb::{ReadableDatabase, ReadableTable};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
@@ -133,13 +133,16 @@ pub struct AppendOutcome {
 /// Whole stored batches, starting with the one that holds the requested offset.
 #[derive(Clone, Debug)]
 pub struct ReadResult {
+    /// Slices of `records`, one per batch.
     pub batches: Vec<RecordBatch>,
+    /// The batches back to back, as a Fetch returns them: one copy out of the database.
+    pub records: Bytes,
     pub offsets: PartitionOffsets,
 }
 
 impl ReadResult {
     pub fn bytes(&self) -> usize {
-        self.batches.iter().map(RecordBatch::len).sum()
+        self.records.len()
     }
 }
 
@@ -744,30 +747,51 @@ impl Log {
         if offset < offsets.log_start || offset > offsets.high_watermark {
             return Err(ReadError::OffsetOutOfRange { offset, offsets });
         }
-        let mut batches = Vec::new();
         if offset == offsets.high_watermark {
-            return Ok(ReadResult { batches, offsets });
+            return Ok(ReadResult {
+                batches: Vec::new(),
+                records: Bytes::new(),
+                offsets,
+            });
         }
         let table = txn.open_table(BATCHES).map_err(StorageError::from)?;
         let start = batch_containing(&table, id, partition, offset)?
             .ok_or(ReadError::OffsetOutOfRange { offset, offsets })?;
+        // The entries first, then one buffer of their total size: no growing copies.
+        let mut entries = Vec::new();
         let mut total = 0usize;
         for entry in table
             .range((id, partition, start)..=(id, partition, u64::MAX))
             .map_err(StorageError::from)?
         {
             let (key, value) = entry.map_err(StorageError::from)?;
-            let (_, bytes) = stored(key.value(), value.value())?;
-            if !batches.is_empty() && total + bytes.len() > max_bytes {
+            let len = stored(key.value(), value.value())?.1.len();
+            if !entries.is_empty() && total + len > max_bytes {
                 break;
             }
-            total += bytes.len();
-            batches.push(RecordBatch::from_stored(Bytes::copy_from_slice(bytes)));
+            total += len;
+            entries.push((key.value(), value));
             if total >= max_bytes {
                 break;
             }
         }
-        Ok(ReadResult { batches, offsets })
+        let mut records = BytesMut::with_capacity(total);
+        let mut ends = Vec::with_capacity(entries.len());
+        for (key, value) in &entries {
+            records.extend_from_slice(stored(*key, value.value())?.1);
+            ends.push(records.len());
+        }
+        let records = records.freeze();
+        let starts = std::iter::once(0).chain(ends.iter().copied());
+        let batches = starts
+            .zip(ends.iter().copied())
+            .map(|(from, to)| RecordBatch::from_stored(records.slice(from..to)))
+            .collect();
+        Ok(ReadResult {
+            batches,
+            records,
+            offsets,
+        })
     }
 
     /// Kafka ListOffsets by timestamp: the first offset whose record timestamp is at
@@ -1057,6 +1081,43 @@ mod tests {
             timestamp_ms: 0,
             headers: Vec::new(),
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_read_is_one_buffer_of_whole_batches_within_its_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(LogOptions::new(dir.path())).unwrap();
+        log.create_topic("t", 1, TopicConfig::default())
+            .await
+            .unwrap();
+        // Three writes: three stored batches of one record each.
+        for value in ["first", "second", "third"] {
+            let mut appends = Appends::default();
+            appends.add("t", 0, record(value));
+            log.write(appends.into_ops().collect()).await.unwrap();
+        }
+        let all = log.read("t", 0, 1, usize::MAX).unwrap();
+        assert_eq!(all.batches.len(), 2, "from the batch holding offset 1");
+        let joined: Vec<u8> = all
+            .batches
+            .iter()
+            .flat_map(|b| b.as_bytes().to_vec())
+            .collect();
+        assert_eq!(all.records, joined);
+        assert_eq!(all.bytes(), joined.len());
+        let bases: Vec<i64> = all
+            .batches
+            .iter()
+            .map(|b| b.header().base_offset())
+            .collect();
+        assert_eq!(bases, [1, 2]);
+        // A limit below the first batch still returns it whole; the next is left out.
+        let one = log.read("t", 0, 0, 1).unwrap();
+        assert_eq!(one.batches.len(), 1);
+        assert_eq!(one.records, one.batches[0].as_bytes());
+        // At the high watermark: nothing, and no error.
+        let none = log.read("t", 0, 3, usize::MAX).unwrap();
+        assert!(none.batches.is_empty() && none.records.is_empty());
     }
 
     #[test]

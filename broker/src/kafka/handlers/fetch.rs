@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::Bytes;
 use kafka_protocol::error::ResponseError;
 use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
 use kafka_protocol::messages::list_offsets_response::{
@@ -17,7 +17,6 @@ use crate::acl::{Operation, Subject};
 use crate::kafka::KafkaBroker;
 use crate::kafka::errors;
 use crate::storage::{Log, PartitionOffsets, ReadError};
-use weir_wire::record_batch::RecordBatch;
 
 use super::code;
 
@@ -237,12 +236,12 @@ impl FetchPass {
                 } else if room == 0 && total > 0 {
                     // The response is full: report offsets only.
                     log.offsets(&name, p.partition as u32)
-                        .map(|o| (Vec::new(), o))
+                        .map(|o| (Bytes::new(), o))
                         .map_err(|e| errors::read(&e))
                 } else {
                     let limit = (p.partition_max_bytes.max(0) as usize).min(room.max(1));
                     log.read(&name, p.partition as u32, p.fetch_offset as u64, limit)
-                        .map(|read| (read.batches, read.offsets))
+                        .map(|read| (read.records, read.offsets))
                         .map_err(|e| match e {
                             ReadError::OffsetOutOfRange { offsets, .. } => {
                                 part.high_watermark = offsets.high_watermark as i64;
@@ -253,16 +252,11 @@ impl FetchPass {
                         })
                 };
                 match result {
-                    Ok((batches, offsets)) => {
+                    Ok((records, offsets)) => {
                         set_offsets(&mut part, offsets);
-                        if !batches.is_empty() {
-                            let size = batches.iter().map(RecordBatch::len).sum();
-                            let mut buf = BytesMut::with_capacity(size);
-                            for b in &batches {
-                                buf.extend_from_slice(b.as_bytes());
-                            }
-                            total += size;
-                            part.records = Some(buf.freeze());
+                        if !records.is_empty() {
+                            total += records.len();
+                            part.records = Some(records);
                         }
                     }
                     Err(e) => {
