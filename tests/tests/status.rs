@@ -129,8 +129,10 @@ key = "{device}"
 
     // A client's connection shows in the count while it is connected.
     let sub = mosquitto_sub(port, 60, &["-t", "$SYS/#", "-C", "70"]);
-    let s = wait_status(&broker, "the subscriber", |s| s["mqtt"]["connections"] == 1);
-    assert_eq!(s["mqtt"]["subscriptions"], 1);
+    // Its CONNECT and its SUBSCRIBE are two packets: wait for both.
+    wait_status(&broker, "the subscriber", |s| {
+        s["mqtt"]["connections"] == 1 && s["mqtt"]["subscriptions"] == 1
+    });
 
     let out = broker.cli(&["status"]);
     assert!(out.status.success(), "{}", out.stderr);
