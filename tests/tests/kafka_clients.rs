@@ -263,3 +263,92 @@ fn acknowledged_records_survive_sigkill_under_librdkafka_load() {
         stored.len()
     );
 }
+
+/// Transactions with confluent-kafka: a commit and an abort read back by
+/// read_committed and read_uncommitted consumers, an open transaction hidden by the
+/// last stable offset, fencing by a second producer with the same transactional id,
+/// and a transaction the broker aborts when it times out.
+#[test]
+fn confluent_transactions_commit_abort_fence_and_time_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path(), &[]);
+    let out = python(
+        "confluent_transactions.py",
+        &["basics", &broker.bootstrap()],
+    );
+    assert_ok("confluent transactions", &out);
+    assert!(out.stdout.contains("OK basics"), "{}", out.stdout);
+    let out = python(
+        "confluent_transactions.py",
+        &["kafka-python", &broker.bootstrap()],
+    );
+    assert_ok("kafka-python transactions", &out);
+}
+
+/// Kafka's exactly-once read-process-write loop (consume, produce, commit the input's
+/// offsets in the transaction) across two SIGKILLs of the broker: every input is in
+/// the output once, as a read_committed consumer sees it.
+#[test]
+fn consume_transform_produce_is_exactly_once_across_sigkills() {
+    const N: usize = 6000;
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = Broker::start(dir.path(), &[]);
+    let n = N.to_string();
+    let out = python(
+        "confluent_transactions.py",
+        &["seed", &broker.bootstrap(), &n],
+    );
+    assert_ok("seed", &out);
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/confluent_transactions.py");
+    let mut eos = external("python3")
+        .arg(script)
+        .args(["eos", &broker.bootstrap(), &n])
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(dir.path().join("eos.err")).unwrap())
+        .spawn()
+        .expect("python3");
+    let stdout = eos.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut lines: Vec<String> = Vec::new();
+    // Kill the broker once the loop has committed a third, then two thirds.
+    for share in [N / 3, 2 * N / 3] {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let progressed = |lines: &[String]| {
+            lines.iter().rev().find_map(|l| {
+                l.strip_prefix("progress ")
+                    .and_then(|n| n.parse::<usize>().ok())
+            })
+        };
+        while progressed(&lines).is_none_or(|done| done < share) && Instant::now() < deadline {
+            if let Ok(l) = rx.recv_timeout(Duration::from_millis(100)) {
+                lines.push(l);
+            }
+        }
+        assert!(
+            progressed(&lines).is_some_and(|done| done >= share),
+            "the loop stalled: {lines:?}\nstderr:\n{}\nbroker:\n{}",
+            std::fs::read_to_string(dir.path().join("eos.err")).unwrap_or_default(),
+            broker.log().join("\n")
+        );
+        broker.restart(true, &[]);
+    }
+    let status = wait_bounded(&mut eos, Duration::from_secs(300));
+    reader.join().unwrap();
+    lines.extend(rx.try_iter());
+    assert!(
+        status.success() && lines.iter().any(|l| l.starts_with("OK eos")),
+        "the loop failed ({status:?}): {lines:?}\nstderr:\n{}",
+        std::fs::read_to_string(dir.path().join("eos.err")).unwrap_or_default()
+    );
+    let out = python(
+        "confluent_transactions.py",
+        &["check-eos", &broker.bootstrap(), &n],
+    );
+    assert_ok("exactly once", &out);
+}

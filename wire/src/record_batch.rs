@@ -217,6 +217,17 @@ impl<'a> BatchHeader<'a> {
         read_i32(self.0, 23)
     }
 
+    /// Written by a transactional producer (attributes bit 4).
+    pub fn is_transactional(self) -> bool {
+        self.attributes() & 0x10 != 0
+    }
+
+    /// A control batch: a transaction's commit or abort marker (attributes bit 5),
+    /// which consumers skip.
+    pub fn is_control(self) -> bool {
+        self.attributes() & 0x20 != 0
+    }
+
     pub fn offset_count(self) -> u64 {
         self.last_offset_delta().max(0) as u64 + 1
     }
@@ -295,6 +306,49 @@ pub mod build {
         fixed + field(r.key.as_ref()) + field(r.value.as_ref()) + headers
     }
 
+    /// A transaction's commit or abort marker for one partition, as a Kafka broker
+    /// writes it: a control batch of one record whose key is (version 0, type 0 abort
+    /// or 1 commit) and whose value is (version 0, coordinator epoch), base offset 0.
+    pub fn control(
+        producer_id: i64,
+        producer_epoch: i16,
+        commit: bool,
+        coordinator_epoch: i32,
+        timestamp_ms: i64,
+    ) -> anyhow::Result<Bytes> {
+        let mut key = BytesMut::with_capacity(4);
+        key.extend_from_slice(&0i16.to_be_bytes());
+        key.extend_from_slice(&i16::from(commit).to_be_bytes());
+        let mut value = BytesMut::with_capacity(6);
+        value.extend_from_slice(&0i16.to_be_bytes());
+        value.extend_from_slice(&coordinator_epoch.to_be_bytes());
+        let record = Record {
+            transactional: true,
+            control: true,
+            delete_horizon: false,
+            partition_leader_epoch: -1,
+            producer_id,
+            producer_epoch,
+            timestamp_type: TimestampType::Creation,
+            offset: 0,
+            sequence: -1,
+            timestamp: timestamp_ms,
+            key: Some(key.freeze()),
+            value: Some(value.freeze()),
+            headers: Default::default(),
+        };
+        let mut buf = BytesMut::new();
+        RecordBatchEncoder::encode(
+            &mut buf,
+            [&record],
+            &RecordEncodeOptions {
+                version: 2,
+                compression: Compression::None,
+            },
+        )?;
+        Ok(buf.freeze())
+    }
+
     /// Encodes `records` as one v2 batch with base offset 0.
     pub fn batch(records: &[NewRecord], compression: Compression) -> anyhow::Result<Bytes> {
         let records: Vec<Record> = records
@@ -352,6 +406,34 @@ mod tests {
             })
             .collect();
         batch(&records, Compression::None).unwrap()
+    }
+
+    #[test]
+    fn a_control_batch_is_a_marker_kafka_clients_recognise() {
+        let bytes = super::build::control(7, 3, true, 0, 1_700_000_000_000).unwrap();
+        let b = RecordBatch::parse(bytes.clone()).unwrap();
+        let h = b.header();
+        assert!(h.is_control() && h.is_transactional());
+        assert_eq!(
+            (h.producer_id(), h.producer_epoch(), h.base_sequence()),
+            (7, 3, -1)
+        );
+        assert_eq!(b.record_count(), 1);
+        let mut buf = bytes;
+        let records = kafka_protocol::records::RecordBatchDecoder::decode(&mut buf).unwrap();
+        let r = &records.records[0];
+        assert!(r.control && r.transactional);
+        assert_eq!(r.key.as_deref(), Some(&[0u8, 0, 0, 1][..]));
+        assert_eq!(r.value.as_deref(), Some(&[0u8, 0, 0, 0, 0, 0][..]));
+        let abort = super::build::control(7, 3, false, 0, 0).unwrap();
+        let records = kafka_protocol::records::RecordBatchDecoder::decode(&mut abort.clone());
+        assert_eq!(
+            records.unwrap().records[0].key.as_deref(),
+            Some(&[0u8, 0, 0, 0][..])
+        );
+        // A plain batch is neither.
+        let plain = RecordBatch::parse(sample()).unwrap();
+        assert!(!plain.header().is_control() && !plain.header().is_transactional());
     }
 
     #[test]

@@ -11,6 +11,7 @@ mod errors;
 mod groups;
 mod handlers;
 mod producers;
+mod transactions;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -103,6 +104,7 @@ pub struct KafkaBroker {
     settings: KafkaSettings,
     groups: groups::Coordinator,
     producers: producers::Producers,
+    txns: transactions::Transactions,
     metrics: KafkaMetrics,
     cluster_id: String,
     gate: Arc<Gate>,
@@ -166,6 +168,7 @@ impl KafkaBroker {
         };
         Ok(Arc::new(Self {
             producers: producers::Producers::new(log.clone()),
+            txns: transactions::Transactions::new(log.clone()),
             log,
             settings,
             groups: groups::Coordinator::default(),
@@ -184,14 +187,18 @@ impl KafkaBroker {
         self.log
             .put_state("kafka", "cluster_id", &self.cluster_id)
             .await?;
+        // Before the first client: a transaction the last stop left ongoing is aborted.
+        self.txns.recover().await?;
         let ticker = tokio::spawn({
             let broker = self.clone();
             let mut stop = stop.clone();
             async move {
                 let mut tick = tokio::time::interval(Duration::from_millis(100));
+                let mut txn_tick = tokio::time::interval(Duration::from_secs(1));
                 loop {
                     tokio::select! {
                         _ = tick.tick() => broker.groups.tick(),
+                        _ = txn_tick.tick() => broker.txns.expire(crate::storage::now_ms()).await,
                         _ = stopped(&mut stop) => return,
                     }
                 }

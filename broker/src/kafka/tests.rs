@@ -181,6 +181,41 @@ fn request(api: ApiKey, version: i16) -> RequestKind {
         ApiKey::SaslAuthenticate => RequestKind::SaslAuthenticate(
             kafka_protocol::messages::SaslAuthenticateRequest::default(),
         ),
+        // A transactional id nobody initialized: answered with an error, encoded.
+        ApiKey::AddPartitionsToTxn => {
+            let mut t = add_partitions_to_txn_request::AddPartitionsToTxnTopic::default();
+            t.name = topic();
+            t.partitions = vec![0];
+            let mut r = AddPartitionsToTxnRequest::default();
+            r.v3_and_below_transactional_id = TransactionalId(s("tx"));
+            r.v3_and_below_producer_id = ProducerId(5);
+            r.v3_and_below_topics = vec![t];
+            RequestKind::AddPartitionsToTxn(r)
+        }
+        ApiKey::AddOffsetsToTxn => {
+            let mut r = AddOffsetsToTxnRequest::default();
+            r.transactional_id = TransactionalId(s("tx"));
+            r.group_id = GroupId(s("g"));
+            RequestKind::AddOffsetsToTxn(r)
+        }
+        ApiKey::TxnOffsetCommit => {
+            let mut p = txn_offset_commit_request::TxnOffsetCommitRequestPartition::default();
+            p.committed_offset = 1;
+            let mut t = txn_offset_commit_request::TxnOffsetCommitRequestTopic::default();
+            t.name = topic();
+            t.partitions = vec![p];
+            let mut r = TxnOffsetCommitRequest::default();
+            r.transactional_id = TransactionalId(s("tx"));
+            r.group_id = GroupId(s("g"));
+            r.topics = vec![t];
+            RequestKind::TxnOffsetCommit(r)
+        }
+        ApiKey::EndTxn => {
+            let mut r = EndTxnRequest::default();
+            r.transactional_id = TransactionalId(s("tx"));
+            r.committed = true;
+            RequestKind::EndTxn(r)
+        }
         other => panic!("no sample request for {other:?}"),
     }
 }

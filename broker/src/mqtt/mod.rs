@@ -141,8 +141,10 @@ pub async fn run_downlink(
     let mut backoff = Backoff::new();
     loop {
         let topic = rule.topic.clone();
-        let read = log.blocking(move |log| log.read(&topic, partition, next, DOWNLINK_READ_BYTES));
-        let read = match read.await {
+        // As a read_committed consumer: open and aborted transactions are not sent.
+        let read = log
+            .blocking(move |log| log.read_committed(&topic, partition, next, DOWNLINK_READ_BYTES));
+        let mut read = match read.await {
             Ok(r) => r,
             Err(ReadError::OffsetOutOfRange { offsets, .. }) => {
                 warn!(topic = %rule.topic, partition, lost_from = next, lost_to = offsets.log_start,
@@ -160,7 +162,7 @@ pub async fn run_downlink(
                 }
             }
         };
-        if read.batches.is_empty() {
+        if read.read.batches.is_empty() {
             tokio::select! {
                 changed = changes.changed() => if changed.is_err() { return },
                 _ = stop.wait_for(|s| *s) => return,
@@ -170,8 +172,11 @@ pub async fn run_downlink(
         let mut prepared = Vec::new();
         let mut ops = Vec::new();
         let mut last = next;
-        for batch in read.batches {
+        for batch in std::mem::take(&mut read.read.batches) {
             last = last.max(batch.base_offset() as u64 + batch.last_offset_delta() as u64 + 1);
+            if !read.is_data(&batch) {
+                continue;
+            }
             let records = match decode_stored(batch, &rule.topic, partition) {
                 Ok(records) => records,
                 Err(e) => {

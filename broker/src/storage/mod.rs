@@ -9,6 +9,7 @@
 mod journal;
 mod tables;
 pub mod topic;
+pub mod txn;
 mod writer;
 
 use std::collections::HashMap;
@@ -449,6 +450,8 @@ struct Shared {
     /// When the writer began the commit it is in (ms since the epoch), 0 between
     /// commits: a commit that never ends is a stuck disk (the service watchdog).
     committing_since_ms: std::sync::atomic::AtomicI64,
+    /// Kafka transactions' last stable offsets and aborted transactions.
+    txns: txn::TxnIndex,
 }
 
 /// Published view of the topics, updated by the writer only after a commit.
@@ -488,6 +491,7 @@ impl Log {
             metrics,
             closed: parking_lot::Mutex::new(Some(closed_rx)),
             committing_since_ms: std::sync::atomic::AtomicI64::new(0),
+            txns: txn::TxnIndex::default(),
         });
         writer::Writer::start(shared.clone(), options, state, rx, closed_tx)?;
         Ok(Log { shared, commands })
@@ -792,6 +796,25 @@ impl Log {
             records,
             offsets,
         })
+    }
+
+    /// `read` as a Kafka consumer with `isolation.level=read_committed` reads: only
+    /// below the last stable offset, with the aborted transactions it must skip.
+    /// Blocking, as `read`.
+    pub fn read_committed(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        max_bytes: usize,
+    ) -> Result<txn::CommittedRead, ReadError> {
+        let read = self.read(topic, partition, offset, max_bytes)?;
+        Ok(self.shared.txns.committed(topic, partition, offset, read))
+    }
+
+    /// Kafka transactions' view per partition, which `kafka::transactions` keeps.
+    pub fn txn_index(&self) -> &txn::TxnIndex {
+        &self.shared.txns
     }
 
     /// Kafka ListOffsets by timestamp: the first offset whose record timestamp is at

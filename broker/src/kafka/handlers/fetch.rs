@@ -50,7 +50,9 @@ impl KafkaBroker {
                 }
             }
         }
+        const READ_COMMITTED: i8 = 1;
         let pass = Arc::new(FetchPass {
+            read_committed: r.isolation_level == READ_COMMITTED,
             request: r,
             max_bytes,
             denied,
@@ -93,6 +95,7 @@ impl KafkaBroker {
         const LATEST: i64 = -1;
         const EARLIEST: i64 = -2;
         let mut out = ListOffsetsResponse::default();
+        let read_committed = r.isolation_level == 1;
         for t in r.topics {
             let name = t.name.0.to_string();
             let allowed = self.may(who, Operation::Describe, &name);
@@ -110,10 +113,15 @@ impl KafkaBroker {
                 let result = match p.timestamp {
                     LATEST | EARLIEST => self.log.offsets(&name, partition).map(|o| {
                         Some((
-                            if p.timestamp == LATEST {
-                                o.high_watermark
-                            } else {
-                                o.log_start
+                            match p.timestamp {
+                                // read_committed: the end is the last stable offset.
+                                LATEST if read_committed => self.log.txn_index().last_stable(
+                                    &name,
+                                    partition,
+                                    o.high_watermark,
+                                ),
+                                LATEST => o.high_watermark,
+                                _ => o.log_start,
                             },
                             -1,
                         ))
@@ -190,9 +198,9 @@ impl KafkaBroker {
     }
 }
 
-fn set_offsets(part: &mut PartitionData, offsets: PartitionOffsets) {
+fn set_offsets(part: &mut PartitionData, offsets: PartitionOffsets, last_stable: u64) {
     part.high_watermark = offsets.high_watermark as i64;
-    part.last_stable_offset = offsets.high_watermark as i64;
+    part.last_stable_offset = last_stable as i64;
     part.log_start_offset = offsets.log_start as i64;
 }
 
@@ -203,6 +211,8 @@ struct FetchPass {
     max_bytes: usize,
     /// Topics the client may not read: answered TOPIC_AUTHORIZATION_FAILED.
     denied: HashSet<String>,
+    /// Only below the last stable offset, with the aborted transactions listed.
+    read_committed: bool,
 }
 
 impl FetchPass {
@@ -236,24 +246,51 @@ impl FetchPass {
                 } else if room == 0 && total > 0 {
                     // The response is full: report offsets only.
                     log.offsets(&name, p.partition as u32)
-                        .map(|o| (Bytes::new(), o))
+                        .map(|o| {
+                            let last_stable = log.txn_index().last_stable(
+                                &name,
+                                p.partition as u32,
+                                o.high_watermark,
+                            );
+                            (Bytes::new(), o, last_stable, None)
+                        })
                         .map_err(|e| errors::read(&e))
                 } else {
                     let limit = (p.partition_max_bytes.max(0) as usize).min(room.max(1));
-                    log.read(&name, p.partition as u32, p.fetch_offset as u64, limit)
-                        .map(|read| (read.records, read.offsets))
-                        .map_err(|e| match e {
-                            ReadError::OffsetOutOfRange { offsets, .. } => {
-                                part.high_watermark = offsets.high_watermark as i64;
-                                part.log_start_offset = offsets.log_start as i64;
-                                ResponseError::OffsetOutOfRange
-                            }
-                            other => errors::read(&other),
+                    let (partition, from) = (p.partition as u32, p.fetch_offset as u64);
+                    if self.read_committed {
+                        log.read_committed(&name, partition, from, limit).map(|c| {
+                            let hw = c.read.offsets;
+                            (c.read.records, hw, c.last_stable, Some(c.aborted))
                         })
+                    } else {
+                        log.read(&name, partition, from, limit).map(|read| {
+                            let hw = read.offsets.high_watermark;
+                            (read.records, read.offsets, hw, None)
+                        })
+                    }
+                    .map_err(|e| match e {
+                        ReadError::OffsetOutOfRange { offsets, .. } => {
+                            part.high_watermark = offsets.high_watermark as i64;
+                            part.log_start_offset = offsets.log_start as i64;
+                            ResponseError::OffsetOutOfRange
+                        }
+                        other => errors::read(&other),
+                    })
                 };
                 match result {
-                    Ok((records, offsets)) => {
-                        set_offsets(&mut part, offsets);
+                    Ok((records, offsets, last_stable, aborted)) => {
+                        set_offsets(&mut part, offsets, last_stable);
+                        part.aborted_transactions = aborted.map(|list| {
+                            list.iter()
+                                .map(|a| {
+                                    let mut out = fetch_response::AbortedTransaction::default();
+                                    out.producer_id = ProducerId(a.producer_id);
+                                    out.first_offset = a.first as i64;
+                                    out
+                                })
+                                .collect()
+                        });
                         if !records.is_empty() {
                             total += records.len();
                             part.records = Some(records);

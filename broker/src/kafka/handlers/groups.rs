@@ -26,10 +26,12 @@ impl KafkaBroker {
         client: &Client,
     ) -> FindCoordinatorResponse {
         let mut out = FindCoordinatorResponse::default();
+        // Key type 0 is a group, 1 a transactional id: this broker coordinates both.
         const GROUP: i8 = 0;
-        if r.key_type != GROUP {
-            out.error_code = code(ResponseError::CoordinatorNotAvailable);
-            out.error_message = Some(s("transactions are not supported"));
+        const TRANSACTION: i8 = 1;
+        if r.key_type != GROUP && r.key_type != TRANSACTION {
+            out.error_code = code(ResponseError::InvalidRequest);
+            out.error_message = Some(s("unknown coordinator key type"));
             out.node_id = BrokerId(-1);
             out.port = -1;
             return out;
@@ -265,6 +267,18 @@ impl KafkaBroker {
                 part.partition_index = p;
                 if !allowed {
                     part.error_code = code(ResponseError::TopicAuthorizationFailed);
+                    part.committed_offset = -1;
+                    part.committed_leader_epoch = -1;
+                    topic.partitions.push(part);
+                    continue;
+                }
+                // A consumer that asks for stable offsets (read_committed) waits
+                // for a transaction that will commit this one: it retries.
+                if r.require_stable
+                    && p >= 0
+                    && self.txns.has_pending_offset(&group, &name, p as u32).await
+                {
+                    part.error_code = code(ResponseError::UnstableOffsetCommit);
                     part.committed_offset = -1;
                     part.committed_leader_epoch = -1;
                     topic.partitions.push(part);

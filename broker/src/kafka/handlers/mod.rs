@@ -19,6 +19,7 @@ mod fetch;
 mod groups;
 mod produce;
 mod topics;
+mod transactions;
 
 const NONE: i16 = 0;
 
@@ -63,6 +64,16 @@ impl KafkaBroker {
             RequestKind::InitProducerId(r) => {
                 ResponseKind::InitProducerId(self.init_producer_id(r).await)
             }
+            RequestKind::AddPartitionsToTxn(r) => {
+                ResponseKind::AddPartitionsToTxn(self.add_partitions_to_txn(r, who).await)
+            }
+            RequestKind::AddOffsetsToTxn(r) => {
+                ResponseKind::AddOffsetsToTxn(self.add_offsets_to_txn(r).await)
+            }
+            RequestKind::TxnOffsetCommit(r) => {
+                ResponseKind::TxnOffsetCommit(self.txn_offset_commit(r, version, who).await)
+            }
+            RequestKind::EndTxn(r) => ResponseKind::EndTxn(self.end_txn(r).await),
             RequestKind::CreateTopics(r) => {
                 ResponseKind::CreateTopics(self.create_topics(r, who).await)
             }
@@ -139,6 +150,8 @@ impl KafkaBroker {
             RequestKind::LeaveGroup(r) => (&r.group_id.0, Operation::Read),
             RequestKind::OffsetCommit(r) => (&r.group_id.0, Operation::Read),
             RequestKind::OffsetFetch(r) => (&r.group_id.0, Operation::Describe),
+            RequestKind::AddOffsetsToTxn(r) => (&r.group_id.0, Operation::Read),
+            RequestKind::TxnOffsetCommit(r) => (&r.group_id.0, Operation::Read),
             RequestKind::FindCoordinator(r) if r.key_type == GROUP_KEY => {
                 (&r.key, Operation::Describe)
             }
@@ -192,6 +205,29 @@ impl KafkaBroker {
                 let mut out = OffsetFetchResponse::default();
                 out.error_code = denied;
                 ResponseKind::OffsetFetch(out)
+            }
+            RequestKind::AddOffsetsToTxn(_) => {
+                let mut out = AddOffsetsToTxnResponse::default();
+                out.error_code = denied;
+                ResponseKind::AddOffsetsToTxn(out)
+            }
+            RequestKind::TxnOffsetCommit(r) => {
+                use kafka_protocol::messages::txn_offset_commit_response::{
+                    TxnOffsetCommitResponsePartition, TxnOffsetCommitResponseTopic,
+                };
+                let mut out = TxnOffsetCommitResponse::default();
+                for t in &r.topics {
+                    let mut topic = TxnOffsetCommitResponseTopic::default();
+                    topic.name = t.name.clone();
+                    for p in &t.partitions {
+                        let mut part = TxnOffsetCommitResponsePartition::default();
+                        part.partition_index = p.partition_index;
+                        part.error_code = denied;
+                        topic.partitions.push(part);
+                    }
+                    out.topics.push(topic);
+                }
+                ResponseKind::TxnOffsetCommit(out)
             }
             _ => {
                 let mut out = FindCoordinatorResponse::default();

@@ -12,6 +12,7 @@ use crate::acl::{Operation, Subject};
 use crate::kafka::KafkaBroker;
 use crate::kafka::errors;
 use crate::kafka::producers::{SequenceState, Verdict};
+use crate::kafka::transactions::Caller;
 use crate::storage::{WriteOp, WriteOutcome};
 use weir_wire::record_batch::RecordBatch;
 
@@ -54,6 +55,8 @@ enum Started {
         topic: String,
         partition: u32,
         batches: Vec<RecordBatch>,
+        /// A transactional producer's id.
+        txn_id: Option<String>,
     },
 }
 
@@ -75,21 +78,25 @@ impl KafkaBroker {
         r: ProduceRequest,
         who: Subject<'_>,
     ) -> impl std::future::Future<Output = Option<ProduceResponse>> + Send + 'static {
-        let early = if r.transactional_id.as_ref().is_some_and(|t| !t.0.is_empty()) {
-            Some(ResponseError::TransactionalIdAuthorizationFailed)
-        } else if !matches!(r.acks, -1..=1) {
+        let early = if !matches!(r.acks, -1..=1) {
             Some(ResponseError::InvalidRequiredAcks)
         } else {
             None
         };
         let mut started = Vec::new();
+        let txn_id = r
+            .transactional_id
+            .as_ref()
+            .map(|t| t.0.to_string())
+            .filter(|t| !t.is_empty());
         if early.is_none() {
             for t in &r.topic_data {
                 let name = t.name.0.to_string();
                 let allowed = self.may(who, Operation::Write, &name);
                 for p in &t.partition_data {
                     started.push(if allowed {
-                        self.start_partition(name.clone(), p.index, p.records.clone())
+                        let records = p.records.clone();
+                        self.start_partition(name.clone(), p.index, records, txn_id.clone())
                             .await
                     } else {
                         Started::Done(Err((
@@ -164,6 +171,7 @@ impl KafkaBroker {
         topic: String,
         partition: i32,
         records: Option<Bytes>,
+        txn_id: Option<String>,
     ) -> Started {
         let fail = |e: ResponseError, m: String| Started::Done(Err((e, Some(m))));
         let Ok(partition) = u32::try_from(partition) else {
@@ -179,11 +187,21 @@ impl KafkaBroker {
             Ok(b) => b,
             Err(e) => return fail(ResponseError::CorruptMessage, e.to_string()),
         };
+        let transactional = batches[0].header().is_transactional();
+        if transactional != txn_id.is_some() || batches.iter().any(|b| b.header().is_control()) {
+            return fail(
+                ResponseError::InvalidRecord,
+                "transactional batches come with a transactional id, and control batches \
+                 only from the broker"
+                    .into(),
+            );
+        }
         if batches[0].header().producer_id() >= 0 {
             return Started::Idempotent {
                 topic,
                 partition,
                 batches,
+                txn_id,
             };
         }
         let produced = Produced::of(&batches);
@@ -223,7 +241,22 @@ impl KafkaBroker {
                 topic,
                 partition,
                 batches,
-            } => self.produce_idempotent(topic, partition, batches).await,
+                txn_id,
+            } => {
+                if let Some(id) = &txn_id {
+                    let h = batches[0].header();
+                    let caller = Caller {
+                        id,
+                        producer_id: h.producer_id(),
+                        epoch: h.producer_epoch(),
+                    };
+                    self.txns
+                        .check_produce(caller, &topic, partition)
+                        .await
+                        .map_err(|e| (e, Some("not in this producer's transaction".into())))?;
+                }
+                self.produce_idempotent(topic, partition, batches).await
+            }
         }
     }
 
@@ -313,11 +346,22 @@ impl KafkaBroker {
         r: InitProducerIdRequest,
     ) -> InitProducerIdResponse {
         let mut out = InitProducerIdResponse::default();
-        if r.transactional_id.as_ref().is_some_and(|t| !t.0.is_empty()) {
-            // Transactions are not implemented: say so rather than pretend.
-            out.error_code = code(ResponseError::TransactionalIdAuthorizationFailed);
-            out.producer_id = ProducerId(-1);
-            out.producer_epoch = -1;
+        if let Some(id) = r.transactional_id.as_ref().filter(|t| !t.0.is_empty()) {
+            match self
+                .txns
+                .init(id.0.as_str(), r.transaction_timeout_ms, &self.producers)
+                .await
+            {
+                Ok((producer_id, epoch)) => {
+                    out.producer_id = ProducerId(producer_id);
+                    out.producer_epoch = epoch;
+                }
+                Err(e) => {
+                    out.error_code = code(e);
+                    out.producer_id = ProducerId(-1);
+                    out.producer_epoch = -1;
+                }
+            }
             return out;
         }
         if r.producer_id.0 >= 0 && r.producer_epoch >= 0 {

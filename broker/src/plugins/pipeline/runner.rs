@@ -377,7 +377,11 @@ impl Runner {
             s.changes.borrow_and_update();
             (s.topic.clone(), s.partition, s.next)
         };
-        let read = match self.log.read(&topic, partition, next, SOURCE_READ_BYTES) {
+        // As a read_committed consumer: open and aborted transactions are not input.
+        let mut read = match self
+            .log
+            .read_committed(&topic, partition, next, SOURCE_READ_BYTES)
+        {
             Ok(r) => r,
             Err(ReadError::OffsetOutOfRange { offsets, .. }) => {
                 warn!(pipeline = %self.config.name, topic, partition, lost_from = next, lost_to = offsets.log_start,
@@ -389,8 +393,13 @@ impl Runner {
         };
         let mut inputs = Vec::new();
         let mut end = next;
-        'batches: for stored in read.batches {
+        let batches = std::mem::take(&mut read.read.batches);
+        'batches: for stored in batches {
             let batch_end = stored.base_offset() as u64 + stored.last_offset_delta() as u64 + 1;
+            if !read.is_data(&stored) {
+                end = end.max(batch_end);
+                continue;
+            }
             let records = decode_stored(stored, &topic, partition)?;
             for r in records {
                 let offset = r.offset as u64;

@@ -461,10 +461,11 @@ impl Uplink {
                 return Ok(true);
             }
             let (topic, partition, from) = (part.topic.clone(), part.partition, part.next_read);
+            // As a read_committed consumer: open and aborted transactions stay here.
             let read = self
                 .log
-                .blocking(move |log| log.read(&topic, partition, from, READ_BYTES));
-            let read = match read.await {
+                .blocking(move |log| log.read_committed(&topic, partition, from, READ_BYTES));
+            let mut read = match read.await {
                 Ok(r) => r,
                 Err(ReadError::OffsetOutOfRange { offsets, .. })
                     if part.next_read < offsets.log_start =>
@@ -475,10 +476,25 @@ impl Uplink {
                 Err(ReadError::OffsetOutOfRange { .. }) => return Ok(false),
                 Err(e) => return Err(e.into()),
             };
-            if read.batches.is_empty() {
+            if read.read.batches.is_empty() {
                 return Ok(false);
             }
-            for stored in read.batches {
+            for stored in std::mem::take(&mut read.read.batches) {
+                let last = stored.base_offset() as u64 + stored.last_offset_delta() as u64;
+                if !read.is_data(&stored) {
+                    // Markers and aborted records are done as soon as read.
+                    if last >= part.next_read {
+                        part.pending.push_back(Pending {
+                            offset: last,
+                            bytes: 0,
+                            acked: true,
+                            at: None,
+                        });
+                        part.settle();
+                        part.next_read = last + 1;
+                    }
+                    continue;
+                }
                 let records = decode_stored(stored, &part.topic, part.partition)?;
                 for r in records {
                     let offset = r.offset as u64;

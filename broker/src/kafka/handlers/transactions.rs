@@ -1,0 +1,195 @@
+//! The transactional APIs: AddPartitionsToTxn, AddOffsetsToTxn, TxnOffsetCommit and
+//! EndTxn (InitProducerId is in `produce.rs`), on `kafka::transactions`.
+
+use kafka_protocol::error::ResponseError;
+use kafka_protocol::messages::add_partitions_to_txn_response::{
+    AddPartitionsToTxnPartitionResult, AddPartitionsToTxnTopicResult,
+};
+use kafka_protocol::messages::txn_offset_commit_response::{
+    TxnOffsetCommitResponsePartition, TxnOffsetCommitResponseTopic,
+};
+use kafka_protocol::messages::*;
+
+use crate::acl::{Operation, Subject};
+use crate::kafka::KafkaBroker;
+use crate::kafka::transactions::Caller;
+use crate::storage::{CommittedOffset, now_ms};
+
+use super::{NONE, code};
+
+fn caller(id: &TransactionalId, producer_id: ProducerId, epoch: i16) -> Caller<'_> {
+    Caller {
+        id: id.0.as_str(),
+        producer_id: producer_id.0,
+        epoch,
+    }
+}
+
+impl KafkaBroker {
+    /// v0–3: one transaction's partitions; each needs `write` on its topic.
+    pub(super) async fn add_partitions_to_txn(
+        &self,
+        r: AddPartitionsToTxnRequest,
+        who: Subject<'_>,
+    ) -> AddPartitionsToTxnResponse {
+        let mut wanted = Vec::new();
+        let mut denied = None;
+        for t in &r.v3_and_below_topics {
+            let name = t.name.0.to_string();
+            if !self.may(who, Operation::Write, &name) {
+                denied = Some(ResponseError::TopicAuthorizationFailed);
+            }
+            for &p in &t.partitions {
+                wanted.push((name.clone(), p));
+            }
+        }
+        let results: Vec<Result<(), ResponseError>> = if let Some(e) = denied {
+            // As Kafka: the refused topics say why, the others were not attempted.
+            wanted
+                .iter()
+                .map(|(t, _)| {
+                    Err(if self.may(who, Operation::Write, t) {
+                        ResponseError::OperationNotAttempted
+                    } else {
+                        e
+                    })
+                })
+                .collect()
+        } else if let Some(i) = wanted.iter().position(|(_, p)| *p < 0) {
+            (0..wanted.len())
+                .map(|j| {
+                    Err(if i == j {
+                        ResponseError::UnknownTopicOrPartition
+                    } else {
+                        ResponseError::OperationNotAttempted
+                    })
+                })
+                .collect()
+        } else {
+            let partitions: Vec<(String, u32)> =
+                wanted.iter().map(|(t, p)| (t.clone(), *p as u32)).collect();
+            let caller = caller(
+                &r.v3_and_below_transactional_id,
+                r.v3_and_below_producer_id,
+                r.v3_and_below_producer_epoch,
+            );
+            self.txns.add_partitions(caller, &partitions).await
+        };
+        let mut out = AddPartitionsToTxnResponse::default();
+        let mut results = results.into_iter();
+        for t in r.v3_and_below_topics {
+            let mut topic = AddPartitionsToTxnTopicResult::default();
+            topic.name = t.name;
+            for p in t.partitions {
+                let mut part = AddPartitionsToTxnPartitionResult::default();
+                part.partition_index = p;
+                part.partition_error_code = match results.next() {
+                    Some(Err(e)) => code(e),
+                    _ => NONE,
+                };
+                topic.results_by_partition.push(part);
+            }
+            out.results_by_topic_v3_and_below.push(topic);
+        }
+        out
+    }
+
+    /// The group's `read` permission is checked with the other group requests.
+    pub(super) async fn add_offsets_to_txn(
+        &self,
+        r: AddOffsetsToTxnRequest,
+    ) -> AddOffsetsToTxnResponse {
+        let caller = caller(&r.transactional_id, r.producer_id, r.producer_epoch);
+        let mut out = AddOffsetsToTxnResponse::default();
+        if let Err(e) = self.txns.add_group(caller, r.group_id.0.as_str()).await {
+            out.error_code = code(e);
+        }
+        out
+    }
+
+    /// Offsets committed with the transaction. A member of a live group must be of
+    /// its current generation (v3 says which), so that a consumer that lost its
+    /// partitions in a rebalance cannot commit them.
+    pub(super) async fn txn_offset_commit(
+        &self,
+        r: TxnOffsetCommitRequest,
+        version: i16,
+        who: Subject<'_>,
+    ) -> TxnOffsetCommitResponse {
+        let group = r.group_id.0.to_string();
+        let stale = (version >= 3)
+            .then(|| {
+                self.groups
+                    .check_commit(&group, r.member_id.as_str(), r.generation_id)
+            })
+            .flatten();
+        // Each partition's own refusal, if any; then the transaction's answer for all.
+        let mut offsets = Vec::new();
+        let mut refusals = Vec::new();
+        for t in &r.topics {
+            let name = t.name.0.to_string();
+            let allowed = self.may(who, Operation::Read, &name);
+            for p in &t.partitions {
+                let known = p.partition_index >= 0
+                    && self.log.offsets(&name, p.partition_index as u32).is_ok();
+                refusals.push(if !allowed {
+                    Some(ResponseError::TopicAuthorizationFailed)
+                } else if !known {
+                    Some(ResponseError::UnknownTopicOrPartition)
+                } else {
+                    None
+                });
+                offsets.push((
+                    name.clone(),
+                    p.partition_index.max(0) as u32,
+                    CommittedOffset {
+                        offset: p.committed_offset,
+                        leader_epoch: p.committed_leader_epoch,
+                        metadata: p
+                            .committed_metadata
+                            .as_ref()
+                            .map(|m| m.to_string())
+                            .unwrap_or_default(),
+                        commit_time_ms: now_ms(),
+                    },
+                ));
+            }
+        }
+        let result = match stale {
+            Some(e) => Err(e),
+            None if refusals.iter().any(Option::is_some) => {
+                Err(ResponseError::OperationNotAttempted)
+            }
+            None => {
+                let caller = caller(&r.transactional_id, r.producer_id, r.producer_epoch);
+                self.txns.commit_offsets(caller, &group, offsets).await
+            }
+        };
+        let mut out = TxnOffsetCommitResponse::default();
+        let mut refusals = refusals.into_iter();
+        for t in r.topics {
+            let mut topic = TxnOffsetCommitResponseTopic::default();
+            topic.name = t.name;
+            for p in t.partitions {
+                let mut part = TxnOffsetCommitResponsePartition::default();
+                part.partition_index = p.partition_index;
+                part.error_code = match refusals.next().flatten() {
+                    Some(e) => code(e),
+                    None => result.map_or_else(code, |()| NONE),
+                };
+                topic.partitions.push(part);
+            }
+            out.topics.push(topic);
+        }
+        out
+    }
+
+    pub(super) async fn end_txn(&self, r: EndTxnRequest) -> EndTxnResponse {
+        let caller = caller(&r.transactional_id, r.producer_id, r.producer_epoch);
+        let mut out = EndTxnResponse::default();
+        if let Err(e) = self.txns.end(caller, r.committed).await {
+            out.error_code = code(e);
+        }
+        out
+    }
+}
