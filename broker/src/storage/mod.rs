@@ -1143,6 +1143,71 @@ mod tests {
         assert!(none.batches.is_empty() && none.records.is_empty());
     }
 
+    /// A transactional producer's batch: producer id and the transactional bit set
+    /// (both under the CRC).
+    fn transactional(producer_id: i64, value: &'static str) -> RecordBatch {
+        let plain = weir_wire::record_batch::build::batch(
+            &[record(value)],
+            kafka_protocol::records::Compression::None,
+        )
+        .unwrap();
+        let mut b = BytesMut::from(&plain[..]);
+        b[43..51].copy_from_slice(&producer_id.to_be_bytes());
+        b[22] |= 0x10;
+        let crc = crc32c::crc32c(&b[21..]);
+        b[17..21].copy_from_slice(&crc.to_be_bytes());
+        RecordBatch::parse(b.freeze()).unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_committed_read_stops_at_the_last_stable_offset_and_skips_aborted_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(LogOptions::new(dir.path())).unwrap();
+        log.create_topic("t", 1, TopicConfig::default())
+            .await
+            .unwrap();
+        let append = |batch: RecordBatch| {
+            log.write(vec![WriteOp::Append {
+                topic: "t".into(),
+                partition: 0,
+                batches: vec![batch],
+            }])
+        };
+        let plain = |value: &'static str| {
+            let bytes = weir_wire::record_batch::build::batch(
+                &[record(value)],
+                kafka_protocol::records::Compression::None,
+            );
+            RecordBatch::parse(bytes.unwrap()).unwrap()
+        };
+        append(plain("a")).await.unwrap();
+        // Producer 7's transaction joins the partition at offset 1.
+        log.txn_index().begin("t", 0, 7, 1);
+        append(transactional(7, "x")).await.unwrap();
+        append(plain("b")).await.unwrap();
+        let open = log.read_committed("t", 0, 0, usize::MAX).unwrap();
+        assert_eq!(open.last_stable, 1);
+        assert_eq!(open.read.batches.len(), 1, "only what is below the LSO");
+        assert_eq!(open.read.records, open.read.batches[0].as_bytes());
+        // Aborted: its marker at 3; every batch is below the LSO again.
+        let marker = weir_wire::record_batch::build::control(7, 0, false, 0, 0).unwrap();
+        append(RecordBatch::parse(marker).unwrap()).await.unwrap();
+        let aborted = txn::Aborted {
+            producer_id: 7,
+            first: 1,
+            last: Some(3),
+        };
+        log.txn_index().end("t", 0, 7, Some(aborted));
+        let read = log.read_committed("t", 0, 0, usize::MAX).unwrap();
+        assert_eq!(read.last_stable, 4);
+        assert_eq!(read.aborted, vec![aborted]);
+        let data: Vec<bool> = read.read.batches.iter().map(|b| read.is_data(b)).collect();
+        assert_eq!(data, [true, false, true, false]);
+        // A read after the abort lists nothing.
+        let after = log.read_committed("t", 0, 4, usize::MAX).unwrap();
+        assert!(after.aborted.is_empty() && after.read.batches.is_empty());
+    }
+
     #[test]
     fn appends_make_one_op_per_partition_in_the_order_records_came() {
         let mut appends = Appends::default();
