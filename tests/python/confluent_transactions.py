@@ -7,6 +7,8 @@
   eos BOOTSTRAP N         consume-transform-produce eos-in -> eos-out, offsets in the
                           transaction, riding through broker restarts, until N are done
   check-eos BOOTSTRAP N   eos-out (read_committed) holds each input exactly once
+  pipeline-input BOOTSTRAP TOPIC
+                          c1 committed, a1 aborted, c2 committed, as JSON readings
 
 Exits non-zero with a message on any mismatch. Every wait is bounded."""
 import sys
@@ -321,6 +323,19 @@ def check_eos(bootstrap, n):
     print(f"OK exactly once: {n}", flush=True)
 
 
+def pipeline_input(bootstrap, topic):
+    p = txn_producer(bootstrap, "pipeline-input")
+    for key, temperature, commit in [("c1", 20, True), ("a1", 30, False), ("c2", 25, True)]:
+        p.begin_transaction()
+        p.produce(topic, key=key, value=f'{{"temperature":{temperature}}}')
+        p.flush(30)
+        if commit:
+            p.commit_transaction(30)
+        else:
+            p.abort_transaction(30)
+    print("OK pipeline-input", flush=True)
+
+
 if __name__ == "__main__":
     cmd, bootstrap = sys.argv[1], sys.argv[2]
     if cmd == "basics":
@@ -331,6 +346,8 @@ if __name__ == "__main__":
         seed(bootstrap, int(sys.argv[3]))
     elif cmd == "eos":
         eos(bootstrap, int(sys.argv[3]))
+    elif cmd == "pipeline-input":
+        pipeline_input(bootstrap, sys.argv[3])
     elif cmd == "check-eos":
         check_eos(bootstrap, int(sys.argv[3]))
     else:

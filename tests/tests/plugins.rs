@@ -102,6 +102,28 @@ fn json_filter_keeps_converts_enriches_and_routes() {
     assert_eq!(broker.metric(&metric("clean", "dropped_total")), 1.0);
 }
 
+/// A pipeline reads its input as a read_committed consumer: an aborted transaction's
+/// record is not processed, committed ones are.
+#[test]
+fn a_pipeline_skips_aborted_transactions() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start_with_config(&dir.path().join("d"), &clean_pipeline());
+    let out = weir_tests::python(
+        "confluent_transactions.py",
+        &["pipeline-input", &broker.bootstrap(), "readings"],
+    );
+    assert!(out.status.success(), "{}{}", out.stdout, out.stderr);
+    broker.wait_metric(&metric("clean", "records_in_total"), 2.0);
+    assert_eq!(
+        consume(&broker, "readings-clean"),
+        [
+            "c1:{\"site\":\"north\",\"temp_f\":68.0}",
+            "c2:{\"site\":\"north\",\"temp_f\":77.0}"
+        ]
+    );
+    assert_eq!(broker.metric(&metric("clean", "records_in_total")), 2.0);
+}
+
 #[test]
 fn hostile_plugins_are_contained() {
     let dir = tempfile::tempdir().unwrap();
