@@ -2,8 +2,8 @@
 //!
 //! A rule names principals (a user, a `*` pattern of users, `anonymous`, or `*` for
 //! every client), allows or denies operations, and lists the topics (MQTT filters for
-//! `publish` and `subscribe`; Kafka names or `prefix*` for the Kafka operations) and
-//! Kafka groups it is about; `{username}` and `{client_id}` in them stand for the
+//! `publish` and `subscribe`; Kafka names or `prefix*` for the Kafka operations),
+//! Kafka groups and transactional ids it is about; `{username}` and `{client_id}` in them stand for the
 //! client's. With no rules everything is allowed; once there is one, what no rule
 //! allows is denied, and a deny wins over any allow. As in Kafka, a client allowed to
 //! read, write, delete or alter something may also describe it.
@@ -32,6 +32,9 @@ pub struct AclRule {
     pub topics: Vec<String>,
     #[serde(default)]
     pub groups: Vec<String>,
+    /// Kafka transactional ids: `write` to run transactions as one, `describe`.
+    #[serde(default)]
+    pub transactional_ids: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,6 +88,8 @@ pub enum Resource<'a> {
     Filter(&'a str),
     /// A Kafka consumer group.
     Group(&'a str),
+    /// A Kafka transactional id.
+    TransactionalId(&'a str),
 }
 
 /// Who asks: the connection's principal and the client id it gave.
@@ -165,13 +170,18 @@ impl AclRule {
         if self.operations.is_empty() {
             return Err("operations is empty".into());
         }
-        if self.topics.is_empty() && self.groups.is_empty() {
-            return Err("it names no topics and no groups".into());
+        if self.topics.is_empty() && self.groups.is_empty() && self.transactional_ids.is_empty() {
+            return Err("it names no topics, groups or transactional ids".into());
         }
         if self.operations.iter().any(|o| o.is_mqtt()) && self.topics.is_empty() {
             return Err("publish and subscribe need topics".into());
         }
-        for pattern in self.topics.iter().chain(&self.groups) {
+        for pattern in self
+            .topics
+            .iter()
+            .chain(&self.groups)
+            .chain(&self.transactional_ids)
+        {
             check_placeholders(pattern)?;
         }
         if self.operations.iter().any(|o| o.is_mqtt()) {
@@ -205,6 +215,7 @@ impl AclRule {
         match resource {
             Resource::Topic(_) | Resource::Filter(_) => self.topics.iter(),
             Resource::Group(_) => self.groups.iter(),
+            Resource::TransactionalId(_) => self.transactional_ids.iter(),
         }
     }
 }
@@ -254,7 +265,9 @@ fn covers(who: Subject<'_>, op: Operation, pattern: &str, resource: Resource<'_>
     match resource {
         Resource::Topic(topic) if op.is_mqtt() => topics::matches(&pattern, topic),
         Resource::Filter(filter) => filter_covers(&pattern, filter),
-        Resource::Topic(name) | Resource::Group(name) => name_matches(&pattern, name),
+        Resource::Topic(name) | Resource::Group(name) | Resource::TransactionalId(name) => {
+            name_matches(&pattern, name)
+        }
     }
 }
 
@@ -391,6 +404,11 @@ mod tests {
             topics = ["readings*"]
             groups = ["app-*"]
             [[acl]]
+            principal = "app"
+            action = "allow"
+            operations = ["write"]
+            transactional_ids = ["etl-*"]
+            [[acl]]
             principal = "*"
             action = "deny"
             operations = ["subscribe"]
@@ -425,6 +443,14 @@ mod tests {
         assert!(!kafka(Operation::Read, Resource::Topic("other")));
         assert!(kafka(Operation::Read, Resource::Group("app-1")));
         assert!(!kafka(Operation::Read, Resource::Group("other")));
+        let txn = |op, id| kafka(op, Resource::TransactionalId(id));
+        assert!(txn(Operation::Write, "etl-1"));
+        assert!(txn(Operation::Describe, "etl-1"), "write implies describe");
+        assert!(!txn(Operation::Write, "other"));
+        assert!(
+            !kafka(Operation::Write, Resource::Topic("etl-1")),
+            "ids are not topics"
+        );
     }
 
     #[test]
@@ -521,7 +547,7 @@ mod tests {
                 r#"principal = "a"
                 action = "allow"
                 operations = ["read"]"#,
-                "no topics and no groups",
+                "no topics, groups or transactional ids",
             ),
         ];
         for (rule, problem) in bad {

@@ -7,6 +7,9 @@
   eos BOOTSTRAP N         consume-transform-produce eos-in -> eos-out, offsets in the
                           transaction, riding through broker restarts, until N are done
   check-eos BOOTSTRAP N   eos-out (read_committed) holds each input exactly once
+  acl BOOTSTRAP USER PASSWORD
+                          over SASL PLAIN: transactions as app-1 commit into out, as
+                          other-1 are refused (TRANSACTIONAL_ID_AUTHORIZATION_FAILED)
   pipeline-input BOOTSTRAP TOPIC
                           c1 committed, a1 aborted, c2 committed, as JSON readings
 
@@ -323,6 +326,22 @@ def check_eos(bootstrap, n):
     print(f"OK exactly once: {n}", flush=True)
 
 
+def acl(bootstrap, user, password):
+    login = {"security.protocol": "sasl_plaintext", "sasl.mechanisms": "PLAIN",
+             "sasl.username": user, "sasl.password": password}
+    p = txn_producer(bootstrap, "app-1", **login)
+    p.begin_transaction()
+    p.produce("out", value="allowed")
+    p.commit_transaction(30)
+    try:
+        txn_producer(bootstrap, "other-1", **login)
+        fail("a transactional id without write was initialized")
+    except KafkaException as e:
+        if e.args[0].code() != KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED:
+            fail(f"refused otherwise: {e.args[0]}")
+    print("OK acl", flush=True)
+
+
 def pipeline_input(bootstrap, topic):
     p = txn_producer(bootstrap, "pipeline-input")
     for key, temperature, commit in [("c1", 20, True), ("a1", 30, False), ("c2", 25, True)]:
@@ -346,6 +365,8 @@ if __name__ == "__main__":
         seed(bootstrap, int(sys.argv[3]))
     elif cmd == "eos":
         eos(bootstrap, int(sys.argv[3]))
+    elif cmd == "acl":
+        acl(bootstrap, sys.argv[3], sys.argv[4])
     elif cmd == "pipeline-input":
         pipeline_input(bootstrap, sys.argv[3])
     elif cmd == "check-eos":

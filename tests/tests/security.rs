@@ -300,6 +300,36 @@ topics = ["readings*"]
 groups = ["app-*"]
 "#;
 
+/// Kafka's TransactionalId resource: a producer runs transactions only as an id a
+/// rule gives it `write` on.
+#[test]
+fn transactions_need_write_on_their_transactional_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = r#"
+[[auth.acl]]
+principal = "app"
+action = "allow"
+operations = ["write"]
+topics = ["out"]
+transactional_ids = ["app-*"]
+"#;
+    let broker = Broker::start_with_config(&dir.path().join("d"), rules);
+    add_user(&broker, "app", "app-pw");
+    let created = broker.cli(&["topic", "create", "out", "--partitions", "1"]);
+    assert!(created.status.success(), "{}", created.stderr);
+    let out = python(
+        "confluent_transactions.py",
+        &["acl", &broker.bootstrap(), "app", "app-pw"],
+    );
+    assert!(
+        out.status.success() && out.stdout.contains("OK acl"),
+        "{}{}",
+        out.stdout,
+        out.stderr
+    );
+    assert!(broker.metric("weir_auth_denied_total") >= 1.0);
+}
+
 #[test]
 fn acl_rules_refuse_what_they_do_not_allow() {
     let dir = tempfile::tempdir().unwrap();

@@ -46,7 +46,10 @@ impl KafkaBroker {
         let version = request.version();
         let client_id = request.header.client_id.as_deref().unwrap_or_default();
         let who = client.subject(client_id);
-        if let Some(refused) = self.group_refusal(who, &request.body) {
+        if let Some(refused) = self
+            .txn_refusal(who, &request.body)
+            .or_else(|| self.group_refusal(who, &request.body))
+        {
             return Some(refused);
         }
         Some(match request.body {
@@ -137,6 +140,70 @@ impl KafkaBroker {
         self.gate.acl().allows(who, Operation::Describe, resource)
     }
 
+    /// The answer to a transactional request for an id `who` may not use:
+    /// TRANSACTIONAL_ID_AUTHORIZATION_FAILED. Running a transaction needs `write` on
+    /// its id; finding its coordinator, `describe`.
+    fn txn_refusal(&self, who: Subject<'_>, body: &RequestKind) -> Option<ResponseKind> {
+        const TRANSACTION_KEY: i8 = 1;
+        let (id, op) = match body {
+            RequestKind::InitProducerId(r) => {
+                (r.transactional_id.as_ref()?.0.as_str(), Operation::Write)
+            }
+            RequestKind::AddPartitionsToTxn(r) => {
+                (r.v3_and_below_transactional_id.0.as_str(), Operation::Write)
+            }
+            RequestKind::AddOffsetsToTxn(r) => (r.transactional_id.0.as_str(), Operation::Write),
+            RequestKind::TxnOffsetCommit(r) => (r.transactional_id.0.as_str(), Operation::Write),
+            RequestKind::EndTxn(r) => (r.transactional_id.0.as_str(), Operation::Write),
+            RequestKind::FindCoordinator(r) if r.key_type == TRANSACTION_KEY => {
+                (r.key.as_str(), Operation::Describe)
+            }
+            _ => return None,
+        };
+        if id.is_empty() || self.may_use_txn_id(who, op, id) {
+            return None;
+        }
+        let denied = code(ResponseError::TransactionalIdAuthorizationFailed);
+        Some(match body {
+            RequestKind::InitProducerId(_) => {
+                let mut out = InitProducerIdResponse::default();
+                out.error_code = denied;
+                out.producer_id = ProducerId(-1);
+                out.producer_epoch = -1;
+                ResponseKind::InitProducerId(out)
+            }
+            RequestKind::AddPartitionsToTxn(r) => {
+                ResponseKind::AddPartitionsToTxn(transactions::add_partitions_refused(r, denied))
+            }
+            RequestKind::AddOffsetsToTxn(_) => {
+                let mut out = AddOffsetsToTxnResponse::default();
+                out.error_code = denied;
+                ResponseKind::AddOffsetsToTxn(out)
+            }
+            RequestKind::TxnOffsetCommit(r) => {
+                ResponseKind::TxnOffsetCommit(transactions::txn_offset_commit_refused(r, denied))
+            }
+            RequestKind::EndTxn(_) => {
+                let mut out = EndTxnResponse::default();
+                out.error_code = denied;
+                ResponseKind::EndTxn(out)
+            }
+            _ => {
+                let mut out = FindCoordinatorResponse::default();
+                out.error_code = denied;
+                out.error_message = Some(s("not authorized to use this transactional id"));
+                out.node_id = BrokerId(-1);
+                out.port = -1;
+                ResponseKind::FindCoordinator(out)
+            }
+        })
+    }
+
+    /// Whether `[[auth.acl]]` lets `who` do `op` with a transactional id (counted).
+    fn may_use_txn_id(&self, who: Subject<'_>, op: Operation, id: &str) -> bool {
+        self.gate.authorize(who, op, Resource::TransactionalId(id))
+    }
+
     /// The answer to a request about one group `who` may not use:
     /// GROUP_AUTHORIZATION_FAILED. Joining, syncing, heartbeats, leaving and commits
     /// need `read` on the group; finding its coordinator and fetching its offsets,
@@ -212,22 +279,7 @@ impl KafkaBroker {
                 ResponseKind::AddOffsetsToTxn(out)
             }
             RequestKind::TxnOffsetCommit(r) => {
-                use kafka_protocol::messages::txn_offset_commit_response::{
-                    TxnOffsetCommitResponsePartition, TxnOffsetCommitResponseTopic,
-                };
-                let mut out = TxnOffsetCommitResponse::default();
-                for t in &r.topics {
-                    let mut topic = TxnOffsetCommitResponseTopic::default();
-                    topic.name = t.name.clone();
-                    for p in &t.partitions {
-                        let mut part = TxnOffsetCommitResponsePartition::default();
-                        part.partition_index = p.partition_index;
-                        part.error_code = denied;
-                        topic.partitions.push(part);
-                    }
-                    out.topics.push(topic);
-                }
-                ResponseKind::TxnOffsetCommit(out)
+                ResponseKind::TxnOffsetCommit(transactions::txn_offset_commit_refused(r, denied))
             }
             _ => {
                 let mut out = FindCoordinatorResponse::default();

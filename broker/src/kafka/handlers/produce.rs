@@ -78,17 +78,22 @@ impl KafkaBroker {
         r: ProduceRequest,
         who: Subject<'_>,
     ) -> impl std::future::Future<Output = Option<ProduceResponse>> + Send + 'static {
-        let early = if !matches!(r.acks, -1..=1) {
-            Some(ResponseError::InvalidRequiredAcks)
-        } else {
-            None
-        };
-        let mut started = Vec::new();
         let txn_id = r
             .transactional_id
             .as_ref()
             .map(|t| t.0.to_string())
             .filter(|t| !t.is_empty());
+        let early = if !matches!(r.acks, -1..=1) {
+            Some(ResponseError::InvalidRequiredAcks)
+        } else if txn_id
+            .as_ref()
+            .is_some_and(|id| !self.may_use_txn_id(who, Operation::Write, id))
+        {
+            Some(ResponseError::TransactionalIdAuthorizationFailed)
+        } else {
+            None
+        };
+        let mut started = Vec::new();
         if early.is_none() {
             for t in &r.topic_data {
                 let name = t.name.0.to_string();

@@ -75,23 +75,11 @@ impl KafkaBroker {
             );
             self.txns.add_partitions(caller, &partitions).await
         };
-        let mut out = AddPartitionsToTxnResponse::default();
         let mut results = results.into_iter();
-        for t in r.v3_and_below_topics {
-            let mut topic = AddPartitionsToTxnTopicResult::default();
-            topic.name = t.name;
-            for p in t.partitions {
-                let mut part = AddPartitionsToTxnPartitionResult::default();
-                part.partition_index = p;
-                part.partition_error_code = match results.next() {
-                    Some(Err(e)) => code(e),
-                    _ => NONE,
-                };
-                topic.results_by_partition.push(part);
-            }
-            out.results_by_topic_v3_and_below.push(topic);
-        }
-        out
+        add_partitions_response(&r, |_| match results.next() {
+            Some(Err(e)) => code(e),
+            _ => NONE,
+        })
     }
 
     /// The group's `read` permission is checked with the other group requests.
@@ -165,23 +153,11 @@ impl KafkaBroker {
                 self.txns.commit_offsets(caller, &group, offsets).await
             }
         };
-        let mut out = TxnOffsetCommitResponse::default();
         let mut refusals = refusals.into_iter();
-        for t in r.topics {
-            let mut topic = TxnOffsetCommitResponseTopic::default();
-            topic.name = t.name;
-            for p in t.partitions {
-                let mut part = TxnOffsetCommitResponsePartition::default();
-                part.partition_index = p.partition_index;
-                part.error_code = match refusals.next().flatten() {
-                    Some(e) => code(e),
-                    None => result.map_or_else(code, |()| NONE),
-                };
-                topic.partitions.push(part);
-            }
-            out.topics.push(topic);
-        }
-        out
+        txn_offset_commit_response(&r, |_| match refusals.next().flatten() {
+            Some(e) => code(e),
+            None => result.map_or_else(code, |()| NONE),
+        })
     }
 
     pub(super) async fn end_txn(&self, r: EndTxnRequest) -> EndTxnResponse {
@@ -192,4 +168,60 @@ impl KafkaBroker {
         }
         out
     }
+}
+
+/// An AddPartitionsToTxn (v0–3) response with `error(partition)` for each partition.
+fn add_partitions_response(
+    r: &AddPartitionsToTxnRequest,
+    mut error: impl FnMut(i32) -> i16,
+) -> AddPartitionsToTxnResponse {
+    let mut out = AddPartitionsToTxnResponse::default();
+    for t in &r.v3_and_below_topics {
+        let mut topic = AddPartitionsToTxnTopicResult::default();
+        topic.name = t.name.clone();
+        for &p in &t.partitions {
+            let mut part = AddPartitionsToTxnPartitionResult::default();
+            part.partition_index = p;
+            part.partition_error_code = error(p);
+            topic.results_by_partition.push(part);
+        }
+        out.results_by_topic_v3_and_below.push(topic);
+    }
+    out
+}
+
+/// A TxnOffsetCommit response with `error(partition)` for each partition.
+fn txn_offset_commit_response(
+    r: &TxnOffsetCommitRequest,
+    mut error: impl FnMut(i32) -> i16,
+) -> TxnOffsetCommitResponse {
+    let mut out = TxnOffsetCommitResponse::default();
+    for t in &r.topics {
+        let mut topic = TxnOffsetCommitResponseTopic::default();
+        topic.name = t.name.clone();
+        for p in &t.partitions {
+            let mut part = TxnOffsetCommitResponsePartition::default();
+            part.partition_index = p.partition_index;
+            part.error_code = error(p.partition_index);
+            topic.partitions.push(part);
+        }
+        out.topics.push(topic);
+    }
+    out
+}
+
+/// Every partition refused with `code`.
+pub(super) fn add_partitions_refused(
+    r: &AddPartitionsToTxnRequest,
+    code: i16,
+) -> AddPartitionsToTxnResponse {
+    add_partitions_response(r, |_| code)
+}
+
+/// Every partition refused with `code`.
+pub(super) fn txn_offset_commit_refused(
+    r: &TxnOffsetCommitRequest,
+    code: i16,
+) -> TxnOffsetCommitResponse {
+    txn_offset_commit_response(r, |_| code)
 }
