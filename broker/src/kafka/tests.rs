@@ -216,14 +216,23 @@ fn request(api: ApiKey, version: i16) -> RequestKind {
             r.committed = true;
             RequestKind::EndTxn(r)
         }
+        ApiKey::DescribeTransactions => {
+            let mut r = DescribeTransactionsRequest::default();
+            r.transactional_ids = vec![TransactionalId(s("tx"))];
+            RequestKind::DescribeTransactions(r)
+        }
+        ApiKey::ListTransactions => {
+            let mut r = ListTransactionsRequest::default();
+            r.duration_filter = -1;
+            RequestKind::ListTransactions(r)
+        }
         other => panic!("no sample request for {other:?}"),
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_api_and_version_answers_and_encodes() {
-    let dir = tempfile::tempdir().unwrap();
-    let log = Log::open(LogOptions::new(dir.path())).unwrap();
+/// A broker on a fresh log with topic `t`, and a client of it.
+async fn broker_on(dir: &std::path::Path) -> (Log, std::sync::Arc<KafkaBroker>, super::Client) {
+    let log = Log::open(LogOptions::new(dir)).unwrap();
     log.create_topic("t", 1, TopicConfig::default())
         .await
         .unwrap();
@@ -254,17 +263,90 @@ async fn every_api_and_version_answers_and_encodes() {
         tls: false,
         principal: Default::default(),
     };
+    (log, broker, client)
+}
+
+fn request_of(api: ApiKey, version: i16, body: RequestKind) -> Request {
+    let mut header = RequestHeader::default();
+    header.request_api_key = api as i16;
+    header.request_api_version = version;
+    header.correlation_id = 1;
+    Request { api, header, body }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn describe_and_list_transactions_show_ids_their_producers_and_states() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, broker, client) = broker_on(dir.path()).await;
+    let mut init = InitProducerIdRequest::default();
+    init.transactional_id = Some(TransactionalId(s("etl")));
+    init.transaction_timeout_ms = 60_000;
+    let Some(ResponseKind::InitProducerId(got)) = broker
+        .handle(
+            request_of(ApiKey::InitProducerId, 4, RequestKind::InitProducerId(init)),
+            &client,
+        )
+        .await
+    else {
+        panic!("no InitProducerId response")
+    };
+    assert_eq!(got.error_code, 0);
+    let mut describe = DescribeTransactionsRequest::default();
+    describe.transactional_ids = vec![TransactionalId(s("etl")), TransactionalId(s("nobody"))];
+    let body = RequestKind::DescribeTransactions(describe);
+    let Some(ResponseKind::DescribeTransactions(d)) = broker
+        .handle(request_of(ApiKey::DescribeTransactions, 0, body), &client)
+        .await
+    else {
+        panic!("no DescribeTransactions response")
+    };
+    let (etl, nobody) = (&d.transaction_states[0], &d.transaction_states[1]);
+    assert_eq!(
+        (etl.error_code, etl.transaction_state.as_str()),
+        (0, "Empty")
+    );
+    assert_eq!(
+        (etl.producer_id, etl.producer_epoch),
+        (got.producer_id, got.producer_epoch)
+    );
+    assert_eq!(etl.transaction_timeout_ms, 60_000);
+    assert_eq!(
+        nobody.error_code,
+        kafka_protocol::error::ResponseError::TransactionalIdNotFound.code()
+    );
+    let mut list = ListTransactionsRequest::default();
+    list.state_filters = vec![s("Empty"), s("Bogus")];
+    list.duration_filter = -1;
+    let body = RequestKind::ListTransactions(list);
+    let Some(ResponseKind::ListTransactions(l)) = broker
+        .handle(request_of(ApiKey::ListTransactions, 1, body), &client)
+        .await
+    else {
+        panic!("no ListTransactions response")
+    };
+    assert_eq!(l.unknown_state_filters, vec![s("Bogus")]);
+    assert_eq!(l.transaction_states.len(), 1);
+    assert_eq!(l.transaction_states[0].transactional_id.0.as_str(), "etl");
+    let mut ongoing = ListTransactionsRequest::default();
+    ongoing.state_filters = vec![s("Ongoing")];
+    let body = RequestKind::ListTransactions(ongoing);
+    let Some(ResponseKind::ListTransactions(l)) = broker
+        .handle(request_of(ApiKey::ListTransactions, 0, body), &client)
+        .await
+    else {
+        panic!("no ListTransactions response")
+    };
+    assert!(l.transaction_states.is_empty());
+    log.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_api_and_version_answers_and_encodes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, broker, client) = broker_on(dir.path()).await;
     for &(api, min, max) in SUPPORTED_APIS {
         for version in min..=max {
-            let mut header = RequestHeader::default();
-            header.request_api_key = api as i16;
-            header.request_api_version = version;
-            header.correlation_id = 1;
-            let req = Request {
-                api,
-                header,
-                body: request(api, version),
-            };
+            let req = request_of(api, version, request(api, version));
             let response = broker.handle(req, &client).await.expect("a response");
             if let Err(e) = encode_response(api, version, 1, &response) {
                 panic!("{api:?} v{version}: {e}\n{response:?}");

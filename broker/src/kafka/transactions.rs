@@ -40,16 +40,41 @@ pub(super) enum Status {
     CompleteAbort,
 }
 
+impl Status {
+    /// Kafka's name, as DescribeTransactions and ListTransactions give it.
+    pub(super) fn name(self) -> &'static str {
+        match self {
+            Status::Empty => "Empty",
+            Status::Ongoing => "Ongoing",
+            Status::CompleteCommit => "CompleteCommit",
+            Status::CompleteAbort => "CompleteAbort",
+        }
+    }
+}
+
+/// Kafka's transaction states; the ones not listed in `Status` are never seen here
+/// (ending a transaction is one write, and ids never expire).
+pub(super) const KAFKA_STATES: [&str; 8] = [
+    "Empty",
+    "Ongoing",
+    "PrepareCommit",
+    "PrepareAbort",
+    "CompleteCommit",
+    "CompleteAbort",
+    "Dead",
+    "PrepareEpochFence",
+];
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub(super) struct TxnState {
-    producer_id: i64,
-    epoch: i16,
-    timeout_ms: i32,
-    status: Status,
+    pub(super) producer_id: i64,
+    pub(super) epoch: i16,
+    pub(super) timeout_ms: i32,
+    pub(super) status: Status,
     /// When the ongoing transaction began (its first partition or group).
-    started_ms: i64,
+    pub(super) started_ms: i64,
     /// The ongoing transaction's partitions, each with its first-offset bound.
-    partitions: Vec<(String, u32, u64)>,
+    pub(super) partitions: Vec<(String, u32, u64)>,
     /// Groups whose offsets it may commit (AddOffsetsToTxn).
     groups: Vec<String>,
     /// (group, topic, partition, offset) committed with the transaction.
@@ -290,6 +315,14 @@ impl Transactions {
                     .iter()
                     .any(|(g, t, p, _)| g == group && t == topic && *p == partition)
         })
+    }
+
+    /// Every transactional id's state, for DescribeTransactions and ListTransactions.
+    pub(super) async fn states(&self) -> Vec<(String, TxnState)> {
+        let txns = self.txns.lock().await;
+        let mut all: Vec<_> = txns.iter().map(|(id, s)| (id.clone(), s.clone())).collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
     }
 
     /// Whether the producer may append a transactional batch to this partition now.

@@ -77,6 +77,12 @@ impl KafkaBroker {
                 ResponseKind::TxnOffsetCommit(self.txn_offset_commit(r, version, who).await)
             }
             RequestKind::EndTxn(r) => ResponseKind::EndTxn(self.end_txn(r).await),
+            RequestKind::DescribeTransactions(r) => {
+                ResponseKind::DescribeTransactions(self.describe_transactions(r, who).await)
+            }
+            RequestKind::ListTransactions(r) => {
+                ResponseKind::ListTransactions(self.list_transactions(r, who).await)
+            }
             RequestKind::CreateTopics(r) => {
                 ResponseKind::CreateTopics(self.create_topics(r, who).await)
             }

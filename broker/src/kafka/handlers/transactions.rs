@@ -10,12 +10,12 @@ use kafka_protocol::messages::txn_offset_commit_response::{
 };
 use kafka_protocol::messages::*;
 
-use crate::acl::{Operation, Subject};
+use crate::acl::{Operation, Resource, Subject};
 use crate::kafka::KafkaBroker;
-use crate::kafka::transactions::Caller;
+use crate::kafka::transactions::{Caller, KAFKA_STATES, Status};
 use crate::storage::{CommittedOffset, now_ms};
 
-use super::{NONE, code};
+use super::{NONE, code, s};
 
 fn caller(id: &TransactionalId, producer_id: ProducerId, epoch: i16) -> Caller<'_> {
     Caller {
@@ -158,6 +158,89 @@ impl KafkaBroker {
             Some(e) => code(e),
             None => result.map_or_else(code, |()| NONE),
         })
+    }
+
+    /// The ids `who` may describe, with their states; an unknown id says so.
+    pub(super) async fn describe_transactions(
+        &self,
+        r: DescribeTransactionsRequest,
+        who: Subject<'_>,
+    ) -> DescribeTransactionsResponse {
+        use describe_transactions_response::{TopicData, TransactionState};
+        let states = self.txns.states().await;
+        let mut out = DescribeTransactionsResponse::default();
+        for id in r.transactional_ids {
+            let mut d = TransactionState::default();
+            d.transaction_start_time_ms = -1;
+            d.producer_id = ProducerId(-1);
+            d.producer_epoch = -1;
+            let found = states.iter().find(|(k, _)| *k == id.0.as_str());
+            if !self.may_use_txn_id(who, Operation::Describe, id.0.as_str()) {
+                d.error_code = code(ResponseError::TransactionalIdAuthorizationFailed);
+            } else if let Some((_, state)) = found {
+                d.transaction_state = state.status.name().into();
+                d.transaction_timeout_ms = state.timeout_ms;
+                if state.status == Status::Ongoing {
+                    d.transaction_start_time_ms = state.started_ms;
+                }
+                d.producer_id = ProducerId(state.producer_id);
+                d.producer_epoch = state.epoch;
+                for (topic, partition, _) in &state.partitions {
+                    match d.topics.iter_mut().find(|t| t.topic.0.as_str() == topic) {
+                        Some(t) => t.partitions.push(*partition as i32),
+                        None => {
+                            let mut t = TopicData::default();
+                            t.topic = TopicName(s(topic));
+                            t.partitions = vec![*partition as i32];
+                            d.topics.push(t);
+                        }
+                    }
+                }
+            } else {
+                d.error_code = code(ResponseError::TransactionalIdNotFound);
+            }
+            d.transactional_id = id;
+            out.transaction_states.push(d);
+        }
+        out
+    }
+
+    /// The ids `who` may describe, filtered by state, producer id and (v1) how long
+    /// the open transaction has run.
+    pub(super) async fn list_transactions(
+        &self,
+        r: ListTransactionsRequest,
+        who: Subject<'_>,
+    ) -> ListTransactionsResponse {
+        let mut out = ListTransactionsResponse::default();
+        out.unknown_state_filters = r
+            .state_filters
+            .iter()
+            .filter(|f| !KAFKA_STATES.contains(&f.as_str()))
+            .cloned()
+            .collect();
+        let now = now_ms();
+        for (id, state) in self.txns.states().await {
+            let wanted = (r.state_filters.is_empty()
+                || r.state_filters
+                    .iter()
+                    .any(|f| f.as_str() == state.status.name()))
+                && (r.producer_id_filters.is_empty()
+                    || r.producer_id_filters
+                        .contains(&ProducerId(state.producer_id)))
+                && (r.duration_filter < 0
+                    || (state.status == Status::Ongoing
+                        && now - state.started_ms >= r.duration_filter));
+            if !wanted || !self.visible(who, Resource::TransactionalId(&id)) {
+                continue;
+            }
+            let mut t = list_transactions_response::TransactionState::default();
+            t.transactional_id = TransactionalId(id.into());
+            t.producer_id = ProducerId(state.producer_id);
+            t.transaction_state = state.status.name().into();
+            out.transaction_states.push(t);
+        }
+        out
     }
 
     pub(super) async fn end_txn(&self, r: EndTxnRequest) -> EndTxnResponse {
