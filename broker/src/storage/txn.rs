@@ -40,66 +40,81 @@ struct PartitionTxns {
     aborted: Vec<Aborted>,
 }
 
-/// Every partition's transactions, shared by the coordinator and the readers.
+/// Every partition's transactions (topic → partition → …), shared by the coordinator
+/// and the readers. Looked up by `&str`: a Fetch allocates nothing here.
 #[derive(Clone, Default)]
-pub struct TxnIndex(Arc<parking_lot::Mutex<HashMap<(String, u32), PartitionTxns>>>);
+pub struct TxnIndex(Arc<parking_lot::Mutex<HashMap<String, HashMap<u32, PartitionTxns>>>>);
 
 impl TxnIndex {
+    /// Runs `f` on the partition's entry, if it has one.
+    fn with<T>(
+        &self,
+        topic: &str,
+        partition: u32,
+        f: impl FnOnce(&PartitionTxns) -> T,
+    ) -> Option<T> {
+        let index = self.0.lock();
+        index.get(topic).and_then(|t| t.get(&partition)).map(f)
+    }
+
+    /// Runs `f` on the partition's entry, made if missing.
+    fn with_mut<T>(
+        &self,
+        topic: &str,
+        partition: u32,
+        f: impl FnOnce(&mut PartitionTxns) -> T,
+    ) -> T {
+        let mut index = self.0.lock();
+        let t = match index.get_mut(topic) {
+            Some(t) => t,
+            None => index.entry(topic.to_string()).or_default(),
+        };
+        f(t.entry(partition).or_default())
+    }
+
     /// The last stable offset of a partition whose high watermark is `hw`.
     pub fn last_stable(&self, topic: &str, partition: u32, hw: u64) -> u64 {
-        let index = self.0.lock();
-        index
-            .get(&(topic.to_string(), partition))
-            .and_then(|p| p.ongoing.values().min().copied())
+        self.with(topic, partition, |p| p.ongoing.values().min().copied())
+            .flatten()
             .map_or(hw, |bound| bound.min(hw))
     }
 
     /// The aborted transactions with records in `from..to`.
     pub fn aborted(&self, topic: &str, partition: u32, from: u64, to: u64) -> Vec<Aborted> {
-        let index = self.0.lock();
-        let Some(p) = index.get(&(topic.to_string(), partition)) else {
-            return Vec::new();
-        };
-        p.aborted
-            .iter()
-            .filter(|a| a.overlaps(from, to))
-            .copied()
-            .collect()
+        self.with(topic, partition, |p| {
+            p.aborted
+                .iter()
+                .filter(|a| a.overlaps(from, to))
+                .copied()
+                .collect()
+        })
+        .unwrap_or_default()
     }
 
     /// A partition's whole aborted list, to store it with one more.
     pub fn aborted_list(&self, topic: &str, partition: u32) -> Vec<Aborted> {
-        let index = self.0.lock();
-        index
-            .get(&(topic.to_string(), partition))
-            .map(|p| p.aborted.clone())
+        self.with(topic, partition, |p| p.aborted.clone())
             .unwrap_or_default()
     }
 
     /// Sets a partition's aborted list (at start, from the stored one).
     pub fn set_aborted(&self, topic: &str, partition: u32, aborted: Vec<Aborted>) {
-        let mut index = self.0.lock();
-        index
-            .entry((topic.to_string(), partition))
-            .or_default()
-            .aborted = aborted;
+        self.with_mut(topic, partition, |p| p.aborted = aborted);
     }
 
     /// The producer's transaction includes this partition from `bound` on.
     pub fn begin(&self, topic: &str, partition: u32, producer_id: i64, bound: u64) {
-        let mut index = self.0.lock();
-        let p = index.entry((topic.to_string(), partition)).or_default();
-        p.ongoing.entry(producer_id).or_insert(bound);
+        self.with_mut(topic, partition, |p| {
+            p.ongoing.entry(producer_id).or_insert(bound);
+        });
     }
 
     /// The producer's transaction ended here; `aborted` when it was aborted.
     pub fn end(&self, topic: &str, partition: u32, producer_id: i64, aborted: Option<Aborted>) {
-        let mut index = self.0.lock();
-        let p = index.entry((topic.to_string(), partition)).or_default();
-        p.ongoing.remove(&producer_id);
-        if let Some(a) = aborted {
-            p.aborted.push(a);
-        }
+        self.with_mut(topic, partition, |p| {
+            p.ongoing.remove(&producer_id);
+            p.aborted.extend(aborted);
+        });
     }
 
     /// `read` as a `read_committed` reader sees it: cut at the last stable offset,
