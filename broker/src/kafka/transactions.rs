@@ -537,11 +537,12 @@ fn begin(state: &mut TxnState) {
 /// transaction's first offset; `None` when retention removed it (or the partition).
 /// Blocking: it reads the log.
 fn find_abort_marker(log: &Log, topic: &str, partition: u32, a: Aborted) -> Option<Aborted> {
+    let log_start = log.offsets(topic, partition).ok()?.log_start;
     if a.last.is_some() {
-        let log_start = log.offsets(topic, partition).ok()?.log_start;
         return (a.last >= Some(log_start)).then_some(a);
     }
-    let mut next = a.first;
+    // Retention may have removed the transaction's first records, not its marker.
+    let mut next = a.first.max(log_start);
     loop {
         let read = log.read(topic, partition, next, 1 << 20).ok()?;
         if read.batches.is_empty() {
