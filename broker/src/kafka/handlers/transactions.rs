@@ -32,30 +32,29 @@ impl KafkaBroker {
         r: AddPartitionsToTxnRequest,
         who: Subject<'_>,
     ) -> AddPartitionsToTxnResponse {
+        // (topic, partition, whether `who` may write the topic), asked once per topic:
+        // each refusal is counted once.
         let mut wanted = Vec::new();
-        let mut denied = None;
         for t in &r.v3_and_below_topics {
             let name = t.name.0.to_string();
-            if !self.may(who, Operation::Write, &name) {
-                denied = Some(ResponseError::TopicAuthorizationFailed);
-            }
+            let allowed = self.may(who, Operation::Write, &name);
             for &p in &t.partitions {
-                wanted.push((name.clone(), p));
+                wanted.push((name.clone(), p, allowed));
             }
         }
-        let results: Vec<Result<(), ResponseError>> = if let Some(e) = denied {
+        let results: Vec<Result<(), ResponseError>> = if wanted.iter().any(|w| !w.2) {
             // As Kafka: the refused topics say why, the others were not attempted.
             wanted
                 .iter()
-                .map(|(t, _)| {
-                    Err(if self.may(who, Operation::Write, t) {
+                .map(|&(_, _, allowed)| {
+                    Err(if allowed {
                         ResponseError::OperationNotAttempted
                     } else {
-                        e
+                        ResponseError::TopicAuthorizationFailed
                     })
                 })
                 .collect()
-        } else if let Some(i) = wanted.iter().position(|(_, p)| *p < 0) {
+        } else if let Some(i) = wanted.iter().position(|w| w.1 < 0) {
             (0..wanted.len())
                 .map(|j| {
                     Err(if i == j {
@@ -66,8 +65,10 @@ impl KafkaBroker {
                 })
                 .collect()
         } else {
-            let partitions: Vec<(String, u32)> =
-                wanted.iter().map(|(t, p)| (t.clone(), *p as u32)).collect();
+            let partitions: Vec<(String, u32)> = wanted
+                .iter()
+                .map(|(t, p, _)| (t.clone(), *p as u32))
+                .collect();
             let caller = caller(
                 &r.v3_and_below_transactional_id,
                 r.v3_and_below_producer_id,
