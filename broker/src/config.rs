@@ -109,6 +109,9 @@ pub struct StorageConfig {
     pub max_group_kb: usize,
     /// How often retention runs.
     pub retention_check_interval_ms: u64,
+    /// How often the compactor looks at compacted topics (Kafka's
+    /// `log.cleaner.backoff.ms`).
+    pub compaction_check_interval_ms: u64,
 }
 
 /// Settings for topics created without explicit ones (Kafka's broker-level defaults).
@@ -206,6 +209,7 @@ impl Default for StorageConfig {
             cache_mb: log.cache_bytes >> 20,
             max_group_kb: log.max_group_bytes >> 10,
             retention_check_interval_ms: 30_000,
+            compaction_check_interval_ms: 15_000,
         }
     }
 }
@@ -341,7 +345,10 @@ impl Config {
                 "[plugins] memory_mb, call_timeout_ms and batch_size must be > 0".into(),
             ));
         }
-        if self.storage.retention_check_interval_ms == 0 || self.storage.flush_interval_ms == 0 {
+        if self.storage.retention_check_interval_ms == 0
+            || self.storage.compaction_check_interval_ms == 0
+            || self.storage.flush_interval_ms == 0
+        {
             return Err(ConfigError::Invalid(
                 "[storage] intervals must be greater than zero".into(),
             ));

@@ -88,6 +88,14 @@ group! {
         retention_deleted_batches: Counter,
         /// Bytes deleted by retention.
         retention_deleted_bytes: Counter,
+        /// Compaction passes committed (`cleanup.policy=compact`).
+        compactions: Counter,
+        /// Records compaction removed: superseded, expired tombstones, aborted, keyless.
+        compaction_removed_records: Counter,
+        /// Batch bytes compaction freed.
+        compaction_freed_bytes: Counter,
+        /// Compaction passes that failed (logged).
+        compaction_errors: Counter,
         // The flash wear figure, brought up to date by the status sampler.
         /// Bytes the broker process wrote to the disk (write_bytes of /proc/self/io),
         /// every 5 s.
@@ -110,6 +118,10 @@ impl Default for StorageMetrics {
             refused_writes: Counter::default(),
             retention_deleted_batches: Counter::default(),
             retention_deleted_bytes: Counter::default(),
+            compactions: Counter::default(),
+            compaction_removed_records: Counter::default(),
+            compaction_freed_bytes: Counter::default(),
+            compaction_errors: Counter::default(),
             disk_written_bytes: Counter::default(),
         }
     }
@@ -145,6 +157,6 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("# TYPE weir_storage_commit_seconds histogram\n"));
-        assert_eq!(text.matches("# HELP weir_storage_").count(), 12);
+        assert_eq!(text.matches("# HELP weir_storage_").count(), 16);
     }
 }

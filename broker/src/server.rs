@@ -4,6 +4,7 @@
 //! SIGTERM): stop accepting, let in-flight requests and queued appends finish, close
 //! the database cleanly, exit 0.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,7 +26,7 @@ use crate::plugins::{
 };
 use crate::replication::{self, ReplicationMetrics};
 use crate::status::{self, ListenerView, StatusSources};
-use crate::storage::{Log, now_ms};
+use crate::storage::{Log, NextLook, now_ms};
 use crate::tls::{AdminListener, Listener, Tls, TlsMetrics};
 
 pub async fn serve(config: Config) -> anyhow::Result<()> {
@@ -159,6 +160,12 @@ async fn serve_on(
         stop_rx.clone(),
     ));
 
+    let compaction = tokio::spawn(run_compaction(
+        log.clone(),
+        Duration::from_millis(config.storage.compaction_check_interval_ms),
+        stop_rx.clone(),
+    ));
+
     let mut kafka_listeners = vec![Listener::bind(config.kafka.listen, None, "kafka").await?];
     if let Some(addr) = config.kafka.tls_listen {
         kafka_listeners.push(Listener::bind(addr, tls.clone(), "kafka TLS").await?);
@@ -260,6 +267,7 @@ async fn serve_on(
         error!(error = %e, "admin listener failed");
     }
     joined("retention", retention, &mut failed).await;
+    joined("compaction", compaction, &mut failed).await;
     joined("status sampler", sampler, &mut failed).await;
     if let Some(Err(e)) = joined("kafka", kafka, &mut failed).await {
         error!(error = %e, "kafka listener failed");
@@ -426,6 +434,61 @@ async fn start_pipelines(
         &p.pipeline,
     )
     .await
+}
+
+/// Runs a compaction pass over each partition of a compacted topic that is due one
+/// (`storage/compaction.rs`), every `every`, one partition at a time on the blocking pool.
+async fn run_compaction(log: Log, every: Duration, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut looks: HashMap<(String, u32), NextLook> = HashMap::new();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let topics: Vec<_> = log
+            .topics()
+            .into_iter()
+            .filter(|t| t.config.cleanup_policy.compacts())
+            .collect();
+        looks.retain(|(t, _), _| topics.iter().any(|info| &info.name == t));
+        for info in topics {
+            for partition in 0..info.partitions {
+                let key = (info.name.clone(), partition);
+                let look = looks.get(&key).copied();
+                let topic = info.name.clone();
+                let started = std::time::Instant::now();
+                let pass = log
+                    .blocking(move |log| log.compact(&topic, partition, now_ms(), look))
+                    .await;
+                match pass {
+                    Ok((pass, next)) => {
+                        match next {
+                            Some(next) => looks.insert(key, next),
+                            None => looks.remove(&key),
+                        };
+                        if let Some(c) = pass {
+                            info!(topic = %c.topic, partition = c.partition, from = c.from, to = c.to,
+                                removed_records = c.removed_records,
+                                rewritten_batches = c.applied.rewritten_batches,
+                                removed_batches = c.applied.removed_batches,
+                                freed_bytes = c.applied.freed_bytes,
+                                ms = started.elapsed().as_millis() as u64,
+                                "compacted offsets {}..{}", c.from, c.to);
+                        }
+                    }
+                    Err(e) => {
+                        log.metrics().compaction_errors.inc();
+                        warn!(topic = %info.name, partition, error = %e, "compaction failed");
+                    }
+                }
+                if *stop.borrow() {
+                    return;
+                }
+            }
+        }
+    }
 }
 
 async fn run_retention(log: Log, every: Duration, mut stop: watch::Receiver<bool>) {

@@ -352,3 +352,167 @@ fn consume_transform_produce_is_exactly_once_across_sigkills() {
     );
     assert_ok("exactly once", &out);
 }
+
+/// The latest (offset, value) of each key in "OFFSET KEY VALUE" lines, checking that
+/// offsets only grow.
+fn latest_per_key(lines: &str) -> std::collections::BTreeMap<String, (i64, String)> {
+    let mut latest = std::collections::BTreeMap::new();
+    let mut previous = -1;
+    for line in lines.lines() {
+        let f: Vec<&str> = line.splitn(3, ' ').collect();
+        let offset: i64 = f[0].parse().unwrap_or_else(|_| panic!("bad line {line:?}"));
+        assert!(offset > previous, "offset {offset} after {previous}");
+        previous = offset;
+        latest.insert(f[1].to_string(), (offset, f[2].to_string()));
+    }
+    latest
+}
+
+/// Compaction as Kafka clients see it: records with repeated keys and tombstones, read
+/// back with kcat and confluent-kafka after the compactor ran (the latest value per
+/// key at its offset, tombstones until `delete.retention.ms`, then gone), a record
+/// without a key refused, and SIGKILLs while the compactor works through 20,000
+/// records losing nothing.
+#[test]
+fn a_compacted_topic_keeps_the_latest_value_per_key_through_sigkills() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = Broker::start_with_config(
+        dir.path(),
+        "[storage]\ncompaction_check_interval_ms = 100\n",
+    );
+    let b = broker.bootstrap();
+    let out = python("confluent_compaction.py", &["create", &b, "lkv", "8000"]);
+    assert_ok("create", &out);
+    let latest_of = |stdout: &str| {
+        stdout
+            .lines()
+            .filter_map(|l| l.strip_prefix("latest "))
+            .map(|l| {
+                let f: Vec<&str> = l.split(' ').collect();
+                (
+                    f[0].to_string(),
+                    (f[1].parse::<i64>().unwrap(), f[2].to_string()),
+                )
+            })
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    let out = python(
+        "confluent_compaction.py",
+        &["produce", &b, "lkv", "2000", "50", "0", "0"],
+    );
+    assert_ok("produce", &out);
+    let mut expected = latest_of(&out.stdout);
+    assert_eq!(expected.len(), 50);
+    let out = python("confluent_compaction.py", &["keyless", &b, "lkv"]);
+    assert_ok("keyless", &out);
+    // Tombstones for k3 and k4 (kcat -Z sends an empty value as null), then one more
+    // record so that their batch is not the partition's last.
+    kcat_produce(&broker, "lkv", &["-K:", "-Z"], "k3:\nk4:\n");
+    kcat_produce(&broker, "lkv", &["-K:"], "kend:end\n");
+    for (key, offset) in [("k3", 2000), ("k4", 2001)] {
+        expected.insert(key.into(), (offset, "NULL".into()));
+    }
+    expected.insert("kend".into(), (2002, "end".into()));
+    let as_lines = |m: &std::collections::BTreeMap<String, (i64, String)>| {
+        let mut lines: Vec<(i64, String)> = m
+            .iter()
+            .map(|(k, (o, v))| (*o, format!("{o} {k} {v}")))
+            .collect();
+        lines.sort();
+        lines.into_iter().map(|(_, l)| l).collect::<Vec<_>>()
+    };
+    let read_kcat = |broker: &Broker| {
+        let out = kcat(
+            broker,
+            &["-C", "-t", "lkv", "-e", "-q", "-Z", "-f", "%o %k %s\\n"],
+        );
+        out.lines().map(String::from).collect::<Vec<_>>()
+    };
+    let read_confluent = |broker: &Broker| {
+        let out = python(
+            "confluent_compaction.py",
+            &["read", &broker.bootstrap(), "lkv"],
+        );
+        assert_ok("read", &out);
+        out.stdout.lines().map(String::from).collect::<Vec<_>>()
+    };
+    // Every superseded record goes: 2,000 of round one but the 48 latest.
+    broker.wait_metric("weir_storage_compaction_removed_records_total", 1952.0);
+    let compacted = as_lines(&expected);
+    assert_eq!(read_kcat(&broker), compacted);
+    assert_eq!(read_confluent(&broker), compacted);
+    // The tombstones, after delete.retention.ms (8 s) from the pass that kept them.
+    broker.wait_metric_within(
+        "weir_storage_compaction_removed_records_total",
+        1954.0,
+        Duration::from_secs(30),
+    );
+    expected.remove("k3");
+    expected.remove("k4");
+    let compacted = as_lines(&expected);
+    assert_eq!(read_kcat(&broker), compacted);
+    assert_eq!(read_confluent(&broker), compacted);
+
+    // 20,000 more over about 14 s, the compactor looking every 100 ms, and the broker
+    // SIGKILLed up to three times meanwhile: every key's latest delivered value is
+    // there, at its offset.
+    let passes = |broker: &Broker| {
+        let log = broker.log();
+        log.iter()
+            .filter(|l| l.contains("compacted offsets"))
+            .count()
+    };
+    let seen = passes(&broker);
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/confluent_compaction.py");
+    let producer = weir_tests::Background::spawn(
+        external("python3")
+            .arg(script)
+            .args(["produce", &b, "lkv", "20000", "50", "2003", "15"]),
+    );
+    // Each time once this broker compacted some of the new records (so they flow),
+    // just as the compactor is about to look again.
+    let mut seen = seen;
+    let mut kills = 0;
+    for i in 0..3 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while passes(&broker) <= seen && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if passes(&broker) <= seen {
+            break; // The producer is done: nothing more to compact.
+        }
+        std::thread::sleep(Duration::from_millis(95 + 10 * i));
+        eprintln!("SIGKILL after {} passes", passes(&broker) - seen);
+        broker.restart(true, &[]);
+        kills += 1;
+        seen = 0;
+    }
+    assert!(kills >= 1, "the compactor never ran while the producer did");
+    let (status, stdout) = producer.finish(Duration::from_secs(180));
+    assert!(status.success(), "producer: {status:?}\n{stdout}");
+    let later = latest_of(&stdout);
+    assert_eq!(later.len(), 50, "{stdout}");
+    for (key, at) in later {
+        expected.insert(key, at);
+    }
+    let seen = latest_per_key(&read_confluent(&broker).join("\n"));
+    assert_eq!(seen, expected, "after three SIGKILLs");
+    // And it converges to one record per key. The last batch is never compacted (as
+    // Kafka's active segment), so a record for a new key goes last.
+    kcat_produce(&broker, "lkv", &["-K:"], "kend:end2\n");
+    kcat_produce(&broker, "lkv", &["-K:"], "kz:z\n");
+    expected.insert("kend".into(), (22003, "end2".into()));
+    expected.insert("kz".into(), (22004, "z".into()));
+    let want = as_lines(&expected);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut got = read_kcat(&broker);
+    while got != want && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        got = read_kcat(&broker);
+    }
+    let tail: Vec<_> = got.iter().rev().take(5).collect();
+    assert_eq!(got.len(), want.len(), "not compacted: ends with {tail:?}");
+    assert_eq!(got, want);
+    eprintln!("{} passes since the last restart", passes(&broker));
+}

@@ -55,18 +55,18 @@ fn topic_commands_against_a_running_broker() {
         (vec!["topic", "create", "sensors"], "already exists"),
         (vec!["topic", "create", "bad/name"], "only ASCII letters"),
         (
-            vec!["topic", "create", "sensors_x", "--config", "segment.ms=1"],
-            "unknown topic config",
-        ),
-        (
             vec![
                 "topic",
                 "create",
-                "t2",
+                "sensors_x",
                 "--config",
-                "cleanup.policy=compact",
+                "segment.jitter.ms=1",
             ],
-            "compaction is not implemented",
+            "unknown topic config",
+        ),
+        (
+            vec!["topic", "create", "t2", "--config", "cleanup.policy=shred"],
+            "expected delete, compact or compact,delete",
         ),
         (
             vec!["topic", "create", "t3", "--partitions", "0"],

@@ -232,6 +232,16 @@ impl<'a> BatchHeader<'a> {
         self.last_offset_delta().max(0) as u64 + 1
     }
 
+    /// Set by log compaction on a batch holding tombstones (attributes bit 6, KIP-534):
+    /// the time after which they may be removed, carried in the base timestamp.
+    pub fn delete_horizon_ms(self) -> Option<i64> {
+        (self.attributes() & 0x40 != 0).then(|| self.base_timestamp())
+    }
+
+    pub fn crc(self) -> u32 {
+        read_u32(self.0, 17)
+    }
+
     pub fn base_timestamp(self) -> i64 {
         read_i64(self.0, 27)
     }
@@ -349,6 +359,109 @@ pub mod build {
         Ok(buf.freeze())
     }
 
+    /// The batch compaction writes in place of `original` with only `records` (a
+    /// non-empty subset of its records, in offset order), as Kafka's log cleaner writes
+    /// it: the original's base offset, last offset delta, producer fields, codec,
+    /// timestamp type and leader epoch, so that no offset or sequence number moves.
+    /// With `delete_horizon_ms`, attribute bit 6 is set and the base timestamp is the
+    /// horizon (record timestamps stay right: their deltas are from it).
+    pub fn retained(
+        original: super::BatchHeader<'_>,
+        records: &[Record],
+        delete_horizon_ms: Option<i64>,
+    ) -> anyhow::Result<Bytes> {
+        use bytes::BufMut;
+        use kafka_protocol::compression::{Compressor, Gzip, Lz4, Snappy, Zstd};
+        anyhow::ensure!(!records.is_empty(), "a retained batch has records");
+        let base_offset = original.base_offset();
+        let log_append = original.attributes() & 0x08 != 0;
+        let min_timestamp = records.iter().map(|r| r.timestamp).min().unwrap_or(0);
+        let base_timestamp = delete_horizon_ms.unwrap_or(min_timestamp);
+        let max_timestamp = if log_append {
+            original.max_timestamp()
+        } else {
+            records.iter().map(|r| r.timestamp).max().unwrap_or(0)
+        };
+        let mut raw = BytesMut::new();
+        let mut body = BytesMut::new();
+        for r in records {
+            body.clear();
+            body.put_i8(0);
+            put_varlong(&mut body, r.timestamp.wrapping_sub(base_timestamp));
+            let delta = r.offset - base_offset;
+            anyhow::ensure!(
+                (0..=i64::from(original.last_offset_delta())).contains(&delta),
+                "record offset {} is outside its batch at {base_offset}",
+                r.offset
+            );
+            put_varlong(&mut body, delta);
+            put_bytes(&mut body, r.key.as_deref());
+            put_bytes(&mut body, r.value.as_deref());
+            put_varlong(&mut body, r.headers.len() as i64);
+            for (name, value) in &r.headers {
+                put_bytes(&mut body, Some(name.as_bytes()));
+                put_bytes(&mut body, value.as_deref());
+            }
+            put_varlong(&mut raw, body.len() as i64);
+            raw.extend_from_slice(&body);
+        }
+        let codec = original.attributes() & 0x07;
+        let mut out = BytesMut::with_capacity(super::HEADER_LEN + raw.len());
+        out.put_i64(base_offset);
+        out.put_i32(0); // length, below
+        out.put_i32(super::read_i32(original.0, 12));
+        out.put_i8(super::MAGIC_V2);
+        out.put_u32(0); // CRC, below
+        let attributes =
+            (original.attributes() & !0x40) | if delete_horizon_ms.is_some() { 0x40 } else { 0 };
+        out.put_i16(attributes);
+        out.put_i32(original.last_offset_delta());
+        out.put_i64(base_timestamp);
+        out.put_i64(max_timestamp);
+        out.put_i64(original.producer_id());
+        out.put_i16(original.producer_epoch());
+        out.put_i32(original.base_sequence());
+        out.put_i32(records.len() as i32);
+        let copy = |buf: &mut BytesMut| -> anyhow::Result<()> {
+            buf.extend_from_slice(&raw);
+            Ok(())
+        };
+        match codec {
+            0 => out.extend_from_slice(&raw),
+            1 => Gzip::compress(&mut out, copy)?,
+            2 => Snappy::compress(&mut out, copy)?,
+            3 => Lz4::compress(&mut out, copy)?,
+            4 => Zstd::compress(&mut out, copy)?,
+            other => anyhow::bail!("unknown compression codec {other}"),
+        }
+        let length = (out.len() - super::LOG_OVERHEAD) as i32;
+        out[8..12].copy_from_slice(&length.to_be_bytes());
+        let crc = crc32c::crc32c(&out[super::CRC_START..]);
+        out[17..21].copy_from_slice(&crc.to_be_bytes());
+        Ok(out.freeze())
+    }
+
+    /// Kafka's zigzag varint (a varlong; values that fit an i32 encode the same).
+    fn put_varlong(buf: &mut BytesMut, value: i64) {
+        let mut z = ((value << 1) ^ (value >> 63)) as u64;
+        while z >= 0x80 {
+            buf.extend_from_slice(&[(z as u8) | 0x80]);
+            z >>= 7;
+        }
+        buf.extend_from_slice(&[z as u8]);
+    }
+
+    /// A length-prefixed field, -1 for null.
+    fn put_bytes(buf: &mut BytesMut, value: Option<&[u8]>) {
+        match value {
+            Some(v) => {
+                put_varlong(buf, v.len() as i64);
+                buf.extend_from_slice(v);
+            }
+            None => put_varlong(buf, -1),
+        }
+    }
+
     /// Encodes `records` as one v2 batch with base offset 0.
     pub fn batch(records: &[NewRecord], compression: Compression) -> anyhow::Result<Bytes> {
         let records: Vec<Record> = records
@@ -434,6 +547,53 @@ mod tests {
         // A plain batch is neither.
         let plain = RecordBatch::parse(sample()).unwrap();
         assert!(!plain.header().is_control() && !plain.header().is_transactional());
+    }
+
+    #[test]
+    fn a_retained_batch_keeps_offsets_timestamps_and_producer_fields() {
+        use kafka_protocol::records::RecordBatchDecoder;
+        for codec in [Compression::None, Compression::Zstd, Compression::Lz4] {
+            let records: Vec<NewRecord> = (0..3)
+                .map(|i| NewRecord {
+                    key: Some(Bytes::from(format!("k{i}"))),
+                    value: (i != 2).then(|| Bytes::from(vec![i as u8; 40])),
+                    timestamp_ms: 1_700_000_000_000 + i * 10,
+                    headers: vec![("h".into(), Bytes::from_static(b"v"))],
+                })
+                .collect();
+            let original = RecordBatch::parse(batch(&records, codec).unwrap())
+                .unwrap()
+                .with_base_offset(100, 0);
+            let decoded = RecordBatchDecoder::decode(&mut original.as_bytes().clone())
+                .unwrap()
+                .records;
+            let kept = [decoded[1].clone(), decoded[2].clone()];
+            for horizon in [None, Some(1_800_000_000_000)] {
+                let bytes = super::build::retained(original.header(), &kept, horizon).unwrap();
+                // Not `parse`: a client's batch has a record per offset, this one not.
+                assert_eq!(read_u32(&bytes, 17), crc32c::crc32c(&bytes[CRC_START..]));
+                assert_eq!(read_i32(&bytes, 8) as usize, bytes.len() - LOG_OVERHEAD);
+                let h = BatchHeader::new(&bytes).unwrap();
+                assert_eq!((h.base_offset(), h.last_offset_delta()), (100, 2));
+                assert_eq!(h.record_count(), 2);
+                assert_eq!(h.attributes() & 7, original.header().attributes() & 7);
+                assert_eq!(h.delete_horizon_ms(), horizon);
+                assert_eq!(h.max_timestamp(), 1_700_000_000_020);
+                let again = RecordBatchDecoder::decode(&mut bytes.clone())
+                    .unwrap()
+                    .records;
+                let seen: Vec<_> = again
+                    .iter()
+                    .map(|r| (r.offset, r.timestamp, r.key.clone(), r.value.clone()))
+                    .collect();
+                let want: Vec<_> = kept
+                    .iter()
+                    .map(|r| (r.offset, r.timestamp, r.key.clone(), r.value.clone()))
+                    .collect();
+                assert_eq!(seen, want, "{codec:?} {horizon:?}");
+                assert_eq!(again[0].headers, kept[0].headers);
+            }
+        }
     }
 
     #[test]

@@ -17,6 +17,8 @@ pub(super) fn write(e: &WriteError) -> ResponseError {
         WriteError::NotFound(_) => ResponseError::UnknownTopicOrPartition,
         WriteError::InvalidBatch(_) => ResponseError::CorruptMessage,
         WriteError::MessageTooLarge { .. } => ResponseError::MessageTooLarge,
+        WriteError::KeylessRecord(_) => ResponseError::InvalidRecord,
+        WriteError::Undecodable(_) => ResponseError::CorruptMessage,
         WriteError::Storage(s) => storage(s),
     }
 }

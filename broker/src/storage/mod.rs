@@ -6,6 +6,7 @@
 //! committed. Reads open their own read transactions and never wait for the writer.
 //! This is the only module that opens redb transactions.
 
+mod compaction;
 mod journal;
 mod tables;
 pub mod topic;
@@ -24,6 +25,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::metrics::StorageMetrics;
+pub use compaction::{Applied as CompactionApplied, Compaction, NextLook};
 use tables::{
     BATCHES, GROUP_OFFSETS, PARTITIONS, PartitionRow, STATE, TIME_INDEX, TopicId, split_stored,
 };
@@ -389,6 +391,10 @@ pub enum WriteError {
     InvalidBatch(#[from] BatchError),
     #[error("record batch of {size} bytes exceeds max.message.bytes={max}")]
     MessageTooLarge { size: usize, max: u32 },
+    #[error("topic {0:?} is compacted (cleanup.policy): every record needs a key")]
+    KeylessRecord(String),
+    #[error("record batch cannot be decoded: {0}")]
+    Undecodable(String),
     #[error(transparent)]
     Storage(#[from] StorageError),
 }
@@ -540,6 +546,7 @@ impl Log {
         let batches = RecordBatch::parse_all(records).inspect_err(|_| {
             self.shared.metrics.invalid_batches.inc();
         })?;
+        self.check_keys(topic, partition, &batches)?;
         let op = WriteOp::Append {
             topic: topic.to_string(),
             partition,
@@ -549,6 +556,35 @@ impl Log {
             Some(WriteOutcome::Appended(outcome)) => Ok(outcome),
             _ => unreachable!("an append op yields an Appended outcome"),
         }
+    }
+
+    /// A compacted topic refuses records without a key, as Kafka does: compaction
+    /// could keep none of them. Decodes the batches, so only for such topics.
+    pub fn check_keys(
+        &self,
+        topic: &str,
+        partition: u32,
+        batches: &[RecordBatch],
+    ) -> Result<(), WriteError> {
+        let compacted = self
+            .shared
+            .catalog
+            .read()
+            .topics
+            .get(topic)
+            .is_some_and(|t| t.info.config.cleanup_policy.compacts());
+        if !compacted {
+            return Ok(());
+        }
+        for batch in batches.iter().filter(|b| !b.header().is_control()) {
+            let records = decode_stored(batch.clone(), topic, partition)
+                .map_err(|e| WriteError::Undecodable(e.to_string()))?;
+            if records.iter().any(|r| r.key.is_none()) {
+                self.shared.metrics.refused_writes.inc();
+                return Err(WriteError::KeylessRecord(topic.to_string()));
+            }
+        }
+        Ok(())
     }
 
     /// Commits `ops` atomically in the next group commit.
@@ -1056,18 +1092,29 @@ pub fn decode_stored(
         })
 }
 
-/// Base offset of the stored batch that holds `offset`, if any.
+/// Base offset of the stored batch that holds `offset`, or else of the first one after
+/// it: compaction leaves gaps between batches, which readers step over.
 fn batch_containing(
     table: &impl ReadableTable<(TopicId, u32, u64), &'static [u8]>,
     id: TopicId,
     partition: u32,
     offset: u64,
 ) -> Result<Option<u64>, StorageError> {
-    let last = table
+    if let Some((key, value)) = table
         .range((id, partition, 0)..=(id, partition, offset))?
         .next_back()
+        .transpose()?
+    {
+        let key = key.value();
+        if key.2 + stored(key, value.value())?.0.offset_count() > offset {
+            return Ok(Some(key.2));
+        }
+    }
+    let next = table
+        .range((id, partition, offset)..=(id, partition, u64::MAX))?
+        .next()
         .transpose()?;
-    Ok(last.map(|(k, _)| k.value().2))
+    Ok(next.map(|(k, _)| k.value().2))
 }
 
 /// A `BATCHES` entry's header and batch bytes, or a corruption error naming it.

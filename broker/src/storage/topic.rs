@@ -65,11 +65,27 @@ pub enum InvalidTopicName {
     IllegalChar { name: String, bad: char },
 }
 
-/// What the retention task may do with a topic's old batches.
+/// What happens to a topic's old records.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CleanupPolicy {
     /// Delete whole batches by age and size (Kafka's `delete`).
     Delete,
+    /// Keep the latest record of each key (`compact`, `storage/compaction.rs`).
+    Compact,
+    /// Both (`compact,delete`).
+    CompactDelete,
+}
+
+impl CleanupPolicy {
+    /// Whether retention deletes old batches.
+    pub fn deletes(self) -> bool {
+        matches!(self, CleanupPolicy::Delete | CleanupPolicy::CompactDelete)
+    }
+
+    /// Whether the compactor keeps only the latest record of each key.
+    pub fn compacts(self) -> bool {
+        matches!(self, CleanupPolicy::Compact | CleanupPolicy::CompactDelete)
+    }
 }
 
 /// `compression.type`: the codec of the batches the broker builds itself (MQTT ingest,
@@ -140,6 +156,20 @@ pub struct TopicConfig {
     pub cleanup_policy: CleanupPolicy,
     /// `compression.type`.
     pub compression_type: CompressionType,
+    /// `delete.retention.ms`: how long a compacted topic keeps a tombstone (a record
+    /// with a null value) after the compactor first saw it.
+    pub delete_retention_ms: u64,
+    /// `min.cleanable.dirty.ratio`, in millionths: the share of a partition's cleanable
+    /// bytes not yet compacted that starts a compaction.
+    pub min_cleanable_dirty_ratio_ppm: u32,
+    /// `min.compaction.lag.ms`: a record stays uncompacted at least this long.
+    pub min_compaction_lag_ms: u64,
+    /// `segment.bytes`: Weir has no segment files; as Kafka never compacts its active
+    /// segment, the compactor leaves a partition's newest batches alone until this many
+    /// bytes were appended after them or `segment.ms` passed.
+    pub segment_bytes: u64,
+    /// `segment.ms`: see `segment_bytes`.
+    pub segment_ms: u64,
 }
 
 impl From<TopicConfig> for Vec<(String, String)> {
@@ -165,6 +195,13 @@ impl Default for TopicConfig {
             max_message_bytes: 1_048_588,
             cleanup_policy: CleanupPolicy::Delete,
             compression_type: CompressionType::Producer,
+            delete_retention_ms: 24 * 3600 * 1000,
+            min_cleanable_dirty_ratio_ppm: 500_000,
+            min_compaction_lag_ms: 0,
+            // Kafka's are 1 GiB and 7 days, sized for servers: a gateway's compacted
+            // topic (last value per device) would keep every update for a week.
+            segment_bytes: 16 << 20,
+            segment_ms: 3600 * 1000,
         }
     }
 }
@@ -172,7 +209,7 @@ impl Default for TopicConfig {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum InvalidTopicConfig {
     #[error(
-        "unknown topic config {0:?}; known: retention.ms, retention.bytes, max.message.bytes, cleanup.policy, compression.type"
+        "unknown topic config {0:?}; known: cleanup.policy, compression.type, delete.retention.ms, max.message.bytes, min.cleanable.dirty.ratio, min.compaction.lag.ms, retention.bytes, retention.ms, segment.bytes, segment.ms"
     )]
     UnknownKey(String),
     #[error("topic config {key}={value:?} is invalid: {reason}")]
@@ -185,12 +222,17 @@ pub enum InvalidTopicConfig {
 
 impl TopicConfig {
     /// The config keys this broker understands, in `describe` order.
-    pub const KEYS: [&'static str; 5] = [
+    pub const KEYS: [&'static str; 10] = [
         "cleanup.policy",
         "compression.type",
+        "delete.retention.ms",
         "max.message.bytes",
+        "min.cleanable.dirty.ratio",
+        "min.compaction.lag.ms",
         "retention.bytes",
         "retention.ms",
+        "segment.bytes",
+        "segment.ms",
     ];
 
     /// Sets one key from its Kafka string form.
@@ -217,15 +259,41 @@ impl TopicConfig {
                     .ok_or_else(|| invalid("expected a positive 32-bit integer"))?
             }
             "cleanup.policy" => {
-                self.cleanup_policy = match value {
+                self.cleanup_policy = match value.replace(' ', "").as_str() {
                     "delete" => CleanupPolicy::Delete,
-                    "compact" | "compact,delete" | "delete,compact" => {
-                        return Err(invalid(
-                            "log compaction is not implemented yet; use \"delete\"",
-                        ));
-                    }
-                    _ => return Err(invalid("expected \"delete\"")),
+                    "compact" => CleanupPolicy::Compact,
+                    "compact,delete" | "delete,compact" => CleanupPolicy::CompactDelete,
+                    _ => return Err(invalid("expected delete, compact or compact,delete")),
                 }
+            }
+            "delete.retention.ms" | "min.compaction.lag.ms" | "segment.ms" => {
+                let ms = value
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|v| *v <= i64::MAX as u64)
+                    .ok_or_else(|| invalid("expected a non-negative integer"))?;
+                match key {
+                    "delete.retention.ms" => self.delete_retention_ms = ms,
+                    "min.compaction.lag.ms" => self.min_compaction_lag_ms = ms,
+                    _ if ms == 0 => return Err(invalid("expected a positive integer")),
+                    _ => self.segment_ms = ms,
+                }
+            }
+            "segment.bytes" => {
+                // Kafka's lower bound.
+                self.segment_bytes = value
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|v| (14..=i32::MAX as u64).contains(v))
+                    .ok_or_else(|| invalid("expected an integer from 14 to 2147483647"))?
+            }
+            "min.cleanable.dirty.ratio" => {
+                self.min_cleanable_dirty_ratio_ppm = value
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|v| (0.0..=1.0).contains(v))
+                    .map(|v| (v * 1e6).round() as u32)
+                    .ok_or_else(|| invalid("expected a number from 0 to 1"))?
             }
             "compression.type" => {
                 self.compression_type = CompressionType::parse(value).ok_or_else(|| {
@@ -245,8 +313,18 @@ impl TopicConfig {
             "retention.bytes" => limit(self.retention_bytes),
             "max.message.bytes" => self.max_message_bytes.to_string(),
             "cleanup.policy" => match self.cleanup_policy {
-                CleanupPolicy::Delete => "delete".to_string(),
-            },
+                CleanupPolicy::Delete => "delete",
+                CleanupPolicy::Compact => "compact",
+                CleanupPolicy::CompactDelete => "compact,delete",
+            }
+            .to_string(),
+            "delete.retention.ms" => self.delete_retention_ms.to_string(),
+            "min.cleanable.dirty.ratio" => {
+                (f64::from(self.min_cleanable_dirty_ratio_ppm) / 1e6).to_string()
+            }
+            "min.compaction.lag.ms" => self.min_compaction_lag_ms.to_string(),
+            "segment.bytes" => self.segment_bytes.to_string(),
+            "segment.ms" => self.segment_ms.to_string(),
             "compression.type" => self.compression_type.as_str().to_string(),
             _ => return None,
         })
@@ -308,7 +386,7 @@ mod tests {
         assert_eq!(c.get("retention.ms").unwrap(), "-1");
         assert_eq!(c.retention_bytes, Some(1024));
         assert!(matches!(
-            TopicConfig::default().set("segment.ms", "1"),
+            TopicConfig::default().set("segment.jitter.ms", "1"),
             Err(InvalidTopicConfig::UnknownKey(_))
         ));
         assert!(TopicConfig::default().set("retention.ms", "soon").is_err());
@@ -317,11 +395,30 @@ mod tests {
                 .set("max.message.bytes", "0")
                 .is_err()
         );
-        assert!(
+        let c = TopicConfig::default()
+            .with_overrides([
+                ("cleanup.policy", "delete, compact"),
+                ("min.cleanable.dirty.ratio", "0.25"),
+            ])
+            .unwrap();
+        assert_eq!(c.cleanup_policy, CleanupPolicy::CompactDelete);
+        assert_eq!(c.get("cleanup.policy").unwrap(), "compact,delete");
+        assert_eq!(c.get("min.cleanable.dirty.ratio").unwrap(), "0.25");
+        assert_eq!(
             TopicConfig::default()
-                .set("cleanup.policy", "compact")
-                .is_err()
+                .get("min.cleanable.dirty.ratio")
+                .unwrap(),
+            "0.5"
         );
+        for (key, bad) in [
+            ("cleanup.policy", "shred"),
+            ("min.cleanable.dirty.ratio", "1.5"),
+            ("segment.bytes", "13"),
+            ("segment.ms", "0"),
+            ("delete.retention.ms", "-1"),
+        ] {
+            assert!(TopicConfig::default().set(key, bad).is_err(), "{key}={bad}");
+        }
         assert!(
             TopicConfig::default()
                 .set("compression.type", "none")
@@ -341,7 +438,7 @@ mod tests {
         let c: TopicConfig = postcard::from_bytes(&postcard::to_allocvec(&older).unwrap()).unwrap();
         assert_eq!(c.retention_ms, Some(5));
         assert_eq!(c.compression_type, CompressionType::Producer);
-        let unknown: Vec<(String, String)> = vec![("segment.ms".into(), "5".into())];
+        let unknown: Vec<(String, String)> = vec![("segment.jitter.ms".into(), "5".into())];
         assert!(
             postcard::from_bytes::<TopicConfig>(&postcard::to_allocvec(&unknown).unwrap()).is_err()
         );

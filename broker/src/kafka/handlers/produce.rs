@@ -201,6 +201,9 @@ impl KafkaBroker {
                     .into(),
             );
         }
+        if let Err(e) = self.log.check_keys(&topic, partition, &batches) {
+            return fail(errors::write(&e), e.to_string());
+        }
         if batches[0].header().producer_id() >= 0 {
             return Started::Idempotent {
                 topic,

@@ -564,6 +564,8 @@ impl Uplink {
                         }
                     }
                 }
+                // Compaction may have removed the batch's last records: past them.
+                part.next_read = part.next_read.max(last + 1);
             }
         }
     }

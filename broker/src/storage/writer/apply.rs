@@ -5,6 +5,7 @@ use std::collections::HashMap;
 
 use redb::{Durability, ReadableTable, WriteTransaction};
 
+use super::super::compaction::{Applied, Edit, NAMESPACE as COMPACTION};
 use super::super::tables::*;
 use super::super::{
     AppendOutcome, NotFound, RetentionDeletion, StorageError, TopicConfig, TopicError, TopicInfo,
@@ -99,6 +100,21 @@ impl Writer {
                     Command::Retention { now_ms, .. } => {
                         Outcome::Retention(self.retention(&mut tables, *now_ms, changes)?)
                     }
+                    Command::Compact {
+                        topic,
+                        partition,
+                        id,
+                        edits,
+                        state,
+                        ..
+                    } => Outcome::Compacted(self.compact(
+                        &mut tables,
+                        topic,
+                        *partition,
+                        *id,
+                        edits,
+                        state,
+                    )?),
                     Command::Flush { .. } | Command::Shutdown => Outcome::Done,
                 });
             }
@@ -211,6 +227,11 @@ impl Writer {
             WriteOp::AppendRecords { records, .. } => {
                 if records.is_empty() {
                     return Err(WriteError::InvalidBatch(BatchError::Empty));
+                }
+                if state.record.config.cleanup_policy.compacts()
+                    && records.iter().any(|r| r.key.is_none())
+                {
+                    return Err(WriteError::KeylessRecord(topic.clone()));
                 }
                 let largest = records.iter().map(size_bound).max().unwrap_or(0);
                 if BATCH_OVERHEAD + largest > max as usize {
@@ -446,6 +467,10 @@ impl Writer {
             .partitions
             .retain_in((id, 0)..=(id, u32::MAX), |_, _| false)?;
         tables.group_offsets.retain(|(_, t, _), _| t != name)?;
+        for p in 0..topic.record.partitions {
+            let key = format!("{name}/{p}");
+            tables.state.remove((COMPACTION, key.as_str()))?;
+        }
         tables.topics.remove(name)?;
         changes.deleted.push(name.to_string());
         Ok(Ok(()))
@@ -463,7 +488,9 @@ impl Writer {
         let mut budget = MAX_RETENTION_BATCHES;
         for (name, topic) in &mut self.state.topics {
             let config = &topic.record.config;
-            if config.retention_ms.is_none() && config.retention_bytes.is_none() {
+            if !config.cleanup_policy.deletes()
+                || config.retention_ms.is_none() && config.retention_bytes.is_none()
+            {
                 continue;
             }
             let cutoff = config.retention_ms.map(|ms| now.saturating_sub(ms as i64));
@@ -519,5 +546,68 @@ impl Writer {
             }
         }
         Ok(deletions)
+    }
+
+    /// Applies a compaction pass's edits to one partition, each only if its batch is
+    /// still the one the pass read (retention may have removed it since), keeping the
+    /// batch's append time, and stores the partition's new clean state.
+    fn compact(
+        &mut self,
+        tables: &mut Tables<'_>,
+        topic: &str,
+        partition: u32,
+        id: TopicId,
+        edits: &[Edit],
+        state: &(String, Vec<u8>),
+    ) -> Result<Applied, StorageError> {
+        let mut applied = Applied::default();
+        let Some(topic_state) = self
+            .state
+            .topics
+            .get_mut(topic)
+            .filter(|t| t.record.id == id && partition < t.record.partitions)
+        else {
+            applied.stale = edits.len() as u64;
+            return Ok(applied);
+        };
+        let part = &mut topic_state.partitions[partition as usize];
+        for edit in edits {
+            let key = (id, partition, edit.base);
+            let append_time = match tables.batches.get(key)? {
+                Some(value) => {
+                    let (header, batch) = super::super::stored(key, value.value())?;
+                    (header.crc() == edit.crc && batch.len() == edit.len)
+                        .then(|| split_stored(value.value()).map_or(0, |(t, _)| t))
+                }
+                None => None,
+            };
+            let Some(append_time) = append_time else {
+                applied.stale += 1;
+                continue;
+            };
+            match &edit.replacement {
+                Some(bytes) => {
+                    let mut value = Vec::with_capacity(STORED_PREFIX + bytes.len());
+                    value.extend_from_slice(&append_time.to_be_bytes());
+                    value.extend_from_slice(bytes);
+                    tables.batches.insert(key, value.as_slice())?;
+                    part.bytes = part.bytes.saturating_sub(edit.len as u64) + bytes.len() as u64;
+                    applied.freed_bytes += (edit.len as u64).saturating_sub(bytes.len() as u64);
+                    applied.rewritten_batches += 1;
+                }
+                None => {
+                    tables.batches.remove(key)?;
+                    part.bytes = part.bytes.saturating_sub(edit.len as u64);
+                    part.batches = part.batches.saturating_sub(1);
+                    applied.freed_bytes += edit.len as u64;
+                    applied.removed_batches += 1;
+                }
+            }
+        }
+        tables.partitions.insert((id, partition), part.to_tuple())?;
+        tables
+            .state
+            .insert((COMPACTION, state.0.as_str()), state.1.as_slice())?;
+        Ok(applied)
     }
 }

@@ -24,6 +24,7 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, Table, WriteTr
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{error, info, warn};
 
+use super::compaction::{Applied, Edit};
 use super::journal::Journal;
 use super::tables::*;
 use super::{
@@ -90,6 +91,16 @@ pub(super) enum Command {
     Retention {
         now_ms: i64,
         reply: Reply<Result<Vec<RetentionDeletion>, StorageError>>,
+    },
+    /// A compaction pass's edits of one partition (`compaction.rs`), with its new
+    /// clean state (`state` key, value).
+    Compact {
+        topic: String,
+        partition: u32,
+        id: TopicId,
+        edits: Vec<Edit>,
+        state: (String, Vec<u8>),
+        reply: Reply<Result<Applied, StorageError>>,
     },
     Flush {
         reply: Reply<Result<(), StorageError>>,
@@ -256,6 +267,7 @@ enum Outcome {
     Topic(Result<TopicInfo, TopicError>),
     Deleted(Result<(), TopicError>),
     Retention(Vec<RetentionDeletion>),
+    Compacted(Applied),
     Done,
 }
 
@@ -281,6 +293,9 @@ impl Command {
             (Command::Retention { reply, .. }, Outcome::Retention(r)) => {
                 reply.send(Ok(r)).map_err(drop)
             }
+            (Command::Compact { reply, .. }, Outcome::Compacted(r)) => {
+                reply.send(Ok(r)).map_err(drop)
+            }
             (Command::Flush { reply }, Outcome::Done) => reply.send(Ok(())).map_err(drop),
             (Command::Shutdown, Outcome::Done) => Ok(()),
             (command, _) => {
@@ -303,6 +318,7 @@ impl Command {
             }
             Command::DeleteTopic { reply, .. } => reply.send(Err(e.clone().into())).map_err(drop),
             Command::Retention { reply, .. } => reply.send(Err(e.clone())).map_err(drop),
+            Command::Compact { reply, .. } => reply.send(Err(e.clone())).map_err(drop),
             Command::Flush { reply } => reply.send(Err(e.clone())).map_err(drop),
             Command::Shutdown => Ok(()),
         };
