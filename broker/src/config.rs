@@ -368,6 +368,7 @@ impl Config {
         }
         let wants_tls = [
             self.mqtt.tls_listen.map(|_| "[mqtt] tls_listen"),
+            self.mqtt.wss_listen.map(|_| "[mqtt] wss_listen"),
             self.kafka.tls_listen.map(|_| "[kafka] tls_listen"),
             self.admin.tls.then_some("[admin] tls"),
         ];
@@ -511,6 +512,8 @@ mod tests {
             "kafka.advertised",
             "kafka.tls_listen",
             "mqtt.tls_listen",
+            "mqtt.ws_listen",
+            "mqtt.wss_listen",
             "admin.token",
             "admin.token_file",
             "tls.cert",

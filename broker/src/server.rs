@@ -226,9 +226,9 @@ async fn serve_on(
         status.clone(),
         stop_rx.clone(),
     )));
-    for (addr, tls) in mqtt_addrs {
+    for (name, addr, tls) in mqtt_addrs {
         listener_views.push(ListenerView {
-            name: "mqtt".into(),
+            name: name.into(),
             address: addr.to_string(),
             tls,
             auth: client_auth(config),
@@ -308,7 +308,8 @@ fn client_auth(config: &Config) -> String {
 /// are TLS), and the broker.
 struct MqttStarted {
     tasks: Vec<tokio::task::JoinHandle<()>>,
-    addrs: Vec<(std::net::SocketAddr, bool)>,
+    /// Listener name for the status page, address, TLS.
+    addrs: Vec<(&'static str, std::net::SocketAddr, bool)>,
     broker: MqttBroker,
 }
 
@@ -354,12 +355,27 @@ async fn start_mqtt(
     if let Some(addr) = m.tls_listen {
         listeners.push(Listener::bind(addr, tls.cloned(), "mqtt TLS").await?);
     }
-    let tls_addr = match listeners.get(1) {
-        Some(l) => Some(l.local_addr()?),
-        None => None,
+    let tls_addr = match (m.tls_listen, listeners.get(1)) {
+        (Some(_), Some(l)) => Some(l.local_addr()?),
+        _ => None,
     };
-    let mut addrs = vec![(listeners[0].local_addr()?, false)];
-    addrs.extend(tls_addr.map(|a| (a, true)));
+    let mut addrs = vec![("mqtt", listeners[0].local_addr()?, false)];
+    addrs.extend(tls_addr.map(|a| ("mqtt", a, true)));
+    // MQTT over WebSockets: the same broker behind an HTTP upgrade (`tls/websocket.rs`).
+    let ws_max = m.max_packet_size as usize + 5;
+    let mut ws_addrs = Vec::new();
+    for (addr, secure) in [(m.ws_listen, false), (m.wss_listen, true)] {
+        let Some(addr) = addr else { continue };
+        let (what, tls) = match secure {
+            false => ("mqtt WebSocket", None),
+            true => ("mqtt secure WebSocket", tls.cloned()),
+        };
+        let listener = Listener::bind(addr, tls, what).await?.websocket(ws_max);
+        let local = listener.local_addr()?;
+        ws_addrs.push(local);
+        addrs.push(("mqtt-ws", local, secure));
+        listeners.push(listener);
+    }
     let broker = {
         let log = log.clone();
         let metrics = metrics.clone();
@@ -368,7 +384,7 @@ async fn start_mqtt(
             .await??
     };
     let settings = m.clone();
-    info!(mqtt = %listeners[0].local_addr()?, mqtt_tls = ?tls_addr, sessions = broker.session_count(), ingest_rules = m.ingest.len(),
+    info!(mqtt = %listeners[0].local_addr()?, mqtt_tls = ?tls_addr, mqtt_ws = ?ws_addrs, sessions = broker.session_count(), ingest_rules = m.ingest.len(),
         downlinks = m.downlink.len(), bridges = m.bridge.len(), "MQTT listening");
     let mut tasks = Vec::new();
     for rule in &m.downlink {

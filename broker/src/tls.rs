@@ -27,6 +27,8 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
+pub mod websocket;
+
 /// A handshake that takes longer than this is abandoned: a client that opens the TLS
 /// port and says nothing holds a connection no longer.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -241,6 +243,9 @@ pub fn identity(cert: &CertificateDer<'_>) -> Option<String> {
 pub struct Listener {
     pub tcp: tokio::net::TcpListener,
     pub tls: Option<Arc<Tls>>,
+    /// MQTT over WebSockets: connections upgrade first (`tls/websocket.rs`), with messages
+    /// up to this many bytes.
+    pub websocket: Option<usize>,
 }
 
 impl Listener {
@@ -253,7 +258,18 @@ impl Listener {
         let tcp = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {addr} ({what}): {e}"))?;
-        Ok(Listener { tcp, tls })
+        Ok(Listener {
+            tcp,
+            tls,
+            websocket: None,
+        })
+    }
+
+    /// This listener's connections speak WebSocket (`tls/websocket.rs`), in messages of at
+    /// most `max_message` bytes.
+    pub fn websocket(mut self, max_message: usize) -> Self {
+        self.websocket = Some(max_message);
+        self
     }
 
     pub fn local_addr(&self) -> io::Result<std::net::SocketAddr> {
@@ -266,19 +282,27 @@ pub struct Incoming {
     pub tcp: TcpStream,
     pub peer: std::net::SocketAddr,
     tls: Option<Arc<Tls>>,
+    websocket: Option<usize>,
 }
 
 impl Incoming {
-    /// The connection ready for the protocol: at once when plain, after the handshake
-    /// (in the caller's task, so a slow client holds up no one else) when TLS. With
-    /// the client certificate's identity.
+    /// The connection ready for the protocol: at once when plain, after the handshakes
+    /// (in the caller's task, so a slow client holds up no one else) when TLS or
+    /// WebSocket. With the client certificate's identity.
     pub async fn open(self) -> io::Result<(Stream, Option<String>)> {
         let _ = self.tcp.set_nodelay(true);
-        match self.tls {
-            None => Ok((Stream::Plain(self.tcp), None)),
+        let (stream, identity) = match self.tls {
+            None => (Stream::Plain(self.tcp), None),
             Some(tls) => {
                 let accepted = tls.accept(self.tcp).await?;
-                Ok((Stream::Tls(Box::new(accepted.stream)), accepted.identity))
+                (Stream::Tls(Box::new(accepted.stream)), accepted.identity)
+            }
+        };
+        match self.websocket {
+            None => Ok((stream, identity)),
+            Some(max) => {
+                let ws = websocket::accept(stream, max, HANDSHAKE_TIMEOUT).await?;
+                Ok((Stream::Ws(Box::new(ws)), identity))
             }
         }
     }
@@ -289,7 +313,7 @@ impl Incoming {
 
     /// The connection, ready at once when its listener is plain.
     pub fn plain(self) -> Result<Stream, Incoming> {
-        if self.tls.is_some() {
+        if self.tls.is_some() || self.websocket.is_some() {
             return Err(self);
         }
         let _ = self.tcp.set_nodelay(true);
@@ -306,19 +330,29 @@ pub async fn accept_any(listeners: &[Listener]) -> io::Result<Incoming> {
                 tcp,
                 peer,
                 tls: l.tls.clone(),
+                websocket: l.websocket,
             })
         })
     });
     futures::future::select_all(accepts).await.0
 }
 
-/// A client connection, plain or TLS.
+/// A client connection, plain or TLS, and either of them carrying WebSocket frames.
 pub enum Stream {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
+    Ws(Box<websocket::WsStream>),
 }
 
 impl Stream {
+    /// Writes all of `bytes` and flushes them: a WebSocket frame (or TLS record) goes
+    /// out only on a flush.
+    pub async fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        self.write_all(bytes).await?;
+        self.flush().await
+    }
+
     /// Waits for bytes and appends what arrived to `buf`, which grows by `chunk` only
     /// once there is something to read on a plain socket (an idle connection holds no
     /// buffer). `0`: the end of the stream. Cancel-safe: nothing is read unless returned.
@@ -340,6 +374,10 @@ impl Stream {
                 buf.reserve(chunk);
                 tls.read_buf(buf).await
             }
+            Stream::Ws(ws) => {
+                buf.reserve(chunk);
+                ws.read_buf(buf).await
+            }
         }
     }
 }
@@ -353,6 +391,7 @@ impl AsyncRead for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Stream::Ws(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -366,6 +405,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Stream::Ws(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
@@ -373,6 +413,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_flush(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Stream::Ws(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
@@ -380,6 +421,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Stream::Ws(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }

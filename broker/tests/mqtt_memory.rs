@@ -58,6 +58,7 @@ fn heap_per_idle_connection() {
         vec![weir::tls::Listener {
             tcp: listener,
             tls: None,
+            websocket: None,
         }],
         stop,
     ));

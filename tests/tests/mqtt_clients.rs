@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use weir_tests::{Background, Broker, external, mosquitto_pub, mosquitto_sub, run};
+use weir_tests::{
+    Background, Broker, Pki, external, free_addr, mosquitto_pub, mosquitto_sub, python, run,
+};
 
 const RULES: &str = r#"
 [mqtt]
@@ -320,4 +322,58 @@ fn mqtt5_features_with_paho() {
         "{}",
         out.stdout
     );
+}
+
+/// MQTT over WebSockets (`ws_listen`, `wss_listen`): paho-mqtt's websockets transport,
+/// MQTT 5 and 3.1.1, over ws:// and wss://, exchanging messages with mosquitto_pub and
+/// mosquitto_sub over TCP; hand-made frames (a packet split across frames, two packets
+/// in one frame, a ping); a text frame or another path ends only that connection.
+#[test]
+fn websocket_clients_share_the_broker_with_tcp_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path());
+    let (ws, wss) = (free_addr(), free_addr());
+    let config = format!(
+        "[tls]\ncert = {:?}\nkey = {:?}\n[mqtt]\nws_listen = \"{ws}\"\nwss_listen = \"{wss}\"\n",
+        pki.server_pem, pki.server_key
+    );
+    let broker = Broker::start_with_config(&dir.path().join("d"), &config);
+    let sub = subscribe(&broker, &["-t", "ws/out", "-C", "4", "-q", "1"], 1.0);
+    let ca = pki.ca_pem.to_str().unwrap();
+    for tls in [None, Some(ca)] {
+        let port = match tls {
+            None => ws.port().to_string(),
+            Some(_) => wss.port().to_string(),
+        };
+        let mqtt = broker.mqtt_port();
+        let mut args = vec!["paho", port.as_str(), mqtt.as_str()];
+        args.extend(tls);
+        let out = python("mqtt_websockets.py", &args);
+        assert!(
+            out.status.success() && out.stdout.contains("OK paho"),
+            "{tls:?}: {}{}",
+            out.stdout,
+            out.stderr
+        );
+    }
+    let (status, out) = sub.finish(Duration::from_secs(30));
+    assert!(status.success(), "{out}");
+    assert_eq!(
+        lines(&out),
+        [
+            "ws/out from-ws-5",
+            "ws/out from-ws-311",
+            "ws/out from-wss-5",
+            "ws/out from-wss-311"
+        ]
+    );
+    let out = python("mqtt_websockets.py", &["frames", &ws.port().to_string()]);
+    assert!(
+        out.status.success() && out.stdout.contains("OK frames"),
+        "{}{}",
+        out.stdout,
+        out.stderr
+    );
+    // The TCP side goes on serving.
+    publish(&broker, &["-t", "a", "-m", "x"]);
 }

@@ -14,6 +14,10 @@ pub struct MqttConfig {
     pub listen: SocketAddr,
     /// MQTT over TLS, with `[tls]`'s certificate (conventionally port 8883).
     pub tls_listen: Option<SocketAddr>,
+    /// MQTT over WebSockets for browsers, on path `/mqtt` (conventionally port 8080).
+    pub ws_listen: Option<SocketAddr>,
+    /// MQTT over secure WebSockets (`wss://`), with `[tls]`'s certificate.
+    pub wss_listen: Option<SocketAddr>,
     /// Largest packet accepted, in bytes (told to MQTT 5 clients in CONNACK).
     pub max_packet_size: u32,
     /// QoS 1/2 publishes a client may have unacknowledged (MQTT 5 receive maximum);
@@ -45,6 +49,8 @@ impl Default for MqttConfig {
         Self {
             listen: ([0, 0, 0, 0], 1883).into(),
             tls_listen: None,
+            ws_listen: None,
+            wss_listen: None,
             max_packet_size: 1024 * 1024,
             receive_maximum: 1024,
             max_inflight: 256,

@@ -9,7 +9,7 @@ use bytes::BytesMut;
 use rumqttc::v5::mqttbytes::v5::{
     ConnAck, ConnAckProperties, Connect, ConnectReturnCode, LastWill, LastWillProperties, Packet,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::debug;
@@ -72,7 +72,7 @@ pub(super) async fn accept(
             Ok(None) => read_before(&mut stream, &mut buf, deadline).await?,
             Err(CodecError::UnsupportedLevel(level)) => {
                 // The 3.1.1 form: a client of another level reads its return code.
-                let _ = stream.write_all(&CONNACK_UNACCEPTABLE_PROTOCOL).await;
+                let _ = stream.send(&CONNACK_UNACCEPTABLE_PROTOCOL).await;
                 broker.metrics().refused_connects.inc();
                 return Err(CodecError::UnsupportedLevel(level).into());
             }
@@ -257,7 +257,7 @@ async fn read_before(
 async fn write_packet(stream: &mut Stream, version: Version, packet: &Packet) {
     let mut out = BytesMut::new();
     if codec::encode(version, packet, &mut out).is_ok() {
-        let _ = stream.write_all(&out).await;
+        let _ = stream.send(&out).await;
     }
 }
 

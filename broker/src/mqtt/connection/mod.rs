@@ -199,7 +199,7 @@ impl Conn {
         loop {
             self.send_pending();
             if !self.out.is_empty() {
-                if let Err(e) = self.stream.write_all(&self.out).await {
+                if let Err(e) = self.stream.send(&self.out).await {
                     return End::Abnormal(Broken::Write(e));
                 }
                 // An idle connection holds no output buffer either.
@@ -264,7 +264,7 @@ impl Conn {
                 Ok(Some(end)) => {
                     Box::pin(async {
                         self.drain_acks().await;
-                        let _ = self.stream.write_all(&self.out).await;
+                        let _ = self.stream.send(&self.out).await;
                     })
                     .await;
                     return end;
@@ -305,7 +305,7 @@ impl Conn {
                 }),
             }));
         }
-        let _ = self.stream.write_all(&self.out).await;
+        let _ = self.stream.send(&self.out).await;
         self.out.clear();
         let _ = self.stream.shutdown().await;
     }
