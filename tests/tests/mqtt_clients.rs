@@ -377,3 +377,57 @@ fn websocket_clients_share_the_broker_with_tcp_clients() {
     // The TCP side goes on serving.
     publish(&broker, &["-t", "a", "-m", "x"]);
 }
+
+/// MQTT.js (npm `mqtt`) in headless Chromium, from a page served for the test, over
+/// `ws_listen`: it subscribes and publishes, and exchanges messages with
+/// mosquitto_pub and mosquitto_sub over TCP.
+#[test]
+fn mqtt_js_in_chromium_talks_to_tcp_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let ws = free_addr();
+    let broker = Broker::start_with_config(
+        &dir.path().join("d"),
+        &format!("[mqtt]\nws_listen = \"{ws}\"\n"),
+    );
+    let page_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("browser");
+    assert!(
+        page_dir.join("node_modules/mqtt/dist/mqtt.min.js").exists(),
+        "MQTT.js is missing: the README's test command installs it (npm ci in tests/browser)"
+    );
+    let http = free_addr();
+    let _server = Background::spawn(
+        external("python3")
+            .args(["-m", "http.server", &http.port().to_string()])
+            .args(["--bind", "127.0.0.1", "--directory"])
+            .arg(&page_dir),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(http).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "http.server did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let sub = subscribe(&broker, &["-t", "browser/out", "-C", "2", "-q", "1"], 1.0);
+    let profile = tempfile::tempdir().unwrap();
+    let url = format!("http://{http}/mqtt.html?ws=ws://{ws}/mqtt");
+    let _chromium = Background::spawn(
+        external("chromium")
+            .args(["--headless", "--no-sandbox", "--disable-gpu"])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg(url),
+    );
+    // The page's subscription, beside mosquitto_sub's.
+    broker.wait_metric_within("weir_mqtt_subscriptions", 2.0, Duration::from_secs(60));
+    publish(
+        &broker,
+        &["-t", "browser/in", "-m", "hello-from-tcp", "-q", "1"],
+    );
+    let (status, out) = sub.finish(Duration::from_secs(30));
+    assert!(status.success(), "{out}");
+    assert_eq!(
+        lines(&out),
+        ["browser/out ready", "browser/out echo hello-from-tcp"]
+    );
+}
