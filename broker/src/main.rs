@@ -153,6 +153,16 @@ enum PluginCommand {
         #[arg(long, default_value_t = 1000)]
         call_timeout_ms: u64,
     },
+    /// Make a component of a core module that exports the plugin world by the canonical
+    /// ABI (wit-bindgen's C layout: C, Zig, any language that emits wasm32), with the WIT
+    /// embedded and, if it imports wasi_snapshot_preview1, the WASI adapter linked in.
+    Componentize {
+        /// The core module (.wasm).
+        core: PathBuf,
+        /// Where to write the component.
+        #[arg(long, short)]
+        output: PathBuf,
+    },
     /// Upload a component to the broker as plugin NAME (a new version if NAME exists;
     /// pipelines running NAME switch to it between two batches).
     Deploy { name: String, file: PathBuf },
@@ -545,10 +555,45 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 std::fs::read_to_string(&input)
                     .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", input.display()))?
             };
+            // The plugin's own `log` lines go to stderr, the results to stdout.
+            init_tracing(LogFormat::Text, "weir::plugins::host=trace,warn");
             let limits = weir::plugins::harness::default_limits(memory_mb, call_timeout_ms);
-            for line in weir::plugins::harness::run(&wasm, &jsonl, &params, limits)? {
+            // On the blocking pool, as pipelines run: a plugin's WASI calls (its stdio)
+            // block on tokio, which they may not do from inside the async runtime.
+            let lines = tokio::task::spawn_blocking(move || {
+                weir::plugins::harness::run(&wasm, &jsonl, &params, limits)
+            })
+            .await??;
+            for line in lines {
                 println!("{line}");
             }
+            Ok(())
+        }
+        Command::Plugin {
+            command: PluginCommand::Componentize { core, output },
+            ..
+        } => {
+            let bytes = std::fs::read(&core)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", core.display()))?;
+            let made = weir::plugins::componentize::componentize(&bytes)
+                .map_err(|e| anyhow::anyhow!("{}: {e:#}", core.display()))?;
+            std::fs::write(&output, &made.component)
+                .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", output.display()))?;
+            println!(
+                "{}: {} bytes{}{}",
+                output.display(),
+                made.component.len(),
+                if made.embedded_wit {
+                    ", plugin.wit embedded"
+                } else {
+                    ""
+                },
+                if made.adapted_wasi {
+                    ", WASI preview1 adapter linked in"
+                } else {
+                    ""
+                },
+            );
             Ok(())
         }
         Command::Bench {
@@ -634,7 +679,9 @@ async fn plugin(client: &AdminClient, command: PluginCommand) -> anyhow::Result<
             client.remove_plugin(&name).await?;
             println!("removed plugin {name}");
         }
-        PluginCommand::Test { .. } => unreachable!("runs without a broker"),
+        PluginCommand::Test { .. } | PluginCommand::Componentize { .. } => {
+            unreachable!("runs without a broker")
+        }
     }
     Ok(())
 }

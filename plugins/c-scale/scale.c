@@ -69,6 +69,11 @@ bool exports_plugin_init(plugin_list_tuple2_string_string_t *params, plugin_stri
     snprintf(buf, sizeof buf, "c-scale: value = raw * %g + %g %s", scale, offset, unit);
     plugin_string_set(&line, buf);
     weir_plugin_host_log(WEIR_PLUGIN_TYPES_LEVEL_INFO, &line);
+#ifdef SCALE_LOG_TO_STDERR
+    // libc's stdio: the module then imports WASI preview1 (fd_write), which
+    // `weir plugin componentize` links the adapter in for.
+    fprintf(stderr, "%s\n", buf);
+#endif
   }
   return ok;
 }

@@ -376,8 +376,17 @@ params = {{ threshold = "3" }}
     assert_eq!(consume(&broker, "route-dlq"), ["e3:nope"]);
 }
 
+/// The C example, made a component by `weir plugin componentize` (plugins/c-scale/
+/// build.sh): as built, and the variant that writes to stderr (so it imports WASI
+/// preview1, which componentize adapts) and carries no WIT (which it embeds).
 #[test]
 fn a_c_plugin_runs_in_a_pipeline() {
+    for name in ["c_scale", "c_scale_wasi"] {
+        c_plugin_in_a_pipeline(name);
+    }
+}
+
+fn c_plugin_in_a_pipeline(name: &str) {
     let dir = tempfile::tempdir().unwrap();
     let config = format!(
         r#"
@@ -388,7 +397,7 @@ inputs = ["adc"]
 outputs = {{ scaled = "adc-scaled" }}
 params = {{ scale = "0.1", offset = "-5", unit = "C" }}
 "#,
-        plugin_wasm("c_scale").display()
+        plugin_wasm(name).display()
     );
     let broker = Broker::start_with_config(&dir.path().join("d"), &config);
     // Raw int16 little-endian readings: 1000, -1000, then a 3-byte value.
@@ -422,7 +431,56 @@ params = {{ scale = "0.1", offset = "-5", unit = "C" }}
             "s2:{\"raw\":-1000,\"value\":-105,\"unit\":\"C\"}"
         ]
     );
-    assert_eq!(consume(&broker, "scale-dlq"), ["s3:abc"]);
+    assert_eq!(consume(&broker, "scale-dlq"), ["s3:abc"], "{name}");
+}
+
+/// `weir plugin componentize` refuses what is not a core module, and `weir plugin
+/// test` shows the plugin's own log lines (on stderr, its results on stdout).
+#[test]
+fn componentize_refuses_non_modules_and_plugin_test_shows_plugin_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_path = dir.path().join("out.wasm");
+    let garbage = dir.path().join("garbage.wasm");
+    std::fs::write(&garbage, b"not wasm at all").unwrap();
+    let component = plugin_wasm("c_scale");
+    for (input, expect) in [
+        (garbage.as_path(), "not a WebAssembly module"),
+        (component.as_path(), "a component already"),
+    ] {
+        let out = weir_tests::run_weir(&[
+            "plugin",
+            "componentize",
+            input.to_str().unwrap(),
+            "-o",
+            out_path.to_str().unwrap(),
+        ]);
+        assert!(!out.status.success(), "{input:?}");
+        assert!(out.stderr.contains(expect), "{input:?}: {}", out.stderr);
+        assert!(!out_path.exists());
+    }
+    let input = dir.path().join("records.jsonl");
+    std::fs::write(&input, "{\"key\":\"s1\",\"value\":\"ab\"}\n").unwrap();
+    let out = weir_tests::run_weir(&[
+        "plugin",
+        "test",
+        plugin_wasm("c_scale_wasi").to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "-p",
+        "scale=0.1",
+    ]);
+    assert!(out.status.success(), "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("plugin: c-scale: value = raw * 0.1 + 0"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stdout.contains("\"target\":\"scaled\""),
+        "{}",
+        out.stdout
+    );
 }
 
 #[test]
