@@ -416,6 +416,7 @@ pub fn plugin_wasm(name: &str) -> PathBuf {
         Some("python") => "python",
         Some("js") => "js",
         Some("c") => "c",
+        Some("zig") => "zig",
         _ => "wasm32-wasip2/release",
     };
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -434,6 +434,45 @@ params = {{ scale = "0.1", offset = "-5", unit = "C" }}
     assert_eq!(consume(&broker, "scale-dlq"), ["s3:abc"], "{name}");
 }
 
+/// The Zig example (plugins/zig-upper), built with PyPI's ziglang and made a
+/// component by `weir plugin componentize` with the WASI adapter its panic handler
+/// needs, in a pipeline: upper-cased, and the bad records in the dead letters.
+#[test]
+fn a_zig_plugin_runs_in_a_pipeline() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        r#"
+[[plugins.pipeline]]
+name = "upper"
+plugin = "{}"
+inputs = ["words"]
+outputs = {{ upper = "words-upper" }}
+params = {{ prefix = "Z:" }}
+"#,
+        plugin_wasm("zig_upper").display()
+    );
+    let broker = Broker::start_with_config(&dir.path().join("d"), &config);
+    let mut cmd = weir_tests::external("kcat");
+    cmd.args(["-b", &broker.bootstrap(), "-P", "-t", "words", "-K:"]);
+    assert!(weir_tests::run_with_stdin(
+        &mut cmd,
+        "w1:hello\nw2:h\u{e9}\nw3:gateway\n"
+    ));
+    broker.wait_metric(&metric("upper", "records_in_total"), 3.0);
+    assert_eq!(
+        consume(&broker, "words-upper"),
+        ["w1:Z:HELLO", "w3:Z:GATEWAY"]
+    );
+    assert_eq!(consume(&broker, "upper-dlq"), ["w2:h\u{e9}"]);
+    assert!(
+        broker
+            .log()
+            .iter()
+            .any(|l| l.contains("plugin: zig-upper: ready")),
+        "the plugin's log line"
+    );
+}
+
 /// `weir plugin componentize` refuses what is not a core module, and `weir plugin
 /// test` shows the plugin's own log lines (on stderr, its results on stdout).
 #[test]
