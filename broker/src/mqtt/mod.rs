@@ -85,7 +85,7 @@ pub async fn serve(
                                         .await;
                                 }
                                 Err(e) => {
-                                    debug!(peer = %addr, error = %e, "MQTT TLS handshake failed")
+                                    debug!(peer = %addr, error = %e, "MQTT TLS or WebSocket handshake failed")
                                 }
                             }
                         });
