@@ -490,6 +490,7 @@ async fn run_compaction(log: Log, every: Duration, mut stop: watch::Receiver<boo
                                 rewritten_batches = c.applied.rewritten_batches,
                                 removed_batches = c.applied.removed_batches,
                                 freed_bytes = c.applied.freed_bytes,
+                                stale_edits = c.applied.stale,
                                 ms = started.elapsed().as_millis() as u64,
                                 "compacted offsets {}..{}", c.from, c.to);
                         }
