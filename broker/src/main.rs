@@ -572,30 +572,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Plugin {
             command: PluginCommand::Componentize { core, output },
             ..
-        } => {
-            let bytes = std::fs::read(&core)
-                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", core.display()))?;
-            let made = weir::plugins::componentize::componentize(&bytes)
-                .map_err(|e| anyhow::anyhow!("{}: {e:#}", core.display()))?;
-            std::fs::write(&output, &made.component)
-                .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", output.display()))?;
-            println!(
-                "{}: {} bytes{}{}",
-                output.display(),
-                made.component.len(),
-                if made.embedded_wit {
-                    ", plugin.wit embedded"
-                } else {
-                    ""
-                },
-                if made.adapted_wasi {
-                    ", WASI preview1 adapter linked in"
-                } else {
-                    ""
-                },
-            );
-            Ok(())
-        }
+        } => componentize(&core, &output),
         Command::Bench {
             command: BenchCommand::Plugins { dir, seconds },
         } => {
@@ -879,4 +856,44 @@ async fn topic(client: &AdminClient, command: TopicCommand) -> anyhow::Result<()
         }
     }
     Ok(())
+}
+
+/// `weir plugin componentize`: a core module made into a plugin component.
+#[cfg(feature = "componentize")]
+fn componentize(core: &std::path::Path, output: &std::path::Path) -> anyhow::Result<()> {
+    let bytes =
+        std::fs::read(core).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", core.display()))?;
+    let made = weir::plugins::componentize::componentize(&bytes)
+        .map_err(|e| anyhow::anyhow!("{}: {e:#}", core.display()))?;
+    std::fs::write(output, &made.component)
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", output.display()))?;
+    println!(
+        "{}: {} bytes{}{}",
+        output.display(),
+        made.component.len(),
+        if made.embedded_wit {
+            ", plugin.wit embedded"
+        } else {
+            ""
+        },
+        if made.adapted_wasi {
+            ", WASI preview1 adapter linked in"
+        } else {
+            ""
+        },
+    );
+    Ok(())
+}
+
+/// This build was made without the `componentize` feature (the gateway build leaves it
+/// out for its size budget).
+#[cfg(not(feature = "componentize"))]
+fn componentize(core: &std::path::Path, _output: &std::path::Path) -> anyhow::Result<()> {
+    anyhow::bail!(
+        "{}: this build of weir has no `plugin componentize` (it was built without the \
+         `componentize` feature, as the aarch64 gateway build is, to stay within its size \
+         budget); run it with weir on a development machine: the component it writes runs \
+         on any build",
+        core.display()
+    )
 }

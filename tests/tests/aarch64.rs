@@ -187,3 +187,31 @@ fn a_gateway_runs_on_aarch64_under_emulation() {
     copied.sort();
     assert_eq!(copied, stored);
 }
+
+/// The gateway build leaves `weir plugin componentize` out (its size budget) and says
+/// so, pointing at a development machine's weir, rather than failing on the module.
+#[test]
+fn the_gateway_build_says_componentize_is_not_in_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = dir.path().join("core.wasm");
+    std::fs::write(&core, b"\0asm\x01\0\0\0").unwrap();
+    let out = run(
+        emulated_aarch64(&aarch64_bin("weir")).args([
+            "plugin",
+            "componentize",
+            core.to_str().unwrap(),
+            "-o",
+            dir.path().join("plugin.wasm").to_str().unwrap(),
+        ]),
+        Duration::from_secs(60),
+    );
+    assert!(!out.status.success(), "{}", out.stdout);
+    assert!(
+        out.stderr
+            .contains("built without the `componentize` feature")
+            && out.stderr.contains("development machine"),
+        "{}",
+        out.stderr
+    );
+    assert!(!dir.path().join("plugin.wasm").exists());
+}

@@ -3,6 +3,7 @@
 //! plugins deployed at runtime (`registry.rs`) and the pipelines' owner (`manager.rs`).
 
 pub mod bench;
+#[cfg(feature = "componentize")]
 pub mod componentize;
 pub mod harness;
 pub mod host;
