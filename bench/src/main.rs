@@ -7,7 +7,7 @@
 //!   kafka-bench run --bootstrap HOST:PORT --topic T --records N --size S --acks all
 //!   kafka-bench catchup --weir target/release/weir --tansu PATH [--records N]
 //!   kafka-bench wear --weir target/release/weir [--devices N --seconds S --intervals 0,50
-//!     --checkpoints 0,30000]
+//!     --checkpoints 0,30000 --policies 'delete;compact' --segment-ms 10000]
 //!   kafka-bench spinner --weir target/release/weir --plugin hostile.wasm [--spinners 4]
 
 mod spinner;
@@ -108,6 +108,14 @@ enum Cmd {
         /// each with each commit interval.
         #[arg(long, value_delimiter = ',', default_value = "30000")]
         checkpoints: Vec<u64>,
+        /// The ingest topic's `cleanup.policy` values, one broker run each with each of
+        /// the above ("delete", "compact", "compact,delete"; separated by `;`).
+        #[arg(long, value_delimiter = ';', default_value = "delete")]
+        policies: Vec<String>,
+        /// The ingest topic's `segment.ms`: a batch this old may be compacted (Weir's
+        /// default is an hour, too long for a run).
+        #[arg(long, default_value_t = 10_000)]
+        segment_ms: u64,
         #[arg(long, default_value = "weir-wear-bench")]
         dir: PathBuf,
     },
@@ -290,6 +298,11 @@ struct ConfiguredWeir {
 fn start_weir_config(bin: &Path, dir: &Path, extra: &str) -> anyhow::Result<ConfiguredWeir> {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir)?;
+    restart_weir_config(bin, dir, extra)
+}
+
+/// [`start_weir_config`] on what an earlier run left in `dir`.
+fn restart_weir_config(bin: &Path, dir: &Path, extra: &str) -> anyhow::Result<ConfiguredWeir> {
     let (kafka, admin, mqtt) = (
         weir_tests::free_addr(),
         weir_tests::free_addr(),
@@ -651,6 +664,8 @@ fn main() -> anyhow::Result<()> {
             size,
             intervals,
             checkpoints,
+            policies,
+            segment_ms,
             dir,
         } => wear::wear(&wear::WearRun {
             sim: &sim.unwrap_or_else(|| wear::sim_beside(&weir)),
@@ -661,6 +676,8 @@ fn main() -> anyhow::Result<()> {
             size,
             intervals: &intervals,
             checkpoints: &checkpoints,
+            policies: &policies,
+            segment_ms,
             dir: &dir,
         })?,
         Cmd::Spinner {

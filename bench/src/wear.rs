@@ -2,7 +2,9 @@
 //! and a Kafka producer at a steady rate with acks=all, against Weir with each
 //! durability window asked for, one after the other in the same run. Disk bytes are
 //! the broker process's `write_bytes` (`/proc/PID/io`): with an fsync per commit,
-//! every one of them reaches the device.
+//! every one of them reaches the device. With `--policies 'delete;compact'` the ingest
+//! topic is also run compacted (the "last value per device" topic), to show what the
+//! compactor's passes add to the writes and what they save in what is stored.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -25,6 +27,10 @@ pub(crate) struct WearRun<'a> {
     pub(crate) size: usize,
     pub(crate) intervals: &'a [u64],
     pub(crate) checkpoints: &'a [u64],
+    /// The ingest topic's `cleanup.policy` values, one broker run each.
+    pub(crate) policies: &'a [String],
+    /// The ingest topic's `segment.ms`: how soon a batch may be compacted.
+    pub(crate) segment_ms: u64,
     pub(crate) dir: &'a Path,
 }
 
@@ -32,6 +38,11 @@ pub(crate) struct WearRun<'a> {
 struct Figures {
     interval_ms: u64,
     checkpoint_ms: u64,
+    policy: String,
+    /// The ingest topic's stored bytes at the end (the admin API's partition sizes).
+    stored_bytes: u64,
+    compactions: f64,
+    compacted_away: f64,
     payload_bytes: f64,
     disk_bytes: f64,
     commits: f64,
@@ -51,20 +62,23 @@ pub(crate) struct Latency {
 
 pub(crate) fn wear(run: &WearRun<'_>) -> anyhow::Result<()> {
     let mut all = Vec::new();
-    for &checkpoint in run.checkpoints {
-        for &interval in run.intervals {
-            all.push(one_run(run, interval, checkpoint)?);
+    for policy in run.policies {
+        for &checkpoint in run.checkpoints {
+            for &interval in run.intervals {
+                all.push(one_run(run, interval, checkpoint, policy)?);
+            }
         }
     }
     println!(
-        "| commit_interval_ms | checkpoint_interval_ms | disk bytes / payload byte | disk MB/s | commits/s | PUBACK p50 / p99 ms | produce ack p50 / p99 ms | QoS 0 pub→sub p50 / p99 ms | messages + records acked | SD card life (32 TB written) |"
+        "| cleanup.policy | commit_interval_ms | checkpoint_interval_ms | disk bytes / payload byte | disk MB/s | commits/s | PUBACK p50 / p99 ms | produce ack p50 / p99 ms | QoS 0 pub→sub p50 / p99 ms | messages + records acked | ingest topic stored KB | compactions (records removed) | SD card life (32 TB written) |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for f in &all {
         let per_second = f.disk_bytes / f.seconds;
         let years = SD_CARD_ENDURANCE_BYTES / per_second / (365.0 * 86_400.0);
         println!(
-            "| {} | {} | {:.1} | {:.2} | {:.0} | {:.1} / {:.1} | {:.1} / {:.1} | {:.2} / {:.2} | {} + {} | {} |",
+            "| {} | {} | {} | {:.1} | {:.2} | {:.0} | {:.1} / {:.1} | {:.1} / {:.1} | {:.2} / {:.2} | {} + {} | {:.0} | {} ({}) | {} |",
+            f.policy,
             f.interval_ms,
             f.checkpoint_ms,
             f.disk_bytes / f.payload_bytes,
@@ -78,6 +92,9 @@ pub(crate) fn wear(run: &WearRun<'_>) -> anyhow::Result<()> {
             f.probe.p99_ms,
             f.mqtt.acked,
             f.kafka.acked,
+            f.stored_bytes as f64 / 1e3,
+            f.compactions,
+            f.compacted_away,
             if years >= 2.0 {
                 format!("{years:.0} years")
             } else {
@@ -89,9 +106,28 @@ pub(crate) fn wear(run: &WearRun<'_>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn one_run(run: &WearRun<'_>, interval_ms: u64, checkpoint_ms: u64) -> anyhow::Result<Figures> {
-    // The ingest topic takes the defaults (one partition), as a new user's would.
-    let weir = crate::start_weir_config(
+fn one_run(
+    run: &WearRun<'_>,
+    interval_ms: u64,
+    checkpoint_ms: u64,
+    policy: &str,
+) -> anyhow::Result<Figures> {
+    // The ingest topic takes the defaults (one partition), as a new user's would, but
+    // for its cleanup policy: it is created first, by a broker without the rule (which
+    // would create it with the defaults).
+    let setup = crate::start_weir_config(run.weir, run.dir, "")?;
+    let configs = [
+        format!("cleanup.policy={policy}"),
+        format!("segment.ms={}", run.segment_ms),
+    ];
+    let admin = setup.admin.to_string();
+    let mut create = vec!["topic", "--admin", &admin, "create", "telemetry"];
+    for config in &configs {
+        create.extend(["--config", config]);
+    }
+    crate::create_topic(run.weir, &create, 1)?;
+    drop(setup);
+    let weir = crate::restart_weir_config(
         run.weir,
         run.dir,
         &format!(
@@ -139,6 +175,10 @@ fn one_run(run: &WearRun<'_>, interval_ms: u64, checkpoint_ms: u64) -> anyhow::R
     let seconds = started.elapsed().as_secs_f64();
     let disk_bytes = (write_bytes(pid)? - disk_before) as f64;
     let commits = weir_tests::metric_at(admin, "weir_storage_commits_total") - commits_before;
+    let compactions = weir_tests::metric_at(admin, "weir_storage_compactions_total");
+    let compacted_away =
+        weir_tests::metric_at(admin, "weir_storage_compaction_removed_records_total");
+    let stored_bytes = stored_bytes(admin, "telemetry")?;
     drop(weir);
 
     let sim: serde_json::Value = serde_json::from_slice(&out.stdout)?;
@@ -151,6 +191,10 @@ fn one_run(run: &WearRun<'_>, interval_ms: u64, checkpoint_ms: u64) -> anyhow::R
     Ok(Figures {
         interval_ms,
         checkpoint_ms,
+        policy: policy.to_string(),
+        stored_bytes,
+        compactions,
+        compacted_away,
         payload_bytes: field("payload_bytes") + (kafka_latency.acked as usize * run.size) as f64,
         disk_bytes,
         commits,
@@ -159,6 +203,18 @@ fn one_run(run: &WearRun<'_>, interval_ms: u64, checkpoint_ms: u64) -> anyhow::R
         kafka: kafka_latency,
         probe,
     })
+}
+
+/// The bytes a topic's partitions hold, from the admin API's description of it.
+fn stored_bytes(admin: std::net::SocketAddr, topic: &str) -> anyhow::Result<u64> {
+    let response = weir_tests::admin_get(admin, &format!("/v1/topics/{topic}"))
+        .ok_or_else(|| anyhow::anyhow!("the admin API did not answer"))?;
+    let body = response.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+    let description: serde_json::Value = serde_json::from_str(body)?;
+    let partitions = description["partitions"]
+        .as_array()
+        .ok_or_else(|| anyhow::anyhow!("no partitions in {body}"))?;
+    Ok(partitions.iter().filter_map(|p| p["bytes"].as_u64()).sum())
 }
 
 /// Bytes the process caused to be written to storage (`/proc/PID/io`).
